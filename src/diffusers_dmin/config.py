@@ -1,0 +1,236 @@
+"""`DMinConfig`: everything that decides what a gradient sketch means.
+
+Two sketches are comparable only when they were computed under the same config (and the same model parameters); the
+index manifest stores the config, and [`GradientIndex`] refuses queries computed under another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .logging import get_logger
+
+
+logger = get_logger(__name__)
+
+TIMESTEP_SPACINGS = ("cubic", "uniform")
+PARAM_PRESETS = ("auto", "lora", "attention", "all")
+DTYPES = ("float16", "bfloat16", "float32")
+TARGETS = ("noise", "sample", "v_prediction", "flow")
+NORMALIZATIONS = ("timestep", "layer", "none")
+MAX_SKETCH_DIM = 2**24
+DEFAULT_NUM_TIMESTEPS = 10
+
+# Fields that only change how sketches are stored, not what they mean.
+_STORAGE_ONLY_FIELDS = ("dtype",)
+
+
+@dataclass(frozen=True)
+class DMinConfig:
+    r"""
+    How DMin turns one (image, prompt) pair into a gradient sketch of shape `(T, K)`.
+
+    Args:
+        num_timesteps (`int`, *optional*):
+            Number of diffusion timesteps T at which the loss gradient is taken. Defaults to 10 for the named
+            spacings and to the length of the list for an explicit `timestep_spacing`.
+        timestep_spacing (`str` or `list[int]`, *optional*, defaults to `"cubic"`):
+            `"cubic"` picks `t_k = N - 1 - floor(N (k / T)^3)` for `k = 0..T-1` as in the official DMin code (dense
+            near pure noise); `"uniform"` picks the centres of T equal bins of `[0, N)`; a list gives the training
+            timesteps (integers in `[0, N)`, larger means noisier) explicitly. Duplicates are removed.
+        sketch_dim (`int`, *optional*, defaults to 4096):
+            K, the number of buckets of the sketch (the paper's `v`). A sketch folds exactly to any divisor of K.
+        seed (`int`, *optional*, defaults to 0):
+            Seeds the sketch's permutation and signs and the fixed noise.
+        params (`str` or `list[str]`, *optional*, defaults to `"auto"`):
+            Which denoiser parameters the gradient covers: `"auto"` (the LoRA parameters when a PEFT adapter is
+            loaded, else `"attention"`), `"lora"`, `"attention"` (the `transformer_blocks` of transformers and
+            cross-attention UNets, the `attentions` blocks of a `UNet2DModel`), `"all"`, or a list of `fnmatch`
+            patterns matched against full parameter names (e.g. `["*.attn1.*", "mid_block.*"]`).
+        dtype (`str`, *optional*, defaults to `"float16"`):
+            Storage dtype of the sketches in an index: `"float16"`, `"bfloat16"` or `"float32"`. Sketches are always
+            computed in float32.
+        target (`str`, *optional*):
+            Override of the regression target. By default it is the scheduler's training target (epsilon,
+            v_prediction, sample, or `noise - x0` for flow matching). `"noise"` regresses onto the noise for every
+            family, which reproduces the official DMin code for SD3; `"sample"`, `"v_prediction"` and `"flow"`
+            (`noise - x0`) are the other choices.
+        normalize (`str`, *optional*, defaults to `"timestep"`):
+            `"timestep"` L2-normalises each timestep's gradient (DMin), `"layer"` normalises each parameter tensor's
+            gradient first and then the whole timestep gradient, `"none"` keeps raw gradients (the paper's ablation).
+        num_noise_draws (`int`, *optional*, defaults to 1):
+            Number of fixed noise tensors; the sketch of a timestep is the mean of the normalised sketches over them.
+        resolution (`int` or `tuple[int, int]`, *optional*):
+            Image resolution `(height, width)` the gradients are taken at; defaults to the model's native size.
+
+    Examples:
+    ```py
+    >>> from diffusers_dmin import DMinConfig
+    >>> config = DMinConfig(num_timesteps=5, sketch_dim=1024, seed=0)
+    >>> DMinConfig.from_json(config.to_json()) == config
+    True
+    ```
+    """
+
+    num_timesteps: int | None = None
+    timestep_spacing: Literal["cubic", "uniform"] | tuple[int, ...] = "cubic"
+    sketch_dim: int = 4096
+    seed: int = 0
+    params: Literal["auto", "lora", "attention", "all"] | tuple[str, ...] = "auto"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    target: Literal["noise", "sample", "v_prediction", "flow"] | None = None
+    normalize: Literal["timestep", "layer", "none"] = "timestep"
+    num_noise_draws: int = 1
+    resolution: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen dataclass: canonicalise in place once
+
+        spacing = self.timestep_spacing
+        if isinstance(spacing, str):
+            if spacing not in TIMESTEP_SPACINGS:
+                raise ConfigError(
+                    f"`timestep_spacing` must be one of {TIMESTEP_SPACINGS} or a list of integer timesteps, but is "
+                    f"{spacing!r}."
+                )
+            num = DEFAULT_NUM_TIMESTEPS if self.num_timesteps is None else self.num_timesteps
+        elif isinstance(spacing, Sequence):
+            spacing = tuple(spacing)
+            if not spacing or not all(_is_int(t) and t >= 0 for t in spacing):
+                raise ConfigError(
+                    f"An explicit `timestep_spacing` must be a non-empty list of non-negative integers, but is "
+                    f"{list(spacing)!r}. Example: `timestep_spacing=[900, 500, 100]`."
+                )
+            spacing = tuple(int(t) for t in spacing)
+            if len(set(spacing)) != len(spacing):
+                duplicates = sorted({t for t in spacing if spacing.count(t) > 1})
+                raise ConfigError(
+                    f"`timestep_spacing` lists the timesteps {duplicates} more than once; list each timestep once."
+                )
+            if self.num_timesteps is not None and self.num_timesteps != len(spacing):
+                raise ConfigError(
+                    f"`num_timesteps={self.num_timesteps!r}` disagrees with the {len(spacing)} timesteps given in "
+                    "`timestep_spacing`; leave `num_timesteps` unset when you list the timesteps."
+                )
+            num = len(spacing)
+            set_(self, "timestep_spacing", spacing)
+        else:
+            raise ConfigError(
+                f"`timestep_spacing` must be 'cubic', 'uniform' or a list of integers, but is {spacing!r} "
+                f"(type {type(spacing).__name__})."
+            )
+        if not _is_int(num) or num < 1:
+            raise ConfigError(f"`num_timesteps` must be a positive integer, but is {num!r}.")
+        set_(self, "num_timesteps", int(num))
+
+        if not _is_int(self.sketch_dim) or not 1 <= self.sketch_dim <= MAX_SKETCH_DIM:
+            raise ConfigError(
+                f"`sketch_dim` must be an integer in [1, {MAX_SKETCH_DIM}], but is {self.sketch_dim!r}. "
+                "The paper uses 4096 (2**12) or 65536 (2**16)."
+            )
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"`seed` must be an integer in [0, 2**63), but is {self.seed!r}.")
+
+        params = self.params
+        if isinstance(params, str):
+            if params not in PARAM_PRESETS:
+                raise ConfigError(
+                    f"`params` must be one of {PARAM_PRESETS} or a list of parameter-name patterns, but is {params!r}. "
+                    "For a single pattern write `params=['*attn*']`."
+                )
+        elif isinstance(params, Sequence) and params and all(isinstance(p, str) and p for p in params):
+            set_(self, "params", tuple(params))
+        else:
+            raise ConfigError(
+                f"`params` must be one of {PARAM_PRESETS} or a non-empty list of non-empty strings, but is {params!r}."
+            )
+
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"`dtype` must be one of {DTYPES}, but is {self.dtype!r}.")
+        if self.target is not None and self.target not in TARGETS:
+            raise ConfigError(
+                f"`target` must be None (the scheduler's training target) or one of {TARGETS}, but is {self.target!r}."
+            )
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"`normalize` must be one of {NORMALIZATIONS}, but is {self.normalize!r}.")
+        if not _is_int(self.num_noise_draws) or self.num_noise_draws < 1:
+            raise ConfigError(f"`num_noise_draws` must be a positive integer, but is {self.num_noise_draws!r}.")
+
+        resolution = self.resolution
+        if resolution is not None:
+            if _is_int(resolution):
+                resolution = (resolution, resolution)
+            if (
+                not isinstance(resolution, Sequence)
+                or len(resolution) != 2
+                or not all(_is_int(r) and r > 0 for r in resolution)
+            ):
+                raise ConfigError(
+                    f"`resolution` must be a positive integer or a (height, width) pair, but is {self.resolution!r}."
+                )
+            set_(self, "resolution", (int(resolution[0]), int(resolution[1])))
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DMinConfig:
+        """Inverse of [`to_dict`]. Unknown keys are ignored with a warning (an index from a newer version)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"`DMinConfig.from_dict` needs a mapping, but got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning(
+                f"Ignoring unknown DMinConfig keys {unknown}: they were probably written by a newer diffusers_dmin. "
+                "Upgrade with `pip install -U diffusers-dmin` if results look wrong."
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> DMinConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"`DMinConfig.from_json` got invalid JSON: {err}.") from err
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------------ identity
+
+    def fingerprint(self) -> str:
+        """16 hex characters identifying every field that changes what a sketch means (all but `dtype`)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in _STORAGE_ONLY_FIELDS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: DMinConfig, *, ignore: Sequence[str] = _STORAGE_ONLY_FIELDS) -> dict[str, tuple]:
+        """Fields whose values differ, as `{name: (self_value, other_value)}`."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+    def replace(self, **changes: Any) -> DMinConfig:
+        """A copy with some fields changed (validated again)."""
+        data = asdict(self)
+        if "timestep_spacing" in changes and "num_timesteps" not in changes:
+            data["num_timesteps"] = None
+        data.update(changes)
+        return DMinConfig(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
