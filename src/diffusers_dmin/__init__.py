@@ -1,6 +1,6 @@
 __version__ = "0.1.0.dev0"
 
-from .config import DMinConfig
+from .config import DMinConfig, SketchSpec
 from .errors import (
     ConfigError,
     DatasetError,
@@ -18,6 +18,7 @@ from .outputs import InfluencePipelineOutput, InfluenceResult
 __all__ = [
     "__version__",
     "DMinConfig",
+    "SketchSpec",
     "InfluenceResult",
     "InfluencePipelineOutput",
     "DMinError",

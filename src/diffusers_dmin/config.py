@@ -234,3 +234,92 @@ class DMinConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SketchSpec:
+    r"""
+    Everything two sketches must share to be comparable: the [`DMinConfig`] plus what it resolves to on a model.
+
+    [`GradientSketcher`] exposes its spec as `sketcher.spec`; the index manifest stores the spec of its rows, and
+    [`GradientIndex`] refuses queries whose spec differs ([`IndexMismatchError`] names the fields).
+
+    Args:
+        config (`DMinConfig`): The configuration.
+        family (`str`): The denoiser family, e.g. `"unet2d"`, `"unet2d_condition"`, `"sdxl"`, `"sd3"`.
+        target (`str`): The regression target used: `"epsilon"`/`"noise"`, `"v_prediction"`, `"sample"` or `"flow"`.
+        timesteps (`tuple[int, ...]`): The training timesteps, after spacing and de-duplication (length T).
+        latent_shape (`tuple[int, ...]`): Shape `(C, H, W)` of one latent (the fixed noise's shape).
+        param_names (`tuple[str, ...]`): Names of the selected denoiser parameters, in sketch order.
+        input_dim (`int`): D, the number of selected scalar parameters.
+        param_fingerprint (`str`): Hash of the selected parameters' names, shapes and values.
+    """
+
+    config: DMinConfig
+    family: str
+    target: str
+    timesteps: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    param_names: tuple[str, ...]
+    input_dim: int
+    param_fingerprint: str
+
+    def __post_init__(self):
+        for name in ("timesteps", "latent_shape", "param_names"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of rows of one sketch."""
+        return len(self.timesteps)
+
+    @property
+    def param_names_hash(self) -> str:
+        return hashlib.sha256("\n".join(self.param_names).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "family": self.family,
+            "target": self.target,
+            "timesteps": list(self.timesteps),
+            "latent_shape": list(self.latent_shape),
+            "param_names": list(self.param_names),
+            "input_dim": self.input_dim,
+            "param_fingerprint": self.param_fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SketchSpec:
+        try:
+            return cls(
+                config=DMinConfig.from_dict(data["config"]),
+                family=str(data["family"]),
+                target=str(data["target"]),
+                timesteps=tuple(int(t) for t in data["timesteps"]),
+                latent_shape=tuple(int(s) for s in data["latent_shape"]),
+                param_names=tuple(str(n) for n in data["param_names"]),
+                input_dim=int(data["input_dim"]),
+                param_fingerprint=str(data["param_fingerprint"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"Malformed sketch spec ({type(err).__name__}: {err}); expected the keys of `SketchSpec.to_dict()`."
+            ) from err
+
+    def differences(self, other: SketchSpec, *, ignore: Sequence[str] = ("dtype", "sketch_dim")) -> dict[str, tuple]:
+        """Differing fields as `{name: (self_value, other_value)}`; config fields are prefixed `config.`.
+
+        `sketch_dim` is ignored by default because sketches fold ([`fold_sketch`]); callers check divisibility.
+        """
+        diffs = {f"config.{k}": v for k, v in self.config.differences(other.config, ignore=ignore).items()}
+        for name in ("family", "target", "timesteps", "latent_shape", "input_dim", "param_fingerprint"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                diffs[name] = (mine, theirs)
+        if self.param_names != other.param_names:
+            diffs["param_names"] = (
+                f"{len(self.param_names)} names (hash {self.param_names_hash})",
+                f"{len(other.param_names)} names (hash {other.param_names_hash})",
+            )
+        return diffs

@@ -119,4 +119,6 @@ def require(module: str, feature: str, install: str | None = None):
         return importlib.import_module(module)
     except ImportError as err:
         install = install or f"pip install {module}"
-        raise MissingDependencyError(f"{feature} needs `{module}`, which is not installed. Install it with `{install}`.") from err
+        raise MissingDependencyError(
+            f"{feature} needs `{module}`, which is not installed. Install it with `{install}`."
+        ) from err

@@ -65,7 +65,9 @@ class InfluenceResult(BaseOutput):
                     "`index.attach_dataset(dataset)` before searching, or pass `images=` to `to_grid`."
                 )
             images = [_find_image(row, image_column) for row in self.samples]
-        return make_row(self.query, list(images), self.scores.tolist(), self.sample_ids.tolist(), thumb_size=thumb_size)
+        return make_row(
+            self.query, list(images), self.scores.tolist(), self.sample_ids.tolist(), thumb_size=thumb_size
+        )
 
 
 def _find_image(row: dict[str, Any], column: str | None) -> Any:

@@ -229,7 +229,11 @@ class OPORPSketch:
         length = values.shape[1]
         values = values.to(accumulator.dtype)
         device = accumulator.device
-        cached = (start, length, str(device)) in self._tables or self._table_bytes + 8 * length <= self.table_budget_bytes
+        cached = (
+            start,
+            length,
+            str(device),
+        ) in self._tables or self._table_bytes + 8 * length <= self.table_budget_bytes
         step = length if cached else self.chunk_size
         for offset in range(0, length, step):
             size = min(step, length - offset)
@@ -252,9 +256,7 @@ class OPORPSketch:
 
     def _check_range(self, start: int, length: int) -> None:
         if start < 0 or length < 0 or start + length > self.input_dim:
-            raise ConfigError(
-                f"Coordinates [{start}, {start + length}) fall outside [0, input_dim={self.input_dim})."
-            )
+            raise ConfigError(f"Coordinates [{start}, {start + length}) fall outside [0, input_dim={self.input_dim}).")
 
 
 def fold_sketch(sketches: torch.Tensor, sketch_dim: int) -> torch.Tensor:

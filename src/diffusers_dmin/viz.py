@@ -49,7 +49,9 @@ def to_pil(image: Any) -> PIL.Image.Image:
 
 
 def _tile(image: PIL.Image.Image, caption: str, size: int) -> PIL.Image.Image:
-    thumb = PIL.ImageOps.contain(image, (size, size), method=PIL.Image.NEAREST if max(image.size) < size else PIL.Image.BICUBIC)
+    thumb = PIL.ImageOps.contain(
+        image, (size, size), method=PIL.Image.NEAREST if max(image.size) < size else PIL.Image.BICUBIC
+    )
     tile = PIL.Image.new("RGB", (size, size + _CAPTION_HEIGHT), "white")
     tile.paste(thumb, ((size - thumb.width) // 2, (size - thumb.height) // 2))
     draw = PIL.ImageDraw.Draw(tile)
@@ -74,10 +76,14 @@ def make_row(
             f"and {len(sample_ids)}."
         )
     tiles = [] if query is None else [_tile(to_pil(query), query_caption, thumb_size)]
-    tiles += [_tile(to_pil(im), f"#{sid}\n{float(sc):+.3f}", thumb_size) for im, sc, sid in zip(images, scores, sample_ids)]
+    tiles += [
+        _tile(to_pil(im), f"#{sid}\n{float(sc):+.3f}", thumb_size) for im, sc, sid in zip(images, scores, sample_ids)
+    ]
     if not tiles:
         raise ConfigError("Nothing to draw: give a query or at least one training image.")
-    row = PIL.Image.new("RGB", (len(tiles) * (thumb_size + _PAD) + _PAD, thumb_size + _CAPTION_HEIGHT + 2 * _PAD), "white")
+    row = PIL.Image.new(
+        "RGB", (len(tiles) * (thumb_size + _PAD) + _PAD, thumb_size + _CAPTION_HEIGHT + 2 * _PAD), "white"
+    )
     for i, tile in enumerate(tiles):
         row.paste(tile, (_PAD + i * (thumb_size + _PAD), _PAD))
     if query is not None:  # a separator after the query
