@@ -122,3 +122,13 @@ def require(module: str, feature: str, install: str | None = None):
         raise MissingDependencyError(
             f"{feature} needs `{module}`, which is not installed. Install it with `{install}`."
         ) from err
+
+
+class HubAuthenticationError(DMinError, PermissionError):
+    """The Hub refused the token (401/403): it is invalid, expired, or lacks access to the repository.
+
+    (Tree position: `DMinError` → `HubAuthenticationError` (PermissionError).)
+    """
+
+
+__all__ += ["HubAuthenticationError"]

@@ -1,0 +1,427 @@
+"""Exact and HNSW search over sketch rows, behind one interface. The only module that imports hnswlib.
+
+Both backends take queries as float32 `(num_queries, dim)` matrices of flattened `(T, K)` sketches and return
+`(positions, scores)`: row positions (int64, into the concatenation of the row blocks) and inner products (float32),
+best first. `largest=False` returns the most negative inner products first (opponents).
+
+- [`ExactSearch`] multiplies the queries with every row, chunk by chunk, straight from the (memory-mapped) row blocks:
+  float16/bfloat16 chunks are widened into a small float32 buffer that stays in cache, products accumulate in float32,
+  and a running top-k is merged across chunks and blocks.
+- [`HNSWSearch`] wraps an hnswlib graph in inner-product space (`M`, `ef_construction`, `ef`); hnswlib's distance is
+  `1 - <a, b>`, which is turned back into the inner product. It can hold folded rows (a divisor of the stored K) to
+  keep the graph small; candidates can then be re-scored exactly with [`ExactSearch.score`].
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .constants import DEFAULT_HNSW_EF, DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
+from .errors import ConfigError, DMinError, IndexCorruptError, require
+from .logging import get_logger, tqdm
+from .sketch import fold_sketch
+
+
+logger = get_logger(__name__)
+
+__all__ = ["SearchBackend", "ExactSearch", "HNSWSearch", "rows_as_tensor", "expand_queries", "rescore"]
+
+_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Float32 bytes of one widened chunk: small enough to stay in cache between the cast and the product.
+_CHUNK_BYTES = 4 * 2**20
+# Rows whose scores are kept before each top-k merge.
+_SUPER_ROWS = 2**16
+
+
+def rows_as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
+    r"""
+    A zero-copy `(n, T*K)` torch view of an `(n, T, K)` row block in its storage dtype.
+
+    Args:
+        block (`np.ndarray` of shape `(n, T, K)`): float16 or float32 values, or uint16 raw bits when
+            `dtype="bfloat16"` (numpy has no bfloat16). Must be writeable (memory-map with `mode="c"`).
+        dtype (`str`): `"float16"`, `"bfloat16"` or `"float32"`.
+    """
+    if dtype not in _TORCH_STORAGE:
+        raise ConfigError(f"`dtype` must be one of {tuple(_TORCH_STORAGE)}, but is {dtype!r}.")
+    tensor = torch.from_numpy(block).reshape(len(block), -1)
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    if tensor.dtype != _TORCH_STORAGE[dtype]:
+        raise ConfigError(f"A row block of numpy dtype {block.dtype} cannot hold {dtype} values.")
+    return tensor
+
+
+def expand_queries(queries: torch.Tensor, sketch_dim: int) -> torch.Tensor:
+    r"""
+    Repeat each bucket of `(..., k)` folded sketches `sketch_dim // k` times, giving `(..., sketch_dim)`.
+
+    Folding is linear: `<fold(q), fold(r)> = <expand(fold(q)), r>`, so a search at a folded dimension can run on
+    the unfolded rows without folding them.
+    """
+    k = queries.shape[-1]
+    if sketch_dim % k:
+        raise ConfigError(f"Cannot expand sketches of dimension {k} to {sketch_dim}: {k} does not divide it.")
+    return queries if k == sketch_dim else queries.repeat_interleave(sketch_dim // k, dim=-1)
+
+
+def _as_query_matrix(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
+    tensor = torch.as_tensor(queries)
+    if tensor.ndim != 2 or tensor.shape[1] != dim:
+        raise ConfigError(f"Queries must have shape (num_queries, {dim}), but have shape {tuple(tensor.shape)}.")
+    return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+class SearchBackend(ABC):
+    """One search interface: `search(queries, top_k, largest=True) -> (positions, scores)`."""
+
+    @property
+    @abstractmethod
+    def num_rows(self) -> int:
+        """Number of searchable rows."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Length of one flattened row (`T * K`)."""
+
+    @abstractmethod
+    def search(
+        self, queries: torch.Tensor | np.ndarray, top_k: int, *, largest: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        r"""
+        Args:
+            queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, dim)`): Flattened query sketches.
+            top_k (`int`): Results per query (at most `num_rows`).
+            largest (`bool`, *optional*, defaults to `True`): `False` returns the most negative scores first.
+
+        Returns:
+            `tuple[np.ndarray, np.ndarray]`: Row positions (int64) and scores (float32), both
+            `(num_queries, min(top_k, num_rows))`, best first.
+        """
+
+
+class ExactSearch(SearchBackend):
+    r"""
+    Exact inner-product search by chunked matrix products over row blocks (e.g. memory-mapped shards).
+
+    Args:
+        blocks (`list[np.ndarray]`): Row blocks of shape `(n_i, T, K)` in the storage dtype (see [`rows_as_tensor`]);
+            positions count rows across the blocks in order.
+        dtype (`str`, *optional*, defaults to `"float16"`): Storage dtype of the blocks.
+        chunk_bytes (`int`, *optional*): Float32 bytes of a widened chunk (default 4 MiB).
+
+    Examples:
+    ```py
+    >>> import numpy as np
+    >>> from diffusers_dmin.search import ExactSearch
+    >>> rows = np.random.default_rng(0).standard_normal((100, 2, 8)).astype(np.float16)
+    >>> positions, scores = ExactSearch([rows]).search(rows[:3].reshape(3, -1).astype(np.float32), top_k=5)
+    >>> positions[:, 0].tolist()
+    [0, 1, 2]
+    ```
+    """
+
+    def __init__(self, blocks: Sequence[np.ndarray], dtype: str = "float16", *, chunk_bytes: int = _CHUNK_BYTES):
+        if not blocks:
+            raise ConfigError("`ExactSearch` needs at least one row block.")
+        shapes = {tuple(block.shape[1:]) for block in blocks}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ConfigError(f"All row blocks must have shape (n, T, K) with the same (T, K); got {sorted(shapes)}.")
+        self.num_timesteps, self.sketch_dim = next(iter(shapes))
+        self.dtype = dtype
+        self._tensors = [rows_as_tensor(block, dtype) for block in blocks]
+        self._starts = np.cumsum([0] + [len(t) for t in self._tensors])
+        self._dim = self.num_timesteps * self.sketch_dim
+        if dtype == "float32":
+            self.chunk_rows = _SUPER_ROWS
+        else:
+            self.chunk_rows = max(1, min(_SUPER_ROWS, chunk_bytes // (4 * self._dim)))
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _chunks(self, rows: torch.Tensor, start: int, end: int, buffer: torch.Tensor | None) -> Iterator:
+        for c in range(start, end, self.chunk_rows):
+            ce = min(end, c + self.chunk_rows)
+            chunk = rows[c:ce]
+            if buffer is not None:
+                widened = buffer[: ce - c]
+                widened.copy_(chunk)
+                chunk = widened
+            yield c, ce, chunk
+
+    def search(
+        self, queries: torch.Tensor | np.ndarray, top_k: int, *, largest: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_query_matrix(queries, self._dim)
+        if not largest:
+            q = -q
+        k = _check_top_k(top_k, self.num_rows)
+        qt = q.T.contiguous()
+        num_queries = len(q)
+        best_scores = torch.empty((num_queries, 0), dtype=torch.float32)
+        best_positions = torch.empty((num_queries, 0), dtype=torch.int64)
+        buffer = None if self.dtype == "float32" else torch.empty((self.chunk_rows, self._dim), dtype=torch.float32)
+        with torch.no_grad():
+            for block_start, rows in zip(self._starts, self._tensors):
+                for s in range(0, len(rows), _SUPER_ROWS):
+                    e = min(len(rows), s + _SUPER_ROWS)
+                    scores = torch.empty((e - s, num_queries), dtype=torch.float32)
+                    for c, ce, chunk in self._chunks(rows, s, e, buffer):
+                        torch.mm(chunk, qt, out=scores[c - s : ce - s])
+                    top_scores, top_rows = torch.topk(scores, min(k, e - s), dim=0)
+                    candidate_scores = torch.cat([best_scores, top_scores.T], dim=1)
+                    candidate_positions = torch.cat([best_positions, top_rows.T + int(block_start) + s], dim=1)
+                    best_scores, order = torch.topk(candidate_scores, min(k, candidate_scores.shape[1]), dim=1)
+                    best_positions = torch.gather(candidate_positions, 1, order)
+        if not largest:
+            best_scores = -best_scores
+        return best_positions.numpy(), best_scores.numpy()
+
+    def gather(self, positions: np.ndarray | Sequence[int]) -> torch.Tensor:
+        """Rows at `positions` as a float32 `(m, T*K)` tensor, in the given order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.num_rows):
+            raise ConfigError(
+                f"Row positions must lie in [0, {self.num_rows}), got {positions.min()}..{positions.max()}."
+            )
+        out = torch.empty((len(positions), self._dim), dtype=torch.float32)
+        block_of = np.searchsorted(self._starts, positions, side="right") - 1
+        for b in np.unique(block_of):
+            where = np.nonzero(block_of == b)[0]
+            local = torch.from_numpy(positions[where] - self._starts[b])
+            out[torch.from_numpy(where)] = self._tensors[b].index_select(0, local).float()
+        return out
+
+    def score(self, queries: torch.Tensor | np.ndarray, positions: np.ndarray) -> np.ndarray:
+        r"""
+        Exact scores of the rows at `positions` for each query.
+
+        Args:
+            queries (`torch.Tensor` of shape `(num_queries, dim)`): Flattened queries.
+            positions (`np.ndarray` of shape `(num_queries, m)`): Row positions per query.
+
+        Returns:
+            `np.ndarray` of shape `(num_queries, m)`: float32 inner products.
+        """
+        q = _as_query_matrix(queries, self._dim)
+        positions = np.asarray(positions, dtype=np.int64)
+        unique, inverse = np.unique(positions, return_inverse=True)
+        with torch.no_grad():
+            table = torch.mm(q, self.gather(unique).T)  # (num_queries, len(unique))
+        inverse = torch.from_numpy(inverse.reshape(positions.shape))
+        return torch.gather(table, 1, inverse).numpy()
+
+    def iter_rows(self, start: int = 0, *, batch_rows: int = 4096, sketch_dim: int | None = None) -> Iterator:
+        r"""
+        Yield `(position, rows)` for consecutive batches from row `start` on: float32 `(b, T*k)` rows, folded to
+        `sketch_dim` buckets per timestep when given (see [`fold_sketch`]).
+        """
+        k = sketch_dim or self.sketch_dim
+        for block_start, rows in zip(self._starts, self._tensors):
+            block_end = block_start + len(rows)
+            for s in range(max(start, int(block_start)), int(block_end), batch_rows):
+                e = min(int(block_end), s + batch_rows)
+                batch = rows[s - block_start : e - block_start].float()
+                if k != self.sketch_dim:
+                    batch = fold_sketch(batch.reshape(e - s, self.num_timesteps, self.sketch_dim), k)
+                yield s, batch.reshape(e - s, -1).contiguous()
+
+
+def _check_top_k(top_k: int, num_rows: int) -> int:
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+        raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
+    if num_rows < 1:
+        raise ConfigError("The index holds no rows; add sketches with `index.add(...)` before searching.")
+    return int(min(top_k, num_rows))
+
+
+class HNSWSearch(SearchBackend):
+    r"""
+    Approximate inner-product search with an hnswlib graph whose labels are row positions.
+
+    Args:
+        dim (`int`): Length of a flattened row in the graph (`T * k`, with k the stored K or a divisor of it).
+        max_elements (`int`): Capacity; grown automatically by [`add`].
+        M (`int`, *optional*, defaults to 16): Graph degree.
+        ef_construction (`int`, *optional*, defaults to 200): Candidate list size while building.
+        ef (`int`, *optional*, defaults to 100): Candidate list size while searching (raised to `top_k` when
+            smaller); not stored by hnswlib, so it is set again after loading.
+        num_threads (`int`, *optional*, defaults to -1): Threads for building and batched queries (-1: all cores).
+            Builds with more than one thread are not bit-for-bit reproducible.
+        seed (`int`, *optional*, defaults to 0): hnswlib's random seed for the level assignment.
+
+    Examples:
+    ```py
+    >>> import numpy as np
+    >>> from diffusers_dmin.search import HNSWSearch
+    >>> rows = np.random.default_rng(0).standard_normal((1000, 16)).astype(np.float32)
+    >>> hnsw = HNSWSearch(16, max_elements=1000)
+    >>> hnsw.add(rows, np.arange(1000))
+    >>> hnsw.search(rows[:1], top_k=3)[0].shape
+    (1, 3)
+    ```
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        max_elements: int,
+        M: int = DEFAULT_HNSW_M,
+        ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
+        ef: int = DEFAULT_HNSW_EF,
+        num_threads: int = -1,
+        seed: int = 0,
+        _load_from: str | os.PathLike | None = None,
+    ):
+        hnswlib = require("hnswlib", "Approximate search (`exact=False`)", "pip install hnswlib")
+        for name, value, minimum in (("M", M, 2), ("ef_construction", ef_construction, 1), ("ef", ef, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"`{name}` must be an integer >= {minimum}, but is {value!r}.")
+        self._index = hnswlib.Index(space="ip", dim=int(dim))
+        if _load_from is not None:
+            try:
+                self._index.load_index(str(_load_from), max_elements=max(1, int(max_elements)))
+            except (RuntimeError, ValueError, MemoryError) as err:
+                raise IndexCorruptError(
+                    f"hnswlib could not read {_load_from} ({err}). Delete the file to rebuild the graph, or "
+                    "re-download the index with `force_download=True`."
+                ) from err
+        else:
+            self._index.init_index(
+                max_elements=max(1, int(max_elements)), M=M, ef_construction=ef_construction, random_seed=seed
+            )
+        self._index.set_num_threads((os.cpu_count() or 1) if num_threads == -1 else num_threads)
+        self.ef = ef
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, dim: int, *, max_elements: int, ef: int = DEFAULT_HNSW_EF, num_threads: int = -1
+    ) -> HNSWSearch:
+        """Load a graph saved by [`save`]. Verify the file's sha256 first: hnswlib trusts its input."""
+        return cls(dim, max_elements=max_elements, ef=ef, num_threads=num_threads, _load_from=path)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._index.element_count)
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.dim)
+
+    @property
+    def M(self) -> int:
+        return int(self._index.M)
+
+    @property
+    def ef_construction(self) -> int:
+        return int(self._index.ef_construction)
+
+    def add(self, vectors: torch.Tensor | np.ndarray, positions: np.ndarray) -> None:
+        """Insert float32 `(n, dim)` rows with their row positions as labels (growing the capacity as needed)."""
+        vectors = _as_query_matrix(vectors, self.dim).numpy()
+        needed = self.num_rows + len(vectors)
+        if needed > self._index.max_elements:
+            self._index.resize_index(max(needed, int(self._index.max_elements * 1.5)))
+        self._index.add_items(vectors, np.asarray(positions, dtype=np.int64))
+
+    def add_rows(
+        self, rows: ExactSearch, *, start: int | None = None, batch_rows: int = 4096, progress: bool = True
+    ) -> None:
+        """Insert the rows `start ..` (default: those not in the graph yet) of `rows`, folded to the graph's K."""
+        start = self.num_rows if start is None else start
+        total = rows.num_rows - start
+        if total <= 0:
+            return
+        sketch_dim = self.dim // rows.num_timesteps
+        if sketch_dim * rows.num_timesteps != self.dim or rows.sketch_dim % sketch_dim:
+            raise ConfigError(
+                f"The HNSW graph has dimension {self.dim}, which is not T={rows.num_timesteps} times a divisor of the "
+                f"stored sketch_dim {rows.sketch_dim}."
+            )
+        self.resize(rows.num_rows)
+        with tqdm(total=total, desc="Building HNSW graph", unit="rows", disable=not progress) as bar:
+            for position, batch in rows.iter_rows(start, batch_rows=batch_rows, sketch_dim=sketch_dim):
+                self._index.add_items(batch.numpy(), np.arange(position, position + len(batch), dtype=np.int64))
+                bar.update(len(batch))
+
+    def resize(self, max_elements: int) -> None:
+        if max_elements > self._index.max_elements:
+            self._index.resize_index(int(max_elements))
+
+    def search(
+        self, queries: torch.Tensor | np.ndarray, top_k: int, *, largest: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_query_matrix(queries, self.dim).numpy()
+        if not largest:
+            q = -q
+        k = _check_top_k(top_k, self.num_rows)
+        self._index.set_ef(max(self.ef, k))
+        try:
+            labels, distances = self._index.knn_query(q, k=k)
+        except RuntimeError as err:
+            raise DMinError(
+                f"hnswlib could not return {k} neighbours ({err}); raise `ef` or search with `exact=True`."
+            ) from err
+        scores = (1.0 - distances).astype(np.float32)  # hnswlib "ip" distance is 1 - <a, b>
+        if not largest:
+            scores = -scores
+        return labels.astype(np.int64), scores
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the graph atomically (temp file in the same folder, fsync, rename)."""
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._index.save_index(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def rescore(
+    exact: ExactSearch,
+    queries: torch.Tensor | np.ndarray,
+    candidates: np.ndarray,
+    top_k: int,
+    *,
+    largest: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""
+    Re-score candidate rows exactly and keep the best `top_k` per query.
+
+    Args:
+        exact (`ExactSearch`): The rows.
+        queries (`torch.Tensor` of shape `(num_queries, exact.dim)`): Flattened queries at the rows' dimension.
+        candidates (`np.ndarray` of shape `(num_queries, m)`): Candidate positions, e.g. from [`HNSWSearch`].
+        top_k (`int`): Results per query (at most `m`).
+        largest (`bool`, *optional*, defaults to `True`): `False` keeps the most negative scores.
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray]`: Positions and exact scores, `(num_queries, min(top_k, m))`, best first.
+    """
+    scores = torch.from_numpy(exact.score(queries, candidates))
+    k = min(int(top_k), candidates.shape[1])
+    best, order = torch.topk(scores if largest else -scores, k, dim=1)
+    positions = np.take_along_axis(candidates, order.numpy(), axis=1)
+    return positions, (best if largest else -best).numpy()

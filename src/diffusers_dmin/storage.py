@@ -1,0 +1,948 @@
+"""The index folder on disk (DESIGN §4): shards, noise and manifest; atomic writes, verified memory-mapped reads.
+
+Building blocks that [`GradientIndex`] and the index builders share:
+
+- [`write_shard`] / [`write_shards`] write `shards/sketches-NNNNN.safetensors` files ("sketches" `(n, T, K)` in the
+  storage dtype, "ids" `(n,)` int64) atomically and return their [`ShardInfo`] (name, row count, sha256, size).
+- [`write_noise`] writes `noise.safetensors`; [`write_manifest`] writes `dmin_index.json`. A writer writes all binary
+  files first and the manifest last, so a folder whose manifest parses always lists complete, checksummed files.
+- [`read_manifest`] parses and validates the manifest; [`open_shard`] checks a shard's size, sha256 and safetensors
+  header against the manifest before it memory-maps the data (no copy; no pickle, no `torch.load`).
+
+Every check that fails raises [`IndexCorruptError`] naming the file, what was expected, what was found, and the fix.
+Shard names are free (any `shards/*.safetensors`), so parallel writers can each write their own shards and one
+process writes the manifest listing them in row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DTYPES, DMinConfig, SketchSpec
+from .constants import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FORMAT_VERSION,
+    HNSW_NAME,
+    IDS_KEY,
+    MANIFEST_NAME,
+    NOISE_KEY,
+    NOISE_NAME,
+    SHARD_NAME_TEMPLATE,
+    SHARDS_DIR,
+    SKETCHES_KEY,
+)
+from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError
+from .logging import get_logger
+
+
+logger = get_logger(__name__)
+
+__all__ = [
+    "ShardInfo",
+    "FileInfo",
+    "HNSWInfo",
+    "IndexMetadata",
+    "Manifest",
+    "ShardData",
+    "shard_name",
+    "write_shard",
+    "write_shards",
+    "write_noise",
+    "write_manifest",
+    "read_manifest",
+    "open_shard",
+    "read_noise",
+    "verify_file",
+    "sha256_file",
+    "to_storage_array",
+    "to_ids_array",
+    "atomic_write_bytes",
+    "atomic_copy",
+]
+
+# safetensors dtype tag -> (our dtype name, numpy dtype used to hold the raw values)
+_SAFETENSORS_DTYPES: dict[str, tuple[str, np.dtype]] = {
+    "F16": ("float16", np.dtype(np.float16)),
+    "BF16": ("bfloat16", np.dtype(np.uint16)),  # numpy has no bfloat16: raw bits, see `search.rows_as_tensor`
+    "F32": ("float32", np.dtype(np.float32)),
+    "I64": ("int64", np.dtype(np.int64)),
+}
+_STORAGE_TAGS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_MAX_HEADER_BYTES = 100 * 2**20
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_HASH_CHUNK = 2**22
+
+
+# --------------------------------------------------------------------------------------------------- file records
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    r"""
+    One shard file as the manifest lists it.
+
+    Args:
+        name (`str`): Path of the file relative to the index folder, e.g. `"shards/sketches-00000.safetensors"`.
+        num_rows (`int`): Number of rows (training samples) in the shard.
+        sha256 (`str`): Hex sha256 of the whole file.
+        num_bytes (`int`): Size of the file in bytes.
+    """
+
+    name: str
+    num_rows: int
+    sha256: str
+    num_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardInfo:
+        return cls(
+            name=_check_relative_name(data["name"], "shards[].name"),
+            num_rows=_check_int(data["num_rows"], "shards[].num_rows", minimum=1),
+            sha256=_check_sha(data["sha256"], "shards[].sha256"),
+            num_bytes=_check_int(data["num_bytes"], "shards[].num_bytes", minimum=8),
+        )
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    r"""
+    A checksummed file of the index other than a shard (the fixed noise).
+
+    Args:
+        name (`str`): Path relative to the index folder.
+        sha256 (`str`): Hex sha256 of the file.
+        num_bytes (`int`): Size in bytes.
+        shape (`tuple[int, ...]`, *optional*): Shape of the tensor it holds.
+    """
+
+    name: str
+    sha256: str
+    num_bytes: int
+    shape: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = None if self.shape is None else list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FileInfo:
+        shape = data.get("shape")
+        return cls(
+            name=_check_relative_name(data["name"], "noise.name"),
+            sha256=_check_sha(data["sha256"], "noise.sha256"),
+            num_bytes=_check_int(data["num_bytes"], "noise.num_bytes", minimum=8),
+            shape=None if shape is None else tuple(_check_int(s, "noise.shape", minimum=0) for s in shape),
+        )
+
+
+@dataclass(frozen=True)
+class HNSWInfo:
+    r"""
+    The saved hnswlib graph and the parameters it was built with.
+
+    Args:
+        name (`str`): Path relative to the index folder (`"hnsw.bin"`).
+        sha256 (`str`): Hex sha256 of the file, checked before hnswlib parses it.
+        num_bytes (`int`): Size in bytes.
+        num_rows (`int`): Rows `0 .. num_rows - 1` of the index are in the graph; later rows are added on load.
+        sketch_dim (`int`): K of the vectors in the graph (the stored K, or a divisor of it when built folded).
+        M (`int`), ef_construction (`int`), ef (`int`): hnswlib parameters (`ef` is applied after loading).
+        space (`str`): hnswlib space, always `"ip"` (inner product).
+    """
+
+    name: str
+    sha256: str
+    num_bytes: int
+    num_rows: int
+    sketch_dim: int
+    M: int
+    ef_construction: int
+    ef: int
+    space: str = "ip"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HNSWInfo:
+        space = data.get("space", "ip")
+        if space != "ip":
+            raise ValueError(f"hnsw.space must be 'ip', got {space!r}")
+        return cls(
+            name=_check_relative_name(data["name"], "hnsw.name"),
+            sha256=_check_sha(data["sha256"], "hnsw.sha256"),
+            num_bytes=_check_int(data["num_bytes"], "hnsw.num_bytes", minimum=1),
+            num_rows=_check_int(data["num_rows"], "hnsw.num_rows", minimum=0),
+            sketch_dim=_check_int(data["sketch_dim"], "hnsw.sketch_dim", minimum=1),
+            M=_check_int(data["M"], "hnsw.M", minimum=2),
+            ef_construction=_check_int(data["ef_construction"], "hnsw.ef_construction", minimum=1),
+            ef=_check_int(data["ef"], "hnsw.ef", minimum=1),
+        )
+
+
+@dataclass
+class IndexMetadata:
+    r"""
+    Where the rows of an index come from; stored in the manifest and shown on the dataset card. All optional.
+
+    Args:
+        base_model_id (`str`, *optional*): Hub id or path of the base pipeline/model.
+        base_model_revision (`str`, *optional*): Its revision (commit hash when known).
+        adapter_id (`str`, *optional*): Hub id or path of the (LoRA) adapter whose parameters were sketched.
+        adapter_revision (`str`, *optional*): Its revision.
+        dataset_id (`str`, *optional*): Hub id or path of the training dataset.
+        dataset_revision (`str`, *optional*): Its revision.
+        dataset_split (`str`, *optional*): The split, e.g. `"train"`.
+        dataset_fingerprint (`str`, *optional*): `datasets.Dataset._fingerprint` of the rows that were indexed.
+        id_column (`str`, *optional*): The dataset column holding the sample ids; row positions when unset.
+        extra (`dict`, *optional*): Any other JSON-serialisable information.
+    """
+
+    base_model_id: str | None = None
+    base_model_revision: str | None = None
+    adapter_id: str | None = None
+    adapter_revision: str | None = None
+    dataset_id: str | None = None
+    dataset_revision: str | None = None
+    dataset_split: str | None = None
+    dataset_fingerprint: str | None = None
+    id_column: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _GROUPS = {
+        "base_model": {"id": "base_model_id", "revision": "base_model_revision"},
+        "adapter": {"id": "adapter_id", "revision": "adapter_revision"},
+        "dataset": {
+            "id": "dataset_id",
+            "revision": "dataset_revision",
+            "split": "dataset_split",
+            "fingerprint": "dataset_fingerprint",
+            "id_column": "id_column",
+        },
+    }
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"`extra` metadata must be a dict, but is {value!r}.")
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError) as err:
+                    raise ConfigError(f"`extra` metadata must be JSON-serialisable ({err}).") from err
+                self.extra = dict(value)
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(
+                    f"Index metadata `{f.name}` must be a string or None, but is {value!r} "
+                    f"(type {type(value).__name__}). Example: `{f.name}='org/name'`."
+                )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> IndexMetadata:
+        """Build from keyword arguments, with a clear error for unknown names."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"Unknown index metadata {unknown}; valid names are {list(cls.field_names())}. "
+                "Put anything else in `extra={...}`."
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Grouped JSON form: `{"base_model": {...}, "adapter": {...}, "dataset": {...}, "extra": {...}}`."""
+        data: dict[str, Any] = {}
+        for group, keys in self._GROUPS.items():
+            values = {key: getattr(self, attr) for key, attr in keys.items()}
+            data[group] = values if any(v is not None for v in values.values()) else None
+        data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> IndexMetadata:
+        data = data or {}
+        kwargs: dict[str, Any] = {"extra": dict(data.get("extra") or {})}
+        for group, keys in cls._GROUPS.items():
+            values = data.get(group) or {}
+            if not isinstance(values, Mapping):
+                raise ValueError(f"`{group}` must be an object or null, got {values!r}")
+            for key, attr in keys.items():
+                kwargs[attr] = values.get(key)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    r"""
+    Contents of `dmin_index.json`: what the rows are and where they live.
+
+    The sketches of every shard have shape `(n, T, K)` with `T = config.num_timesteps` and `K = config.sketch_dim`,
+    stored in `config.dtype`. `spec` is the full [`SketchSpec`] of the rows (config plus model-dependent identity);
+    it is `None` for an index built from a config only, whose queries can then be checked against the config alone.
+
+    Args:
+        config (`DMinConfig`): The configuration of the rows.
+        spec (`SketchSpec`, *optional*): The full spec of the rows; `spec.config` must equal `config`.
+        shards (`list[ShardInfo]`): Shards in row order.
+        noise (`FileInfo`, *optional*): The fixed noise file.
+        hnsw (`HNSWInfo`, *optional*): The saved HNSW graph.
+        metadata (`IndexMetadata`): Provenance (base model, adapter, dataset, id column).
+        format_version (`int`, *optional*, defaults to `FORMAT_VERSION`): Version of this format.
+        library_version (`str`, *optional*): Version of diffusers_dmin that wrote the manifest.
+    """
+
+    config: DMinConfig
+    spec: SketchSpec | None = None
+    shards: list[ShardInfo] = field(default_factory=list)
+    noise: FileInfo | None = None
+    hnsw: HNSWInfo | None = None
+    metadata: IndexMetadata = field(default_factory=IndexMetadata)
+    format_version: int = FORMAT_VERSION
+    library_version: str | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return sum(shard.num_rows for shard in self.shards)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    @property
+    def sketch_dim(self) -> int:
+        return self.config.sketch_dim
+
+    @property
+    def dtype(self) -> str:
+        return self.config.dtype
+
+    def validate(self) -> None:
+        """Check internal consistency; raises `ValueError` describing the first problem."""
+        if self.spec is not None:
+            if self.spec.config != self.config:
+                raise ValueError("`spec.config` differs from `config`")
+            if len(self.spec.timesteps) != self.config.num_timesteps:
+                raise ValueError(
+                    f"spec has {len(self.spec.timesteps)} timesteps but config.num_timesteps is "
+                    f"{self.config.num_timesteps}"
+                )
+        names = [shard.name for shard in self.shards]
+        if len(set(names)) != len(names):
+            raise ValueError("a shard is listed twice")
+        for name in names:
+            if not (name.startswith(SHARDS_DIR + "/") and name.endswith(".safetensors")):
+                raise ValueError(f"shard name {name!r} is not of the form '{SHARDS_DIR}/*.safetensors'")
+        if self.hnsw is not None:
+            if self.hnsw.num_rows > self.num_rows:
+                raise ValueError(f"the HNSW graph holds {self.hnsw.num_rows} rows but the index only {self.num_rows}")
+            if self.sketch_dim % self.hnsw.sketch_dim:
+                raise ValueError(
+                    f"hnsw.sketch_dim={self.hnsw.sketch_dim} does not divide sketch_dim={self.sketch_dim}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        self.validate()
+        return {
+            "format_version": self.format_version,
+            "library": "diffusers_dmin",
+            "library_version": __version__,
+            "num_rows": self.num_rows,
+            "num_timesteps": self.num_timesteps,
+            "sketch_dim": self.sketch_dim,
+            "dtype": self.dtype,
+            "config": self.config.to_dict(),
+            "spec": None if self.spec is None else self.spec.to_dict(),
+            **self.metadata.to_dict(),
+            "shards": [shard.to_dict() for shard in self.shards],
+            "noise": None if self.noise is None else self.noise.to_dict(),
+            "hnsw": None if self.hnsw is None else self.hnsw.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Parse and validate; raises `ValueError`, `KeyError` or `TypeError` on malformed input."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"the manifest must be a JSON object, got {type(data).__name__}")
+        version = _check_int(data["format_version"], "format_version", minimum=1)
+        if version > FORMAT_VERSION:
+            raise _NewerFormat(version)
+        config = DMinConfig.from_dict(data["config"])
+        spec = None if data.get("spec") is None else SketchSpec.from_dict(data["spec"])
+        manifest = cls(
+            config=config,
+            spec=spec,
+            shards=[ShardInfo.from_dict(s) for s in data["shards"]],
+            noise=None if data.get("noise") is None else FileInfo.from_dict(data["noise"]),
+            hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(data["hnsw"]),
+            metadata=IndexMetadata.from_dict(data),
+            format_version=version,
+            library_version=data.get("library_version"),
+        )
+        for key, value in (
+            ("num_rows", manifest.num_rows),
+            ("num_timesteps", manifest.num_timesteps),
+            ("sketch_dim", manifest.sketch_dim),
+            ("dtype", manifest.dtype),
+        ):
+            if key in data and data[key] != value:
+                raise ValueError(f"`{key}` is {data[key]!r} but the config and shard list give {value!r}")
+        manifest.validate()
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls.from_dict(json.loads(text))
+
+
+class _NewerFormat(Exception):
+    def __init__(self, version: int):
+        super().__init__(version)
+        self.version = version
+
+
+def _check_int(value: Any, name: str, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_sha(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
+        raise ValueError(f"`{name}` must be 64 lowercase hex characters, got {value!r}")
+    return value
+
+
+def _check_relative_name(value: Any, name: str) -> str:
+    """A POSIX path inside the folder: no absolute paths, no `..`, no backslashes."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or value.startswith("/")
+        or "\\" in value
+        or any(part in ("", ".", "..") for part in value.split("/"))
+    ):
+        raise ValueError(f"`{name}` must be a relative path inside the index folder, got {value!r}")
+    return value
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    r"""
+    Read and validate `dmin_index.json` of an index folder.
+
+    Args:
+        folder (`str` or `os.PathLike`): The index folder.
+
+    Returns:
+        [`Manifest`]
+
+    Raises:
+        [`IndexNotFoundError`]: The folder or its manifest does not exist.
+        [`IndexCorruptError`]: The manifest is not valid JSON, misses keys, or is inconsistent.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise IndexNotFoundError(f"No index folder at {str(folder)!r}: it does not exist or is not a directory.")
+    if not path.is_file():
+        raise IndexNotFoundError(
+            f"{str(folder)!r} is not a DMin index: it has no {MANIFEST_NAME}. Create an index with "
+            "`GradientIndex.from_sketches(...)` and `save_pretrained(folder)`."
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+        return Manifest.from_json(text)
+    except _NewerFormat as err:
+        raise IndexCorruptError(
+            f"{path} has format_version {err.version}, but this diffusers_dmin reads versions up to {FORMAT_VERSION}. "
+            "Upgrade with `pip install -U diffusers-dmin`."
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexCorruptError(
+            f"{path} is not valid JSON ({err}); the file is truncated or damaged. Re-download the index with "
+            "`force_download=True`, or save it again."
+        ) from err
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise IndexCorruptError(
+            f"{path} is not a valid DMin manifest ({detail}). Re-download the index with `force_download=True`, "
+            "or save it again."
+        ) from err
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
+    r"""
+    Validate `manifest` and write it atomically as `folder/dmin_index.json`. Call it after every file it lists.
+
+    Returns:
+        `Path`: The manifest path.
+    """
+    try:
+        text = manifest.to_json()
+    except ValueError as err:
+        raise ConfigError(f"Refusing to write an inconsistent manifest: {err}.") from err
+    path = Path(folder) / MANIFEST_NAME
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit_temp(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp file next to `path`, fsync it and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_bytes(data)
+        _commit_temp(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` through a temp file and an atomic rename (follows symlinks, e.g. in the Hub cache)."""
+    import shutil
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        _commit_temp(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------- hashing
+
+
+_hash_cache: dict[tuple[str, int, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, cached per process by (real path, size, mtime_ns, inode)."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = (real, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    with _hash_lock:
+        cached = _hash_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _hash_lock:
+        _hash_cache[key] = value
+    return value
+
+
+def verify_file(folder: str | os.PathLike, name: str, sha256: str, num_bytes: int | None, what: str) -> Path:
+    r"""
+    Check that `folder/name` exists and has the expected size and sha256.
+
+    Returns:
+        `Path`: The verified path.
+
+    Raises:
+        [`IndexCorruptError`]: The file is missing, or its size or checksum differs, with the fix in the message.
+    """
+    path = Path(folder) / name
+    fix = (
+        "Re-download the index with `force_download=True` (Hub) or restore the file; if the index was built "
+        "locally, rebuild it."
+    )
+    if not path.is_file():
+        raise IndexCorruptError(f"The {what} {name} listed in {MANIFEST_NAME} is missing from {folder}. {fix}")
+    size = path.stat().st_size
+    if num_bytes is not None and size != num_bytes:
+        raise IndexCorruptError(
+            f"The {what} {path} has {size} bytes, but {MANIFEST_NAME} expects {num_bytes}: the file is truncated "
+            f"or was replaced. {fix}"
+        )
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise IndexCorruptError(
+            f"The {what} {path} failed its checksum: expected sha256 {sha256}, got {actual}. The file is "
+            f"damaged or does not belong to this index. {fix}"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- arrays
+
+
+def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np.ndarray:
+    r"""
+    Convert `(n, T, K)` float sketches (tensor or array) to a C-contiguous numpy array in the storage dtype.
+
+    float16 and float32 give arrays of that dtype; bfloat16 gives `uint16` holding the raw bfloat16 bits.
+
+    Raises:
+        [`ConfigError`]: Not a 3-d float tensor/array, or `dtype` unknown.
+        [`NonFiniteGradientError`]: A value is NaN or infinite (also after the cast, e.g. float16 overflow).
+    """
+    if dtype not in _TORCH_DTYPES:
+        raise ConfigError(f"`dtype` must be one of {DTYPES}, but is {dtype!r}.")
+    tensor = _as_float_tensor(sketches, name)
+    if tensor.ndim != 3:
+        raise ConfigError(
+            f"`{name}` must have shape (num_samples, num_timesteps, sketch_dim), but has shape {tuple(tensor.shape)}."
+        )
+    stored = tensor.detach().to("cpu", _TORCH_DTYPES[dtype]).contiguous()
+    finite = torch.isfinite(stored.reshape(len(stored), -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        hint = " (values beyond the float16 range?)" if dtype == "float16" else ""
+        raise NonFiniteGradientError(
+            f"`{name}` holds NaN or infinite values{hint} in rows {bad[:10]}{'...' if len(bad) > 10 else ''}; "
+            "recompute those samples, or store with `dtype='float32'`.",
+            positions=bad,
+        )
+    if dtype == "bfloat16":
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
+
+
+def _as_float_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    elif isinstance(value, np.ndarray):
+        tensor = torch.from_numpy(value if value.flags.writeable else np.array(value))
+    else:
+        raise ConfigError(f"`{name}` must be a torch.Tensor or numpy array, but is {type(value).__name__}.")
+    if not tensor.is_floating_point():
+        raise ConfigError(f"`{name}` must hold floating-point values, but has dtype {tensor.dtype}.")
+    return tensor
+
+
+def to_ids_array(ids: Any, num_rows: int, *, name: str = "ids") -> np.ndarray:
+    """Convert sample ids to a 1-d int64 array of length `num_rows`; raises [`ConfigError`] for bad input."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    array = np.asarray(ids)
+    if array.ndim != 1 or len(array) != num_rows:
+        raise ConfigError(f"`{name}` must be a 1-d sequence of {num_rows} integers, but has shape {array.shape}.")
+    if num_rows and (array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer)):
+        raise ConfigError(f"`{name}` must hold integers (they are stored as int64), but has dtype {array.dtype}.")
+    if array.dtype == np.uint64 and num_rows and array.max() > np.iinfo(np.int64).max:
+        raise ConfigError(f"`{name}` holds values beyond the int64 range.")
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    if len(np.unique(array)) != len(array):
+        values, counts = np.unique(array, return_counts=True)
+        raise ConfigError(
+            f"`{name}` holds duplicates: {values[counts > 1][:10].tolist()}. Every sample needs its own id."
+        )
+    return array
+
+
+def _storage_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+
+def shard_name(index: int) -> str:
+    """The canonical name of the `index`-th shard: `shards/sketches-{index:05d}.safetensors`."""
+    return SHARD_NAME_TEMPLATE.format(index)
+
+
+def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, dtype: str = "float16") -> ShardInfo:
+    r"""
+    Write one shard file atomically and return its record for the manifest.
+
+    Args:
+        folder (`str` or `os.PathLike`): The index folder.
+        name (`str`): Path relative to `folder`, e.g. `shard_name(0)`; any `shards/*.safetensors` name is allowed.
+        sketches (`torch.Tensor` or `np.ndarray` of shape `(n, T, K)`): Float sketches; cast to `dtype`. A uint16
+            array is taken as raw bfloat16 bits when `dtype="bfloat16"`.
+        ids (array-like of shape `(n,)`): Unique integer sample ids.
+        dtype (`str`, *optional*, defaults to `"float16"`): Storage dtype: `"float16"`, `"bfloat16"`, `"float32"`.
+
+    Returns:
+        [`ShardInfo`]
+
+    Examples:
+    ```py
+    >>> import torch
+    >>> from diffusers_dmin.storage import shard_name, write_shard
+    >>> info = write_shard("my_index", shard_name(0), torch.randn(4, 2, 8), [0, 1, 2, 3])
+    >>> info.num_rows
+    4
+    ```
+    """
+    from safetensors.torch import save_file
+
+    _check_relative_name(name, "name")
+    if isinstance(sketches, np.ndarray) and dtype == "bfloat16" and sketches.dtype == np.uint16:
+        array = np.ascontiguousarray(sketches)
+    else:
+        array = to_storage_array(sketches, dtype)
+    if array.ndim != 3 or len(array) == 0:
+        raise ConfigError(f"A shard needs `sketches` of shape (n, T, K) with n >= 1, but got shape {array.shape}.")
+    ids_array = to_ids_array(ids, len(array))
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        save_file(
+            {SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)},
+            str(tmp),
+            metadata={"format": "pt", "dmin_format_version": str(FORMAT_VERSION)},
+        )
+        _commit_temp(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info = ShardInfo(name=name, num_rows=len(array), sha256=sha256_file(path), num_bytes=path.stat().st_size)
+    logger.debug(f"Wrote {info.num_rows} rows to {path} (sha256 {info.sha256[:12]}...).")
+    return info
+
+
+def write_shards(
+    folder: str | os.PathLike,
+    sketches: Any,
+    ids: Any,
+    dtype: str = "float16",
+    *,
+    start_index: int = 0,
+    max_shard_rows: int | None = None,
+) -> list[ShardInfo]:
+    r"""
+    Write rows as consecutive shards `shard_name(start_index)`, `shard_name(start_index + 1)`, ... of at most
+    `max_shard_rows` rows each (by default as many rows as fit in 1 GiB).
+
+    Returns:
+        `list[ShardInfo]`: In row order.
+    """
+    if isinstance(sketches, np.ndarray) and dtype == "bfloat16" and sketches.dtype == np.uint16:
+        array = np.ascontiguousarray(sketches)
+    else:
+        array = to_storage_array(sketches, dtype)
+    ids_array = to_ids_array(ids, len(array))
+    rows = default_shard_rows(array.shape[1:], dtype) if max_shard_rows is None else max_shard_rows
+    if not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"`max_shard_rows` must be a positive integer, but is {max_shard_rows!r}.")
+    infos = []
+    for number, start in enumerate(range(0, len(array), rows)):
+        infos.append(
+            write_shard(
+                folder,
+                shard_name(start_index + number),
+                array[start : start + rows],
+                ids_array[start : start + rows],
+                dtype,
+            )
+        )
+    return infos
+
+
+def default_shard_rows(row_shape: Sequence[int], dtype: str) -> int:
+    """Rows per shard so that a shard holds about `DEFAULT_MAX_SHARD_BYTES` of sketches."""
+    row_bytes = int(np.prod(row_shape)) * (4 if dtype == "float32" else 2)
+    return max(1, DEFAULT_MAX_SHARD_BYTES // max(1, row_bytes))
+
+
+def _parse_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
+    """Return the safetensors header, the offset of the data region and the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise IndexCorruptError(f"The {what} {path} is too short to be a safetensors file ({size} bytes).")
+        (length,) = struct.unpack("<Q", prefix)
+        if length == 0 or length > min(_MAX_HEADER_BYTES, size - 8):
+            raise IndexCorruptError(f"The {what} {path} has an invalid safetensors header length {length}.")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexCorruptError(f"The {what} {path} has an unreadable safetensors header ({err}).") from err
+    if not isinstance(header, dict):
+        raise IndexCorruptError(f"The {what} {path} has a safetensors header that is not a JSON object.")
+    return header, 8 + length, size
+
+
+def _tensor_entry(
+    header: dict[str, Any], key: str, path: Path, data_start: int, size: int, what: str
+) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    entry = header.get(key)
+    if not isinstance(entry, dict):
+        raise IndexCorruptError(f"The {what} {path} has no tensor {key!r}; it holds {sorted(header)}.")
+    tag, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if tag not in _SAFETENSORS_DTYPES:
+        raise IndexCorruptError(f"Tensor {key!r} of {path} has unsupported dtype {tag!r}.")
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(s, int) and s >= 0 for s in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+    ):
+        raise IndexCorruptError(f"Tensor {key!r} of {path} has a malformed header entry {entry!r}.")
+    name, np_dtype = _SAFETENSORS_DTYPES[tag]
+    begin, end = offsets
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if end - begin != expected or begin < 0 or data_start + end > size:
+        raise IndexCorruptError(
+            f"Tensor {key!r} of {path} claims bytes [{begin}, {end}) for shape {shape} ({expected} bytes) in a data "
+            f"region of {size - data_start} bytes."
+        )
+    return name, np_dtype, tuple(shape), data_start + begin
+
+
+@dataclass
+class ShardData:
+    r"""
+    A verified shard.
+
+    Args:
+        info (`ShardInfo`): Its manifest record.
+        sketches (`np.ndarray` of shape `(n, T, K)`): Memory-mapped (copy-on-write, never written) raw values:
+            float16, float32, or uint16 bfloat16 bits.
+        ids (`np.ndarray` of shape `(n,)`): int64 ids (in memory).
+    """
+
+    info: ShardInfo
+    sketches: np.ndarray
+    ids: np.ndarray
+
+
+def open_shard(
+    folder: str | os.PathLike, info: ShardInfo, *, num_timesteps: int, sketch_dim: int, dtype: str
+) -> ShardData:
+    r"""
+    Verify a shard against its manifest record and the index shape, then memory-map it.
+
+    The file's size and sha256 are checked before its header is parsed; then the header must hold "sketches" of
+    shape `(info.num_rows, num_timesteps, sketch_dim)` in `dtype` and "ids" of shape `(info.num_rows,)` int64.
+
+    Raises:
+        [`IndexCorruptError`]: Any check fails.
+    """
+    path = verify_file(folder, info.name, info.sha256, info.num_bytes, "shard")
+    header, data_start, size = _parse_header(path, "shard")
+    expected_shape = (info.num_rows, num_timesteps, sketch_dim)
+    s_dtype, s_np, s_shape, s_offset = _tensor_entry(header, SKETCHES_KEY, path, data_start, size, "shard")
+    i_dtype, i_np, i_shape, i_offset = _tensor_entry(header, IDS_KEY, path, data_start, size, "shard")
+    if s_shape != expected_shape or s_dtype != dtype:
+        raise IndexCorruptError(
+            f"The shard {path} holds sketches of shape {s_shape} ({s_dtype}), but {MANIFEST_NAME} expects "
+            f"{expected_shape} ({dtype}). Re-download the index with `force_download=True`, or rebuild it."
+        )
+    if i_shape != (info.num_rows,) or i_dtype != "int64":
+        raise IndexCorruptError(
+            f"The shard {path} holds ids of shape {i_shape} ({i_dtype}), but {MANIFEST_NAME} expects "
+            f"({info.num_rows},) int64."
+        )
+    sketches = np.memmap(path, dtype=s_np, mode="c", offset=s_offset, shape=s_shape)
+    ids = np.array(np.memmap(path, dtype=i_np, mode="r", offset=i_offset, shape=i_shape))
+    return ShardData(info=info, sketches=sketches, ids=ids)
+
+
+def iter_shards(folder: str | os.PathLike, manifest: Manifest) -> Iterator[ShardData]:
+    """Open (verify and memory-map) every shard of `manifest`, in row order."""
+    for info in manifest.shards:
+        yield open_shard(
+            folder, info, num_timesteps=manifest.num_timesteps, sketch_dim=manifest.sketch_dim, dtype=manifest.dtype
+        )
+
+
+# --------------------------------------------------------------------------------------------------- noise
+
+
+def write_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -> FileInfo:
+    """Write the fixed noise tensor (stored as float32) atomically to `folder/name` and return its record."""
+    from safetensors.torch import save_file
+
+    tensor = _as_float_tensor(noise, "noise").detach().to("cpu", torch.float32).contiguous()
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        save_file({NOISE_KEY: tensor}, str(tmp), metadata={"format": "pt"})
+        _commit_temp(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return FileInfo(name=name, sha256=sha256_file(path), num_bytes=path.stat().st_size, shape=tuple(tensor.shape))
+
+
+def read_noise(folder: str | os.PathLike, info: FileInfo) -> torch.Tensor:
+    """Verify and read the fixed noise; raises [`IndexCorruptError`] when a check fails."""
+    path = verify_file(folder, info.name, info.sha256, info.num_bytes, "noise file")
+    header, data_start, size = _parse_header(path, "noise file")
+    dtype, np_dtype, shape, offset = _tensor_entry(header, NOISE_KEY, path, data_start, size, "noise file")
+    if dtype != "float32" or (info.shape is not None and shape != tuple(info.shape)):
+        raise IndexCorruptError(
+            f"The noise file {path} holds {dtype} of shape {shape}, but {MANIFEST_NAME} expects float32 of shape "
+            f"{info.shape}."
+        )
+    count = int(np.prod(shape, dtype=np.int64))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        values = np.frombuffer(f.read(count * 4), dtype=np.float32).reshape(shape)
+    return torch.from_numpy(values.copy())
+
+
+def hnsw_path(folder: str | os.PathLike) -> Path:
+    return Path(folder) / HNSW_NAME
