@@ -1,0 +1,1018 @@
+"""[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import hub
+from .config import DMinConfig, SketchSpec
+from .constants import (
+    DEFAULT_COMMIT_MESSAGE,
+    DEFAULT_HNSW_EF,
+    DEFAULT_HNSW_EF_CONSTRUCTION,
+    DEFAULT_HNSW_M,
+    DEFAULT_REPO_TYPE,
+    HNSW_NAME,
+    README_NAME,
+)
+from .errors import (
+    ConfigError,
+    DatasetError,
+    IndexCorruptError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    NonFiniteGradientError,
+)
+from .logging import ProgressBarMixin, get_logger
+from .outputs import InfluenceResult
+from .search import ExactSearch, HNSWSearch, expand_queries
+from .search import rescore as rescore_candidates
+from .sketch import fold_sketch
+from .storage import (
+    FileInfo,
+    HNSWInfo,
+    IndexMetadata,
+    Manifest,
+    ShardInfo,
+    atomic_copy,
+    atomic_write_bytes,
+    iter_shards,
+    read_manifest,
+    read_noise,
+    sha256_file,
+    to_ids_array,
+    to_storage_array,
+    verify_file,
+    write_manifest,
+    write_noise,
+    write_shards,
+)
+
+
+logger = get_logger(__name__)
+
+__all__ = ["GradientIndex"]
+
+_SHARD_NUMBER = re.compile(r"sketches-(\d+)\.safetensors$")
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+_QUERY_FIX = (
+    "Compute the queries with the index's spec: a `GradientSketcher` on the same model and adapter, with "
+    "`index.config`; or build a new index for this model."
+)
+
+
+@dataclass
+class _Block:
+    """Consecutive rows: raw storage-dtype sketches `(n, T, K)`, their ids, and the shard file holding them (if any)."""
+
+    sketches: np.ndarray
+    ids: np.ndarray
+    shard: ShardInfo | None = None
+    folder: Path | None = None
+
+
+@dataclass(frozen=True)
+class _HubOrigin:
+    repo_id: str
+    repo_type: str
+    revision: str | None
+    token: str | bool | None
+    cache_dir: str | os.PathLike | None
+    endpoint: str | None
+    local_files_only: bool
+
+
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class GradientIndex(ProgressBarMixin):
+    r"""
+    The compressed-gradient index of a training set: one `(T, K)` sketch per training sample, searchable by inner
+    product (DMin). Rows live in memory until saved, and are memory-mapped from verified shards once loaded.
+
+    An index is identified by its [`SketchSpec`] (config plus model-dependent identity: family, target, timesteps,
+    latent shape, selected parameters and their fingerprint). Queries computed under another spec raise
+    [`IndexMismatchError`]. An index can also be created from a [`DMinConfig`] alone: its `spec` is then `None`
+    ("unspecified") and queries can only be checked against the config and their shape, not against the model.
+
+    Args:
+        config (`DMinConfig`, *optional*): The configuration of the rows; taken from `spec` when omitted.
+        spec (`SketchSpec`, *optional*): The full spec of the rows (the normal way: `sketcher.spec`).
+        noise (`torch.Tensor`, *optional*): The fixed noise the sketches were computed with (`sketcher.noise`);
+            saved as `noise.safetensors` for audit.
+        metadata (`IndexMetadata` or `dict`, *optional*): Provenance (base model, adapter, dataset, id column).
+
+    Examples:
+    ```py
+    >>> import torch
+    >>> from diffusers_dmin import DMinConfig, GradientIndex
+    >>> config = DMinConfig(num_timesteps=2, sketch_dim=64)
+    >>> sketches = torch.nn.functional.normalize(torch.randn(100, 2, 64), dim=-1)
+    >>> index = GradientIndex.from_sketches(sketches, config=config)
+    >>> result = index.search(sketches[:1], top_k=3)[0]
+    >>> int(result.sample_ids[0])
+    0
+    >>> index.save_pretrained("my_index")
+    >>> GradientIndex.from_pretrained("my_index").search(sketches[:1], top_k=3)[0].sample_ids.tolist()[0]
+    0
+    ```
+    """
+
+    def __init__(
+        self,
+        config: DMinConfig | None = None,
+        *,
+        spec: SketchSpec | None = None,
+        noise: torch.Tensor | np.ndarray | None = None,
+        metadata: IndexMetadata | Mapping[str, Any] | None = None,
+    ):
+        if spec is not None:
+            if not isinstance(spec, SketchSpec):
+                raise ConfigError(f"`spec` must be a SketchSpec (e.g. `sketcher.spec`), but is {type(spec).__name__}.")
+            if config is not None and config != spec.config:
+                differences = spec.config.differences(config, ignore=())
+                raise ConfigError(
+                    f"`config` differs from `spec.config` in {sorted(differences)}; pass only `spec=`, which carries "
+                    "its config."
+                )
+            if len(spec.timesteps) != spec.config.num_timesteps:
+                raise ConfigError(
+                    f"`spec` lists {len(spec.timesteps)} timesteps but its config has num_timesteps="
+                    f"{spec.config.num_timesteps}."
+                )
+            config = spec.config
+        if config is None:
+            raise ConfigError(
+                "A GradientIndex needs `spec=` (e.g. `sketcher.spec`) or `config=` (a DMinConfig) describing its rows."
+            )
+        if not isinstance(config, DMinConfig):
+            raise ConfigError(f"`config` must be a DMinConfig, but is {type(config).__name__}.")
+        if metadata is None:
+            metadata = IndexMetadata()
+        elif isinstance(metadata, Mapping):
+            metadata = IndexMetadata.from_kwargs(**metadata)
+        elif not isinstance(metadata, IndexMetadata):
+            raise ConfigError(f"`metadata` must be an IndexMetadata or a dict, but is {type(metadata).__name__}.")
+        self._config = config
+        self._spec = spec
+        self._metadata = metadata
+        self._blocks: list[_Block] = []
+        self._ids = np.empty(0, dtype=np.int64)
+        self._exact: ExactSearch | None = None
+        self._sorted_ids: tuple[np.ndarray, np.ndarray] | None = None
+        self._noise: torch.Tensor | None = None
+        self._noise_info: FileInfo | None = None
+        self._noise_folder: Path | None = None
+        if noise is not None:
+            self._noise = _as_noise(noise)
+        self._hnsw: HNSWSearch | None = None
+        self._hnsw_dirty = False
+        self._hnsw_info: HNSWInfo | None = None
+        self._hnsw_folder: Path | None = None
+        self._hnsw_params = {
+            "M": DEFAULT_HNSW_M,
+            "ef_construction": DEFAULT_HNSW_EF_CONSTRUCTION,
+            "ef": DEFAULT_HNSW_EF,
+        }
+        self._origin: _HubOrigin | None = None
+        self._source_folder: Path | None = None
+        self._dataset: Any = None
+        self._row_of_id: dict[int, int] | None = None
+        self._warned_unspecified = False
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def config(self) -> DMinConfig:
+        """The [`DMinConfig`] of the rows."""
+        return self._config
+
+    @property
+    def spec(self) -> SketchSpec | None:
+        """The [`SketchSpec`] of the rows, or `None` for an index created from a config only."""
+        return self._spec
+
+    @property
+    def metadata(self) -> IndexMetadata:
+        """Provenance of the rows (base model, adapter, dataset, id column)."""
+        return self._metadata
+
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of timesteps of each sketch."""
+        return self._config.num_timesteps
+
+    @property
+    def sketch_dim(self) -> int:
+        """K, the stored sketch dimension (searches can use any divisor of it, see `sketch_dim=` of [`search`])."""
+        return self._config.sketch_dim
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype of the sketches."""
+        return self._config.dtype
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The sample ids of all rows, in row order (int64, a copy)."""
+        return self._ids.copy()
+
+    @property
+    def noise(self) -> torch.Tensor | None:
+        """The fixed noise saved with the index (float32), or `None`. Verified against its sha256 when loaded."""
+        if self._noise is None and self._noise_info is not None:
+            self._noise = read_noise(self._noise_folder, self._noise_info)
+        return self._noise
+
+    @property
+    def hnsw_params(self) -> dict[str, int]:
+        """`M`, `ef_construction` and `ef` of the HNSW graph (the paper's 16, 200, 100 unless built otherwise)."""
+        return dict(self._hnsw_params)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        hnsw = "none"
+        if self._hnsw is not None:
+            hnsw = f"{self._hnsw.num_rows} rows in memory"
+        elif self._hnsw_info is not None:
+            hnsw = f"saved ({self._hnsw_info.num_rows} rows)"
+        return (
+            f"GradientIndex(num_rows={len(self)}, num_timesteps={self.num_timesteps}, sketch_dim={self.sketch_dim}, "
+            f"dtype={self.dtype!r}, spec={'set' if self._spec is not None else 'unspecified'}, hnsw={hnsw})"
+        )
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_sketches(
+        cls,
+        sketches: torch.Tensor | np.ndarray,
+        ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        config: DMinConfig | None = None,
+        *,
+        spec: SketchSpec | None = None,
+        noise: torch.Tensor | np.ndarray | None = None,
+        **metadata: Any,
+    ) -> GradientIndex:
+        r"""
+        Create an index from precomputed sketches.
+
+        Args:
+            sketches (`torch.Tensor` or `np.ndarray` of shape `(N, T, K)`):
+                Sketches of the training samples (e.g. from [`GradientSketcher`]); stored in `config.dtype`.
+            ids (array-like of shape `(N,)`, *optional*):
+                Unique integer sample ids (stored as int64). Defaults to `0 .. N-1`.
+            config (`DMinConfig`, *optional*):
+                The configuration the sketches were computed with. Without `spec`, the index is "unspecified": its
+                `spec` is `None`, and queries are checked against this config only.
+            spec (`SketchSpec`, *optional*):
+                The full spec of the sketches (`sketcher.spec`); the normal way to build an index.
+            noise (`torch.Tensor`, *optional*):
+                The fixed noise (`sketcher.noise`), saved for audit.
+            **metadata:
+                Provenance stored in the manifest and shown on the dataset card: `base_model_id`,
+                `base_model_revision`, `adapter_id`, `adapter_revision`, `dataset_id`, `dataset_revision`,
+                `dataset_split`, `dataset_fingerprint`, `id_column`, and `extra` (a JSON-serialisable dict).
+
+        Returns:
+            [`GradientIndex`]
+
+        Examples:
+        ```py
+        >>> index = GradientIndex.from_sketches(sketcher(images=images, prompts=prompts), spec=sketcher.spec,
+        ...                                     noise=sketcher.noise, dataset_id="org/pokemon", id_column="id")
+        ```
+        """
+        index = cls(config, spec=spec, noise=noise, metadata=IndexMetadata.from_kwargs(**metadata))
+        index.add(sketches, ids)
+        return index
+
+    def add(
+        self,
+        sketches: torch.Tensor | np.ndarray,
+        ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        r"""
+        Append training samples. Saved shards are never rewritten: the next [`save_pretrained`] to the same folder
+        adds new shards, and a loaded HNSW graph is extended with the new rows.
+
+        Args:
+            sketches (`torch.Tensor` or `np.ndarray` of shape `(n, T, K)`): Sketches with the index's T and K.
+            ids (array-like of shape `(n,)`, *optional*): New unique integer ids. Defaults to consecutive ids after
+                the largest existing id (`0 .. n-1` for an empty index).
+
+        Raises:
+            [`IndexMismatchError`]: T or K differ from the index's.
+            [`ConfigError`]: Bad shapes, non-integer or duplicate ids (also against existing rows).
+        """
+        array = to_storage_array(sketches, self.dtype)
+        n, t, k = array.shape
+        if n == 0:
+            raise ConfigError("`sketches` holds no rows; pass a tensor of shape (n, T, K) with n >= 1.")
+        if t != self.num_timesteps or k != self.sketch_dim:
+            differences = {}
+            if t != self.num_timesteps:
+                differences["num_timesteps"] = (self.num_timesteps, t)
+            if k != self.sketch_dim:
+                differences["config.sketch_dim"] = (self.sketch_dim, k)
+            fix = "Compute the sketches with the index's config."
+            if k != self.sketch_dim and k % self.sketch_dim == 0:
+                fix += f" Larger sketches fold exactly: `fold_sketch(sketches, {self.sketch_dim})`."
+            raise IndexMismatchError.from_differences(differences, what="new sketches", fix=fix)
+        if ids is None:
+            start = int(self._ids.max()) + 1 if len(self._ids) else 0
+            ids_array = np.arange(start, start + n, dtype=np.int64)
+        else:
+            ids_array = to_ids_array(ids, n)
+        clash = np.intersect1d(ids_array, self._ids)
+        if len(clash):
+            raise ConfigError(
+                f"The ids {clash[:10].tolist()}{'...' if len(clash) > 10 else ''} are already in the index; every "
+                "sample needs its own id. Pass other `ids=`, or omit `ids` to continue after the largest id."
+            )
+        old_rows = len(self._ids)
+        self._blocks.append(_Block(array, ids_array))
+        self._ids = np.concatenate([self._ids, ids_array])
+        self._exact = None
+        self._sorted_ids = None
+        if self._hnsw is not None:
+            self._hnsw.add_rows(self._exact_search(), start=old_rows, progress=self._progress_enabled())
+            self._hnsw_dirty = True
+
+    def build_hnsw(
+        self,
+        *,
+        M: int | None = None,
+        ef_construction: int | None = None,
+        ef: int | None = None,
+        sketch_dim: int | None = None,
+        num_threads: int = -1,
+        seed: int = 0,
+    ) -> None:
+        r"""
+        Build the HNSW graph (hnswlib, inner-product space) over all rows, replacing any existing one.
+
+        [`search`] with `exact=False` builds it on first use when the index has none; call this to choose the
+        parameters. [`save_pretrained`] / [`push_to_hub`] save it as `hnsw.bin`.
+
+        Args:
+            M (`int`, *optional*, defaults to 16): Graph degree.
+            ef_construction (`int`, *optional*, defaults to 200): Candidate list size while building.
+            ef (`int`, *optional*, defaults to 100): Candidate list size while searching.
+            sketch_dim (`int`, *optional*): Build the graph on rows folded to this divisor of K (smaller graph and
+                faster build; searches then re-score the candidates exactly at full K by default).
+            num_threads (`int`, *optional*, defaults to -1): Build threads (-1: all cores; 1 is reproducible).
+            seed (`int`, *optional*, defaults to 0): hnswlib's random seed.
+        """
+        self._check_nonempty()
+        k = self._check_sketch_dim(sketch_dim) if sketch_dim is not None else self.sketch_dim
+        params = {
+            "M": self._hnsw_params["M"] if M is None else M,
+            "ef_construction": self._hnsw_params["ef_construction"] if ef_construction is None else ef_construction,
+            "ef": self._hnsw_params["ef"] if ef is None else ef,
+        }
+        logger.info(f"Building an HNSW graph over {len(self)} rows of dimension {self.num_timesteps}x{k} ({params}).")
+        graph = HNSWSearch(
+            self.num_timesteps * k, max_elements=len(self), num_threads=num_threads, seed=seed, **params
+        )
+        graph.add_rows(self._exact_search(), start=0, progress=self._progress_enabled())
+        self._hnsw, self._hnsw_dirty, self._hnsw_info, self._hnsw_params = graph, True, None, params
+
+    # ------------------------------------------------------------------------------------------------ search
+
+    def check_compatible(self, spec: SketchSpec | DMinConfig) -> None:
+        r"""
+        Raise [`IndexMismatchError`] naming every field in which `spec` differs from the index's rows.
+
+        Storage dtype is ignored, and so is the sketch dimension when one divides the other (sketches fold). For an
+        index created from a config only, just the config is compared (a warning says so once).
+
+        Args:
+            spec (`SketchSpec` or `DMinConfig`): How the queries were computed (e.g. `sketcher.spec`).
+        """
+        ignore = ("dtype", "sketch_dim")
+        if isinstance(spec, SketchSpec):
+            if self._spec is not None:
+                differences = self._spec.differences(spec)
+            else:
+                self._warn_unspecified()
+                differences = {
+                    f"config.{k}": v for k, v in self._config.differences(spec.config, ignore=ignore).items()
+                }
+            query_config = spec.config
+        elif isinstance(spec, DMinConfig):
+            differences = {f"config.{k}": v for k, v in self._config.differences(spec, ignore=ignore).items()}
+            query_config = spec
+        else:
+            raise ConfigError(f"`spec` must be a SketchSpec or a DMinConfig, but is {type(spec).__name__}.")
+        k, kq = self.sketch_dim, query_config.sketch_dim
+        if k % kq and kq % k:
+            differences["config.sketch_dim"] = (k, kq)
+        if differences:
+            raise IndexMismatchError.from_differences(differences, what="queries", fix=_QUERY_FIX)
+
+    def search(
+        self,
+        queries: torch.Tensor | np.ndarray,
+        top_k: int = 10,
+        exact: bool = True,
+        *,
+        spec: SketchSpec | DMinConfig | None = None,
+        largest: bool = True,
+        sketch_dim: int | None = None,
+        rescore: bool = True,
+        ef: int | None = None,
+    ) -> list[InfluenceResult]:
+        r"""
+        Find the training samples whose sketches have the largest inner products with each query.
+
+        Args:
+            queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, T, K_q)`):
+                Query sketches (e.g. of generated images). `K_q` must equal the index's K or be a multiple of it
+                (queries are folded), or equal `sketch_dim`. For one query pass `queries[None]`.
+            top_k (`int`, *optional*, defaults to 10):
+                Results per query (fewer when the index has fewer rows).
+            exact (`bool`, *optional*, defaults to `True`):
+                Exact search over all rows; `False` uses the HNSW graph (loaded, downloaded or built on first use).
+            spec (`SketchSpec` or `DMinConfig`, *optional*):
+                How the queries were computed; checked with [`check_compatible`] before searching.
+            largest (`bool`, *optional*, defaults to `True`):
+                `False` returns the most negative scores first (opponents: samples whose gradients oppose the query).
+            sketch_dim (`int`, *optional*):
+                Search at this divisor of K: both sides are folded (cheaper, slightly less precise). For HNSW the
+                graph must have been built at a divisor of it.
+            rescore (`bool`, *optional*, defaults to `True`):
+                HNSW only: re-score `max(top_k, ef)` candidates exactly (float32 inner products at the search
+                dimension, as exact search computes them, up to rounding). `False` returns hnswlib's scores (the
+                graph dimension must then equal the search dimension).
+            ef (`int`, *optional*):
+                HNSW only: candidate list size for this call (default: the graph's `ef`, 100).
+
+        Returns:
+            `list[InfluenceResult]`: One per query: `sample_ids` (int64) and `scores` (float32 inner products),
+            best first; `samples` holds the training rows when a dataset is attached ([`attach_dataset`]).
+
+        Raises:
+            [`IndexMismatchError`]: The queries' spec, T or K do not match the index.
+
+        Examples:
+        ```py
+        >>> results = index.search(sketcher(images=generated, prompts=prompts), top_k=5, spec=sketcher.spec)
+        >>> results[0].sample_ids, results[0].scores
+        >>> opponents = index.search(queries, top_k=5, largest=False)
+        ```
+        """
+        if spec is not None:
+            self.check_compatible(spec)
+        self._check_nonempty()
+        folded = self._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
+        num_queries, _, k_search = folded.shape
+        full = expand_queries(folded, self.sketch_dim).reshape(num_queries, -1)
+        exact_search = self._exact_search()
+        if exact:
+            positions, scores = exact_search.search(full, top_k, largest=largest)
+        else:
+            graph = self._get_hnsw(k_search)
+            k_graph = graph.dim // self.num_timesteps
+            if k_search % k_graph:
+                raise ConfigError(
+                    f"The HNSW graph holds sketches folded to {k_graph}, which cannot serve a search at "
+                    f"sketch_dim={k_search}. Use `exact=True`, or rebuild it with `index.build_hnsw(sketch_dim="
+                    f"{k_search})`."
+                )
+            if ef is not None:
+                if not isinstance(ef, int) or isinstance(ef, bool) or ef < 1:
+                    raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
+            graph_ef = graph.ef
+            graph.ef = graph_ef if ef is None else ef
+            try:
+                graph_queries = fold_sketch(folded, k_graph).reshape(num_queries, -1)
+                if rescore:
+                    candidates, _ = graph.search(graph_queries, max(int(top_k), graph.ef), largest=largest)
+                    positions, scores = rescore_candidates(exact_search, full, candidates, top_k, largest=largest)
+                else:
+                    if k_graph != k_search:
+                        raise ConfigError(
+                            f"`rescore=False` returns the graph's scores, computed at sketch_dim={k_graph}, but the "
+                            f"search is at sketch_dim={k_search}. Pass `sketch_dim={k_graph}` or `rescore=True`."
+                        )
+                    positions, scores = graph.search(graph_queries, top_k, largest=largest)
+            finally:
+                graph.ef = graph_ef
+        results = []
+        for row_positions, row_scores in zip(positions, scores):
+            sample_ids = self._ids[row_positions]
+            samples = self._samples(sample_ids) if self._dataset is not None else None
+            results.append(
+                InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
+            )
+        return results
+
+    def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        r"""
+        The stored sketches of the given sample ids as a float32 tensor of shape `(n, T, K)`.
+
+        Raises:
+            [`ConfigError`]: An id is not in the index.
+        """
+        if isinstance(sample_ids, torch.Tensor):
+            sample_ids = sample_ids.cpu().numpy()
+        wanted = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if self._sorted_ids is None:
+            order = np.argsort(self._ids, kind="stable")
+            self._sorted_ids = (self._ids[order], order)
+        sorted_ids, order = self._sorted_ids
+        slots = np.searchsorted(sorted_ids, wanted)
+        slots = np.minimum(slots, len(sorted_ids) - 1) if len(sorted_ids) else slots
+        if not len(sorted_ids) or np.any(sorted_ids[slots] != wanted):
+            missing = wanted[~np.isin(wanted, self._ids)]
+            raise ConfigError(f"The sample ids {missing[:10].tolist()} are not in the index.")
+        rows = self._exact_search().gather(order[slots])
+        return rows.reshape(len(wanted), self.num_timesteps, self.sketch_dim)
+
+    # ------------------------------------------------------------------------------------------------ dataset
+
+    def attach_dataset(self, dataset: Any, id_column: str | None = None) -> GradientIndex:
+        r"""
+        Attach the training dataset so that search results carry the retrieved training rows (`samples`).
+
+        Args:
+            dataset (`datasets.Dataset`, or any sequence of dicts): The training set; `None` detaches it.
+            id_column (`str`, *optional*): Column holding the sample ids. Defaults to the index's recorded
+                `id_column`; without one, an id is the row position in `dataset`.
+
+        Returns:
+            [`GradientIndex`]: `self`, for chaining.
+        """
+        if dataset is None:
+            self._dataset, self._row_of_id = None, None
+            return self
+        column = id_column or self._metadata.id_column
+        row_of_id = None
+        if column is not None:
+            names = getattr(dataset, "column_names", None)
+            if names is None or column not in names:
+                raise DatasetError(
+                    f"`id_column={column!r}` is not a column of the dataset (columns: {names}). Pass the column "
+                    "holding the sample ids, or `id_column=None` to use row positions."
+                )
+            row_of_id = {}
+            for row, value in enumerate(dataset[column]):
+                try:
+                    key = int(value)
+                except (TypeError, ValueError) as err:
+                    raise DatasetError(
+                        f"Id column {column!r} holds a non-integer value {value!r} at row {row}."
+                    ) from err
+                if key in row_of_id:
+                    raise DatasetError(
+                        f"Id column {column!r} holds the id {key} twice (rows {row_of_id[key]}, {row})."
+                    )
+                row_of_id[key] = row
+        self._dataset, self._row_of_id = dataset, row_of_id
+        return self
+
+    def _samples(self, sample_ids: np.ndarray) -> list[dict[str, Any]]:
+        samples = []
+        for sample_id in sample_ids.tolist():
+            row = sample_id if self._row_of_id is None else self._row_of_id.get(sample_id)
+            if row is None or not 0 <= row < len(self._dataset):
+                raise DatasetError(
+                    f"Sample id {sample_id} has no row in the attached dataset ({len(self._dataset)} rows"
+                    f"{'' if self._row_of_id is None else ', looked up by id column'}). Attach the dataset the index "
+                    "was built from.",
+                    sample_id=sample_id,
+                )
+            samples.append(self._dataset[row])
+        return samples
+
+    # ------------------------------------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_rows: int | None = None) -> None:
+        r"""
+        Save the index to a folder (DESIGN §4): shards, noise, HNSW graph (when built or loaded), dataset card, and the
+        manifest last. Every file is written atomically.
+
+        Saving again to the same folder only adds shards for rows added since (old shards stay byte-identical) and
+        rewrites the graph, card and manifest.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): The folder (created if needed).
+            max_shard_rows (`int`, *optional*): Rows per new shard; defaults to about 1 GiB of sketches per shard.
+        """
+        self._write_folder(Path(save_directory), link=False, adopt=True, max_shard_rows=max_shard_rows)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        endpoint: str | None = None,
+        *,
+        repo_type: str = DEFAULT_REPO_TYPE,
+        force_download: bool = False,
+        load_hnsw: bool = False,
+    ) -> GradientIndex:
+        r"""
+        Load an index from a local folder or a Hub repository (a dataset repo by default).
+
+        Every shard's size and sha256 are verified against the manifest before it is memory-mapped. A Hub pull
+        fetches only the manifest, shards, noise and card: the HNSW graph is downloaded on the first approximate
+        search (or now, with `load_hnsw=True`). Files come from the Hub cache when present.
+
+        Args:
+            repo_id_or_path (`str` or `os.PathLike`): A folder written by [`save_pretrained`], or a repo id.
+            revision (`str`, *optional*): Branch, tag or commit of the repo.
+            token (`str` or `bool`, *optional*): Hub token (defaults to the saved login / `HF_TOKEN`).
+            cache_dir (`str`, *optional*): Hub cache folder.
+            local_files_only (`bool`, *optional*, defaults to `False`): Only use the cache (offline).
+            endpoint (`str`, *optional*): Hub endpoint.
+            repo_type (`str`, *optional*, defaults to `"dataset"`): `"dataset"` or `"model"`.
+            force_download (`bool`, *optional*, defaults to `False`): Download again (repairs a damaged cache).
+            load_hnsw (`bool`, *optional*, defaults to `False`): Fetch and load the HNSW graph now.
+
+        Returns:
+            [`GradientIndex`]
+
+        Raises:
+            [`IndexNotFoundError`]: No index at the path or repo.
+            [`IndexCorruptError`]: A file fails its checks.
+            [`HubAuthenticationError`]: The Hub refused the token.
+
+        Examples:
+        ```py
+        >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", revision="main")
+        >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", local_files_only=True)  # from the cache
+        ```
+        """
+        path = Path(os.path.expanduser(os.fspath(repo_id_or_path)))
+        origin = None
+        if path.is_dir():
+            if revision is not None:
+                logger.warning(f"Ignoring `revision={revision!r}`: {str(path)!r} is a local folder.")
+            folder = path
+        else:
+            repo_id = os.fspath(repo_id_or_path)
+            folder = Path(
+                hub.download_index(
+                    repo_id,
+                    repo_type=repo_type,
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    endpoint=endpoint,
+                    force_download=force_download,
+                    include_hnsw=load_hnsw,
+                )
+            )
+            commit = folder.name if _COMMIT_HASH.fullmatch(folder.name) else revision
+            origin = _HubOrigin(repo_id, repo_type, commit, token, cache_dir, endpoint, local_files_only)
+        index = cls._from_folder(folder)
+        index._origin = origin
+        if load_hnsw and index._hnsw_info is not None:
+            index._get_hnsw(index._hnsw_info.sketch_dim)
+        return index
+
+    @classmethod
+    def _from_folder(cls, folder: Path) -> GradientIndex:
+        manifest = read_manifest(folder)
+        index = cls(manifest.config, spec=manifest.spec, metadata=manifest.metadata)
+        blocks = [_Block(shard.sketches, shard.ids, shard.info, folder) for shard in iter_shards(folder, manifest)]
+        ids = np.concatenate([b.ids for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise IndexCorruptError(
+                f"The shards of {folder} hold duplicate sample ids; the index is damaged. Rebuild it, or re-download "
+                "it with `force_download=True`."
+            )
+        index._blocks, index._ids = blocks, ids
+        if manifest.noise is not None:
+            verify_file(folder, manifest.noise.name, manifest.noise.sha256, manifest.noise.num_bytes, "noise file")
+            index._noise_info, index._noise_folder = manifest.noise, folder
+        if manifest.hnsw is not None:
+            index._hnsw_info, index._hnsw_folder = manifest.hnsw, folder
+            index._hnsw_params = {
+                "M": manifest.hnsw.M,
+                "ef_construction": manifest.hnsw.ef_construction,
+                "ef": manifest.hnsw.ef,
+            }
+        index._source_folder = folder
+        logger.info(f"Loaded {index!r} from {folder}.")
+        return index
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = DEFAULT_COMMIT_MESSAGE,
+        revision: str | None = None,
+        endpoint: str | None = None,
+        *,
+        repo_type: str = DEFAULT_REPO_TYPE,
+        create_pr: bool = False,
+        max_shard_rows: int | None = None,
+    ) -> Any:
+        r"""
+        Upload the index to a Hub repository (a dataset repo by default, created if needed) in one commit, with a
+        generated dataset card (what the index is, how it was built, how to use it, and a privacy note).
+
+        Args:
+            repo_id (`str`): The repo, e.g. `"org/my-lora-dmin-index"` (or just a name, in your namespace).
+            private (`bool`, *optional*): Visibility of a newly created repo.
+            token (`str`, *optional*): Hub token with write access.
+            commit_message (`str`, *optional*, defaults to `"Upload DMin gradient index"`): The commit message.
+            revision (`str`, *optional*): Branch to push to (must exist).
+            endpoint (`str`, *optional*): Hub endpoint.
+            repo_type (`str`, *optional*, defaults to `"dataset"`): `"dataset"` or `"model"`.
+            create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing.
+            max_shard_rows (`int`, *optional*): Rows per shard for rows not saved yet.
+
+        Returns:
+            `huggingface_hub.CommitInfo`: The commit (a `str` with its URL).
+
+        Examples:
+        ```py
+        >>> index.push_to_hub("my-org/pokemon-lora-dmin-index", private=True)
+        ```
+        """
+        with tempfile.TemporaryDirectory(prefix="dmin-push-") as tmp:
+            self._write_folder(Path(tmp), link=True, adopt=False, repo_id=repo_id, max_shard_rows=max_shard_rows)
+            return hub.upload_index_folder(
+                tmp,
+                repo_id,
+                repo_type=repo_type,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+                endpoint=endpoint,
+            )
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _write_folder(
+        self,
+        folder: Path,
+        *,
+        link: bool,
+        adopt: bool,
+        repo_id: str | None = None,
+        max_shard_rows: int | None = None,
+    ) -> Manifest:
+        """Write the index to `folder`; `adopt` makes the written shards back this index, `link` symlinks files."""
+        folder.mkdir(parents=True, exist_ok=True)
+        used = [b.shard.name for b in self._blocks if b.shard is not None]
+        numbers = [int(m.group(1)) for name in used if (m := _SHARD_NUMBER.search(name))]
+        next_number = max(numbers, default=-1) + 1
+        shards: list[ShardInfo] = []
+        blocks: list[_Block] = []
+        for block in self._blocks:
+            if block.shard is not None:
+                if not _same_path(block.folder, folder):
+                    source = verify_file(
+                        block.folder, block.shard.name, block.shard.sha256, block.shard.num_bytes, "shard"
+                    )
+                    _place(source, folder / block.shard.name, link)
+                shards.append(block.shard)
+                blocks.append(block)
+                continue
+            infos = write_shards(
+                folder, block.sketches, block.ids, self.dtype, start_index=next_number, max_shard_rows=max_shard_rows
+            )
+            next_number += len(infos)
+            shards += infos
+            start = 0
+            for info in infos:
+                end = start + info.num_rows
+                blocks.append(_Block(block.sketches[start:end], block.ids[start:end], info, folder))
+                start = end
+        noise_info = self._write_noise(folder, link, adopt)
+        hnsw_info = self._write_hnsw(folder, link, adopt)
+        manifest = Manifest(
+            config=self._config,
+            spec=self._spec,
+            shards=shards,
+            noise=noise_info,
+            hnsw=hnsw_info,
+            metadata=self._metadata,
+        )
+        card = folder / README_NAME
+        source_card = None if self._source_folder is None else self._source_folder / README_NAME
+        if hub.is_generated_card(card):
+            if source_card is not None and not hub.is_generated_card(source_card) and not card.exists():
+                _place(source_card, card, link)  # keep a card the user wrote
+            else:
+                atomic_write_bytes(card, hub.dataset_card(manifest, repo_id=repo_id).encode("utf-8"))
+        else:
+            logger.info(f"Keeping the existing {card} (it has no diffusers_dmin marker).")
+        write_manifest(folder, manifest)
+        if adopt:
+            self._blocks = blocks
+            self._exact = None
+        logger.info(f"Saved {len(self)} rows in {len(shards)} shards to {folder}.")
+        return manifest
+
+    def _write_noise(self, folder: Path, link: bool, adopt: bool) -> FileInfo | None:
+        if self._noise_info is not None and self._noise_folder is not None:
+            if not _same_path(self._noise_folder, folder):
+                info = self._noise_info
+                source = verify_file(self._noise_folder, info.name, info.sha256, info.num_bytes, "noise file")
+                _place(source, folder / info.name, link)
+            return self._noise_info
+        if self._noise is None:
+            return None
+        info = write_noise(folder, self._noise)
+        if adopt:
+            self._noise_info, self._noise_folder = info, folder
+        return info
+
+    def _write_hnsw(self, folder: Path, link: bool, adopt: bool) -> HNSWInfo | None:
+        if self._hnsw is not None and (self._hnsw_dirty or self._hnsw_info is None):
+            path = folder / HNSW_NAME
+            self._hnsw.save(path)
+            info = HNSWInfo(
+                name=HNSW_NAME,
+                sha256=sha256_file(path),
+                num_bytes=path.stat().st_size,
+                num_rows=self._hnsw.num_rows,
+                sketch_dim=self._hnsw.dim // self.num_timesteps,
+                M=self._hnsw.M,
+                ef_construction=self._hnsw.ef_construction,
+                ef=self._hnsw.ef,
+            )
+            if adopt:
+                self._hnsw_info, self._hnsw_folder, self._hnsw_dirty = info, folder, False
+            return info
+        info = self._hnsw_info
+        if info is None:
+            return None
+        if _same_path(self._hnsw_folder, folder):
+            return info
+        source = self._hnsw_source(download=True)
+        if source is None:
+            logger.warning(
+                f"The HNSW graph of this index is not available locally; {folder} gets no {HNSW_NAME} (it will be "
+                "rebuilt on the first approximate search)."
+            )
+            return None
+        verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
+        _place(source, folder / HNSW_NAME, link)
+        return info
+
+    def _hnsw_source(self, *, download: bool) -> Path | None:
+        """The local `hnsw.bin` of the manifest's graph (downloading it from the Hub origin), or None if absent."""
+        info = self._hnsw_info
+        if info is None or self._hnsw_folder is None:
+            return None
+        path = self._hnsw_folder / info.name
+        if path.is_file():
+            return path
+        if download and self._origin is not None:
+            origin = self._origin
+            try:
+                return Path(
+                    hub.download_file(
+                        origin.repo_id,
+                        info.name,
+                        repo_type=origin.repo_type,
+                        revision=origin.revision,
+                        token=origin.token,
+                        cache_dir=origin.cache_dir,
+                        local_files_only=origin.local_files_only,
+                        endpoint=origin.endpoint,
+                    )
+                )
+            except IndexNotFoundError as err:
+                logger.warning(f"Could not download {info.name}: {err}")
+        return None
+
+    def _get_hnsw(self, k_search: int) -> HNSWSearch:
+        if self._hnsw is None and self._hnsw_info is not None:
+            info = self._hnsw_info
+            source = self._hnsw_source(download=True)
+            if source is None:
+                logger.warning(f"{HNSW_NAME} is listed in the manifest but absent; rebuilding the HNSW graph.")
+                self.build_hnsw(sketch_dim=info.sketch_dim)
+            else:
+                verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
+                graph = HNSWSearch.load(
+                    source, self.num_timesteps * info.sketch_dim, max_elements=len(self), ef=info.ef
+                )
+                if graph.num_rows != info.num_rows:
+                    raise IndexCorruptError(
+                        f"{source} holds {graph.num_rows} rows, but the manifest expects {info.num_rows}. Delete it "
+                        "to rebuild the graph, or re-download the index with `force_download=True`."
+                    )
+                self._hnsw, self._hnsw_dirty = graph, False
+        if self._hnsw is None:
+            self.build_hnsw(sketch_dim=k_search if k_search != self.sketch_dim else None)
+        if self._hnsw.num_rows < len(self):
+            self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
+            self._hnsw_dirty = True
+        return self._hnsw
+
+    def _exact_search(self) -> ExactSearch:
+        if self._exact is None:
+            self._exact = ExactSearch([b.sketches for b in self._blocks], self.dtype)
+        return self._exact
+
+    def _prepare_queries(self, queries: torch.Tensor | np.ndarray, sketch_dim: int | None) -> torch.Tensor:
+        if isinstance(queries, np.ndarray):
+            queries = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
+        if not isinstance(queries, torch.Tensor) or not queries.is_floating_point():
+            raise ConfigError(
+                f"`queries` must be a float torch.Tensor or numpy array of shape (num_queries, T, K), but is "
+                f"{type(queries).__name__}{'' if not isinstance(queries, torch.Tensor) else f' of dtype {queries.dtype}'}."
+            )
+        if queries.ndim != 3:
+            raise ConfigError(
+                f"`queries` must have shape (num_queries, T, K), but has shape {tuple(queries.shape)}. For a single "
+                "(T, K) sketch pass `queries[None]`."
+            )
+        queries = queries.detach().to("cpu", torch.float32)
+        finite = torch.isfinite(queries.reshape(len(queries), -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise NonFiniteGradientError(f"`queries` {bad} hold NaN or infinite values.", positions=bad)
+        _, t, kq = queries.shape
+        k = self.sketch_dim
+        if t != self.num_timesteps:
+            raise IndexMismatchError.from_differences(
+                {"num_timesteps": (self.num_timesteps, t)}, what="queries", fix=_QUERY_FIX
+            )
+        k_search = k if sketch_dim is None else self._check_sketch_dim(sketch_dim)
+        if kq < k_search or kq % k_search:
+            if sketch_dim is None and k % kq == 0:
+                fix = (
+                    f"The queries are folded to {kq}, a divisor of the index's {k}: pass `sketch_dim={kq}` to search "
+                    "at that dimension (the rows are folded too)."
+                )
+            else:
+                fix = f"Compute the queries at sketch_dim={k_search} or a multiple of it (sketches fold exactly)."
+            raise IndexMismatchError.from_differences({"config.sketch_dim": (k_search, kq)}, what="queries", fix=fix)
+        return fold_sketch(queries, k_search)
+
+    def _check_sketch_dim(self, sketch_dim: Any) -> int:
+        k = self.sketch_dim
+        if not isinstance(sketch_dim, int) or isinstance(sketch_dim, bool) or sketch_dim < 1 or k % sketch_dim:
+            divisors = [d for d in (k // 16, k // 8, k // 4, k // 2) if d >= 1 and k % d == 0]
+            raise ConfigError(
+                f"`sketch_dim={sketch_dim!r}` must be a positive divisor of the stored sketch_dim {k}, e.g. {divisors}."
+            )
+        return sketch_dim
+
+    def _check_nonempty(self) -> None:
+        if not len(self):
+            raise ConfigError("The index holds no rows; add sketches with `index.add(...)` first.")
+
+    def _warn_unspecified(self) -> None:
+        if not self._warned_unspecified:
+            logger.warning(
+                "This index was created from a config only (its spec is unspecified): queries are checked against "
+                "the config, not against the model, adapter or parameters. Build indices with `spec=sketcher.spec`."
+            )
+            self._warned_unspecified = True
+
+    def _progress_enabled(self) -> bool:
+        return not getattr(self, "_progress_bar_config", {}).get("disable", False)
+
+
+def _as_noise(noise: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(noise, np.ndarray):
+        noise = torch.from_numpy(np.array(noise))
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise ConfigError(f"`noise` must be a float tensor (e.g. `sketcher.noise`), but is {type(noise).__name__}.")
+    return noise.detach().to("cpu", torch.float32).contiguous()
+
+
+def _place(source: Path, target: Path, link: bool) -> None:
+    if target.exists() and _same_path(source, target):
+        return
+    if link:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        os.symlink(os.path.realpath(source), target)
+    else:
+        atomic_copy(source, target)
