@@ -17,7 +17,6 @@ guidance), and how to call the denoiser. Adding a family means adding one adapte
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -78,9 +77,9 @@ def select_timesteps(config: DMinConfig, num_train_timesteps: int) -> tuple[int,
             )
         return tuple(sorted(spacing, reverse=True))
     if spacing == "cubic":
-        raw = [n - 1 - math.floor(n * (k / num) ** 3) for k in range(num)]
+        raw = [n - 1 - (n * k**3) // num**3 for k in range(num)]  # exact integers, no float rounding
     else:  # uniform
-        raw = [math.floor((k + 0.5) * n / num) for k in range(num)]
+        raw = [((2 * k + 1) * n) // (2 * num) for k in range(num)]
         raw = sorted(raw, reverse=True)
     timesteps = tuple(dict.fromkeys(raw))
     if len(timesteps) < len(raw):
