@@ -12,13 +12,19 @@ from .errors import (
     NonFiniteGradientError,
     UnsupportedPipelineError,
 )
+from .gradients import GradientSketcher
+from .index import GradientIndex
 from .outputs import InfluencePipelineOutput, InfluenceResult
+from .pipeline import InfluencePipeline
 
 
 __all__ = [
     "__version__",
     "DMinConfig",
     "SketchSpec",
+    "GradientSketcher",
+    "GradientIndex",
+    "InfluencePipeline",
     "InfluenceResult",
     "InfluencePipelineOutput",
     "DMinError",
