@@ -50,6 +50,19 @@ def test_exact_search_equals_numpy_brute_force(dtype, largest):
     assert np.all(np.diff(scores, axis=1) <= 0) if largest else np.all(np.diff(scores, axis=1) >= 0)
 
 
+def test_exact_search_does_not_depend_on_the_thread_count():
+    rows = _unit_rows(3000, 2, 32, seed=11).astype(np.float16)
+    queries = _unit_rows(5, 2, 32, seed=12).reshape(5, -1)
+    results = [
+        ExactSearch([rows[:1000], rows[1000:]], "float16", chunk_bytes=4 * 64 * 50, num_threads=n).search(queries, 20)
+        for n in (1, 2, 3)
+    ]
+    for positions, scores in results[1:]:
+        np.testing.assert_array_equal(positions, results[0][0])
+        np.testing.assert_array_equal(scores, results[0][1])
+    assert torch.get_num_threads() >= 1
+
+
 def test_exact_search_top_k_larger_than_rows_and_validation():
     rows = _unit_rows(5, 1, 8, seed=0)
     search = ExactSearch([rows], "float32")

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
-from .search import ExactSearch, HNSWSearch, expand_queries
+from .search import ExactSearch, HNSWSearch, expand_queries, single_threaded_torch
 from .search import rescore as rescore_candidates
 from .sketch import fold_sketch
 from .storage import (
@@ -482,40 +482,15 @@ class GradientIndex(ProgressBarMixin):
         if spec is not None:
             self.check_compatible(spec)
         self._check_nonempty()
-        folded = self._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
-        num_queries, _, k_search = folded.shape
-        full = expand_queries(folded, self.sketch_dim).reshape(num_queries, -1)
+        with single_threaded_torch():
+            folded = self._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
+            num_queries, _, k_search = folded.shape
+            full = expand_queries(folded, self.sketch_dim).reshape(num_queries, -1)
         exact_search = self._exact_search()
         if exact:
             positions, scores = exact_search.search(full, top_k, largest=largest)
         else:
-            graph = self._get_hnsw(k_search)
-            k_graph = graph.dim // self.num_timesteps
-            if k_search % k_graph:
-                raise ConfigError(
-                    f"The HNSW graph holds sketches folded to {k_graph}, which cannot serve a search at "
-                    f"sketch_dim={k_search}. Use `exact=True`, or rebuild it with `index.build_hnsw(sketch_dim="
-                    f"{k_search})`."
-                )
-            if ef is not None:
-                if not isinstance(ef, int) or isinstance(ef, bool) or ef < 1:
-                    raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
-            graph_ef = graph.ef
-            graph.ef = graph_ef if ef is None else ef
-            try:
-                graph_queries = fold_sketch(folded, k_graph).reshape(num_queries, -1)
-                if rescore:
-                    candidates, _ = graph.search(graph_queries, max(int(top_k), graph.ef), largest=largest)
-                    positions, scores = rescore_candidates(exact_search, full, candidates, top_k, largest=largest)
-                else:
-                    if k_graph != k_search:
-                        raise ConfigError(
-                            f"`rescore=False` returns the graph's scores, computed at sketch_dim={k_graph}, but the "
-                            f"search is at sketch_dim={k_search}. Pass `sketch_dim={k_graph}` or `rescore=True`."
-                        )
-                    positions, scores = graph.search(graph_queries, top_k, largest=largest)
-            finally:
-                graph.ef = graph_ef
+            positions, scores = self._search_hnsw(exact_search, folded, full, top_k, largest, rescore, ef)
         results = []
         for row_positions, row_scores in zip(positions, scores):
             sample_ids = self._ids[row_positions]
@@ -524,6 +499,44 @@ class GradientIndex(ProgressBarMixin):
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
         return results
+
+    def _search_hnsw(
+        self,
+        exact_search: ExactSearch,
+        folded: torch.Tensor,
+        full: torch.Tensor,
+        top_k: int,
+        largest: bool,
+        rescore: bool,
+        ef: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        num_queries, _, k_search = folded.shape
+        if ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
+            raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
+        graph = self._get_hnsw(k_search)
+        k_graph = graph.dim // self.num_timesteps
+        if k_search % k_graph:
+            raise ConfigError(
+                f"The HNSW graph holds sketches folded to {k_graph}, which cannot serve a search at sketch_dim="
+                f"{k_search}. Use `exact=True`, or rebuild it with `index.build_hnsw(sketch_dim={k_search})`."
+            )
+        if not rescore and k_graph != k_search:
+            raise ConfigError(
+                f"`rescore=False` returns the graph's scores, computed at sketch_dim={k_graph}, but the search is at "
+                f"sketch_dim={k_search}. Pass `sketch_dim={k_graph}` or `rescore=True`."
+            )
+        graph_ef = graph.ef
+        graph.ef = graph_ef if ef is None else ef
+        try:
+            with single_threaded_torch():
+                graph_queries = fold_sketch(folded, k_graph).reshape(num_queries, -1)
+                if not rescore:
+                    return graph.search(graph_queries, top_k, largest=largest)
+                candidates, _ = graph.search(graph_queries, max(int(top_k), graph.ef), largest=largest)
+                positions, scores = rescore_candidates(exact_search, full, candidates, top_k, largest=largest)
+        finally:
+            graph.ef = graph_ef
+        return positions, scores
 
     def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         r"""

@@ -14,9 +14,12 @@ best first. `largest=False` returns the most negative inner products first (oppo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +37,44 @@ __all__ = ["SearchBackend", "ExactSearch", "HNSWSearch", "rows_as_tensor", "expa
 
 _TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Float32 bytes of one widened chunk: small enough to stay in cache between the cast and the product.
-_CHUNK_BYTES = 4 * 2**20
+_CHUNK_BYTES = 8 * 2**20
 # Rows whose scores are kept before each top-k merge.
 _SUPER_ROWS = 2**16
+# Multiply-adds below which one more search thread costs more (thread hand-off) than it saves.
+_MIN_WORK_PER_THREAD = 2**23
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of search threads (grown on demand)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dmin-search")
+        return _pool
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run the current thread's torch ops single-threaded, restoring the setting after.
+
+    Small tensor ops (a few queries) gain nothing from intra-op threads, and on a busy machine every OpenMP region
+    can stall until all its threads get a core; the search keeps its own threads instead.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def rows_as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
@@ -115,7 +153,10 @@ class ExactSearch(SearchBackend):
         blocks (`list[np.ndarray]`): Row blocks of shape `(n_i, T, K)` in the storage dtype (see [`rows_as_tensor`]);
             positions count rows across the blocks in order.
         dtype (`str`, *optional*, defaults to `"float16"`): Storage dtype of the blocks.
-        chunk_bytes (`int`, *optional*): Float32 bytes of a widened chunk (default 4 MiB).
+        chunk_bytes (`int`, *optional*): Float32 bytes of a widened chunk (default 8 MiB, small enough to stay in
+            cache between the cast and the product).
+        num_threads (`int`, *optional*): Worker threads, each running torch single-threaded on its own run of chunks;
+            defaults to `torch.get_num_threads()`. Results do not depend on it.
 
     Examples:
     ```py
@@ -128,21 +169,37 @@ class ExactSearch(SearchBackend):
     ```
     """
 
-    def __init__(self, blocks: Sequence[np.ndarray], dtype: str = "float16", *, chunk_bytes: int = _CHUNK_BYTES):
+    def __init__(
+        self,
+        blocks: Sequence[np.ndarray],
+        dtype: str = "float16",
+        *,
+        chunk_bytes: int = _CHUNK_BYTES,
+        num_threads: int | None = None,
+    ):
         if not blocks:
             raise ConfigError("`ExactSearch` needs at least one row block.")
         shapes = {tuple(block.shape[1:]) for block in blocks}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ConfigError(f"All row blocks must have shape (n, T, K) with the same (T, K); got {sorted(shapes)}.")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ConfigError(f"`num_threads` must be a positive integer or None, but is {num_threads!r}.")
         self.num_timesteps, self.sketch_dim = next(iter(shapes))
         self.dtype = dtype
+        self.num_threads = num_threads
         self._tensors = [rows_as_tensor(block, dtype) for block in blocks]
         self._starts = np.cumsum([0] + [len(t) for t in self._tensors])
         self._dim = self.num_timesteps * self.sketch_dim
-        if dtype == "float32":
-            self.chunk_rows = _SUPER_ROWS
-        else:
-            self.chunk_rows = max(1, min(_SUPER_ROWS, chunk_bytes // (4 * self._dim)))
+        # float32 rows are multiplied in place (no widening), in bigger chunks
+        budget = chunk_bytes if dtype != "float32" else 4 * chunk_bytes
+        self.chunk_rows = max(1, min(_SUPER_ROWS, budget // (4 * self._dim)))
+        # Chunk boundaries are fixed from each block's start, so a row's score never depends on the thread count.
+        self._chunk_list = [
+            (b, c, min(len(rows), c + self.chunk_rows))
+            for b, rows in enumerate(self._tensors)
+            for c in range(0, len(rows), self.chunk_rows)
+        ]
+        self._views = [self._tensors[b][s:e] for b, s, e in self._chunk_list]
 
     @property
     def num_rows(self) -> int:
@@ -152,15 +209,46 @@ class ExactSearch(SearchBackend):
     def dim(self) -> int:
         return self._dim
 
-    def _chunks(self, rows: torch.Tensor, start: int, end: int, buffer: torch.Tensor | None) -> Iterator:
-        for c in range(start, end, self.chunk_rows):
-            ce = min(end, c + self.chunk_rows)
-            chunk = rows[c:ce]
-            if buffer is not None:
-                widened = buffer[: ce - c]
-                widened.copy_(chunk)
-                chunk = widened
-            yield c, ce, chunk
+    def _groups(self, chunks: Sequence[int]) -> Iterator[list[int]]:
+        """Runs of consecutive chunks of one block, at most `_SUPER_ROWS` rows each (one top-k per run)."""
+        group: list[int] = []
+        rows = 0
+        for i in chunks:
+            block, start, end = self._chunk_list[i]
+            if group and (self._chunk_list[group[-1]][0] != block or rows + end - start > _SUPER_ROWS):
+                yield group
+                group, rows = [], 0
+            group.append(i)
+            rows += end - start
+        if group:
+            yield group
+
+    def _scan(self, chunks: Sequence[int], qt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k `(scores, positions)`, each `(k', num_queries)`, over `chunks`; runs torch single-threaded."""
+        num_queries = qt.shape[1]
+        widened = None if self.dtype == "float32" else torch.empty((self.chunk_rows, self._dim), dtype=torch.float32)
+        best_scores = torch.empty((0, num_queries), dtype=torch.float32)
+        best_positions = torch.empty((0, num_queries), dtype=torch.int64)
+        with single_threaded_torch(), torch.no_grad():
+            for group in self._groups(chunks):
+                block, first, _ = self._chunk_list[group[0]]
+                last = self._chunk_list[group[-1]][2]
+                scores = torch.empty((last - first, num_queries), dtype=torch.float32)
+                for i in group:
+                    _, s, e = self._chunk_list[i]
+                    chunk = self._views[i]
+                    if widened is not None:
+                        buffer = widened[: e - s]
+                        buffer.copy_(chunk)
+                        chunk = buffer
+                    torch.mm(chunk, qt, out=scores[s - first : e - first])
+                top_scores, top_rows = torch.topk(scores, min(k, len(scores)), dim=0)
+                best_scores = torch.cat([best_scores, top_scores])
+                best_positions = torch.cat([best_positions, top_rows + (int(self._starts[block]) + first)])
+                if len(best_scores) > k:
+                    best_scores, order = torch.topk(best_scores, k, dim=0)
+                    best_positions = torch.gather(best_positions, 0, order)
+        return best_scores, best_positions
 
     def search(
         self, queries: torch.Tensor | np.ndarray, top_k: int, *, largest: bool = True
@@ -170,25 +258,26 @@ class ExactSearch(SearchBackend):
             q = -q
         k = _check_top_k(top_k, self.num_rows)
         qt = q.T.contiguous()
-        num_queries = len(q)
-        best_scores = torch.empty((num_queries, 0), dtype=torch.float32)
-        best_positions = torch.empty((num_queries, 0), dtype=torch.int64)
-        buffer = None if self.dtype == "float32" else torch.empty((self.chunk_rows, self._dim), dtype=torch.float32)
-        with torch.no_grad():
-            for block_start, rows in zip(self._starts, self._tensors):
-                for s in range(0, len(rows), _SUPER_ROWS):
-                    e = min(len(rows), s + _SUPER_ROWS)
-                    scores = torch.empty((e - s, num_queries), dtype=torch.float32)
-                    for c, ce, chunk in self._chunks(rows, s, e, buffer):
-                        torch.mm(chunk, qt, out=scores[c - s : ce - s])
-                    top_scores, top_rows = torch.topk(scores, min(k, e - s), dim=0)
-                    candidate_scores = torch.cat([best_scores, top_scores.T], dim=1)
-                    candidate_positions = torch.cat([best_positions, top_rows.T + int(block_start) + s], dim=1)
-                    best_scores, order = torch.topk(candidate_scores, min(k, candidate_scores.shape[1]), dim=1)
-                    best_positions = torch.gather(candidate_positions, 1, order)
+        work = self.num_rows * self._dim * len(q)
+        workers = min(
+            self.num_threads or torch.get_num_threads(), len(self._chunk_list), max(1, work // _MIN_WORK_PER_THREAD)
+        )
+        if workers <= 1:
+            parts = [self._scan(range(len(self._chunk_list)), qt, k)]
+        else:
+            # Contiguous runs of whole chunks per worker thread. Each worker runs torch single-threaded, so busy
+            # cores on a shared machine slow the search down gracefully instead of stalling OpenMP barriers.
+            bounds = np.linspace(0, len(self._chunk_list), workers + 1).astype(int)
+            groups = [range(bounds[i], bounds[i + 1]) for i in range(workers)]
+            futures = [_thread_pool(workers - 1).submit(self._scan, group, qt, k) for group in groups[1:]]
+            parts = [self._scan(groups[0], qt, k)] + [future.result() for future in futures]
+        scores = torch.cat([p[0] for p in parts])
+        positions = torch.cat([p[1] for p in parts])
+        best_scores, order = torch.topk(scores, k, dim=0)
+        best_positions = torch.gather(positions, 0, order)
         if not largest:
             best_scores = -best_scores
-        return best_positions.numpy(), best_scores.numpy()
+        return best_positions.T.contiguous().numpy(), best_scores.T.contiguous().numpy()
 
     def gather(self, positions: np.ndarray | Sequence[int]) -> torch.Tensor:
         """Rows at `positions` as a float32 `(m, T*K)` tensor, in the given order."""
