@@ -357,3 +357,14 @@ def test_not_an_index(tmp_path):
         GradientIndex.from_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="no rows"):
         GradientIndex(config=_config()).search(_sketches(1))
+
+
+def test_index_owns_its_rows_and_validates_top_k():
+    sketches = _sketches(10).half()  # already in the storage dtype: must still be copied
+    index = GradientIndex.from_sketches(sketches, config=_config())
+    before = index.get_sketches([0]).clone()
+    sketches.zero_()
+    torch.testing.assert_close(index.get_sketches([0]), before, rtol=0, atol=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="top_k"):
+            index.search(_sketches(1), top_k=bad, exact=False)

@@ -313,8 +313,9 @@ def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True)
     size_category = _size_category(manifest.num_rows)
+    pretty_name = json.dumps("DMin gradient index" + subject.replace("`", ""))  # a JSON string is valid YAML
     return f"""---
-pretty_name: DMin gradient index{subject.replace("`", "")}
+pretty_name: {pretty_name}
 tags:
 - dmin
 - data-attribution

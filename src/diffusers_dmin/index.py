@@ -482,6 +482,8 @@ class GradientIndex(ProgressBarMixin):
         if spec is not None:
             self.check_compatible(spec)
         self._check_nonempty()
+        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+            raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
         with single_threaded_torch():
             folded = self._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
             num_queries, _, k_search = folded.shape

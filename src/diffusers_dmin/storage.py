@@ -648,7 +648,8 @@ def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np
         raise ConfigError(
             f"`{name}` must have shape (num_samples, num_timesteps, sketch_dim), but has shape {tuple(tensor.shape)}."
         )
-    stored = tensor.detach().to("cpu", _TORCH_DTYPES[dtype]).contiguous()
+    # always a copy: the index must not change when the caller later modifies its tensor
+    stored = tensor.detach().to("cpu", _TORCH_DTYPES[dtype], copy=True).contiguous()
     finite = torch.isfinite(stored.reshape(len(stored), -1)).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
