@@ -23,6 +23,7 @@ from diffusers_dmin.storage import (
     HNSWInfo,
     IndexMetadata,
     Manifest,
+    describe_shard,
     open_shard,
     read_manifest,
     read_noise,
@@ -227,3 +228,10 @@ def test_input_validation():
     with pytest.raises(ConfigError, match="string"):
         IndexMetadata(base_model_id=3)
     assert issubclass(IndexCorruptError, DMinError) and issubclass(IndexCorruptError, OSError)
+
+
+def test_describe_shard_rebuilds_the_record_of_an_existing_file(tmp_path):
+    info = write_shard(tmp_path, "shards/sketches-r1-00007.safetensors", _sketches(5), np.arange(5), "bfloat16")
+    assert describe_shard(tmp_path, info.name) == info
+    with pytest.raises(IndexCorruptError, match="No shard"):
+        describe_shard(tmp_path, "shards/missing.safetensors")

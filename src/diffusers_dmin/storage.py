@@ -11,7 +11,16 @@ Building blocks that [`GradientIndex`] and the index builders share:
 
 Every check that fails raises [`IndexCorruptError`] naming the file, what was expected, what was found, and the fix.
 Shard names are free (any `shards/*.safetensors`), so parallel writers can each write their own shards and one
-process writes the manifest listing them in row order.
+process writes the manifest listing them in row order. A builder does::
+
+    # every worker, for each batch of rows it computed (the write is atomic: a present file is complete)
+    info = write_shard(folder, f"shards/sketches-r{rank}-{step:05d}.safetensors", sketches, ids, config.dtype)
+    # resuming after a crash: describe the shards already on disk instead of recomputing them
+    info = describe_shard(folder, "shards/sketches-r0-00003.safetensors")
+    # the main process, once every shard exists (ids must be unique across shards)
+    manifest = Manifest(config=spec.config, spec=spec, shards=infos_in_row_order,
+                        noise=write_noise(folder, sketcher.noise), metadata=IndexMetadata(dataset_id=...))
+    write_manifest(folder, manifest)  # last; then GradientIndex.from_pretrained(folder)
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ __all__ = [
     "Manifest",
     "ShardData",
     "shard_name",
+    "describe_shard",
     "write_shard",
     "write_shards",
     "write_noise",
@@ -899,6 +909,25 @@ def open_shard(
     sketches = np.memmap(path, dtype=s_np, mode="c", offset=s_offset, shape=s_shape)
     ids = np.array(np.memmap(path, dtype=i_np, mode="r", offset=i_offset, shape=i_shape))
     return ShardData(info=info, sketches=sketches, ids=ids)
+
+
+def describe_shard(folder: str | os.PathLike, name: str) -> ShardInfo:
+    r"""
+    The manifest record of a shard file that already exists (e.g. written before a build was interrupted).
+
+    Reads the row count from the safetensors header and hashes the file; raises [`IndexCorruptError`] when the file
+    is missing or is not a shard.
+    """
+    _check_relative_name(name, "name")
+    path = Path(folder) / name
+    if not path.is_file():
+        raise IndexCorruptError(f"No shard file at {path}.")
+    header, data_start, size = _parse_header(path, "shard")
+    _, _, shape, _ = _tensor_entry(header, IDS_KEY, path, data_start, size, "shard")
+    _tensor_entry(header, SKETCHES_KEY, path, data_start, size, "shard")
+    if len(shape) != 1 or shape[0] < 1:
+        raise IndexCorruptError(f"The shard {path} holds ids of shape {shape}; expected (n,) with n >= 1.")
+    return ShardInfo(name=name, num_rows=shape[0], sha256=sha256_file(path), num_bytes=size)
 
 
 def iter_shards(folder: str | os.PathLike, manifest: Manifest) -> Iterator[ShardData]:
