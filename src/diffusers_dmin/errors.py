@@ -11,6 +11,7 @@ Every error is a [`DMinError`] and also subclasses the builtin exception a calle
     ├── IndexNotFoundError          (FileNotFoundError)   no index at a path or repo
     ├── IndexCorruptError           (OSError)             a checksum, shape or manifest check failed on read
     ├── DatasetError                (ValueError)          a missing column, an unreadable image
+    ├── HubAuthenticationError      (PermissionError)     the Hub refused the token
     └── MissingDependencyError      (ImportError)         an optional dependency is not installed
 
 Messages name the argument, the value and the fix. Nothing here logs: callers raise, users read.
@@ -31,6 +32,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexCorruptError",
     "DatasetError",
+    "HubAuthenticationError",
     "MissingDependencyError",
 ]
 
@@ -125,10 +127,4 @@ def require(module: str, feature: str, install: str | None = None):
 
 
 class HubAuthenticationError(DMinError, PermissionError):
-    """The Hub refused the token (401/403): it is invalid, expired, or lacks access to the repository.
-
-    (Tree position: `DMinError` → `HubAuthenticationError` (PermissionError).)
-    """
-
-
-__all__ += ["HubAuthenticationError"]
+    """The Hub refused the token (401/403): it is invalid, expired, or lacks access to the repository."""
