@@ -104,6 +104,10 @@ class DatasetError(DMinError, ValueError):
         self.sample_id = sample_id
 
 
+class HubAuthenticationError(DMinError, PermissionError):
+    """The Hub refused the token (401/403): it is invalid, expired, or lacks access to the repository."""
+
+
 class MissingDependencyError(DMinError, ImportError):
     """An optional dependency needed by the requested feature is not installed."""
 
@@ -124,7 +128,3 @@ def require(module: str, feature: str, install: str | None = None):
         raise MissingDependencyError(
             f"{feature} needs `{module}`, which is not installed. Install it with `{install}`."
         ) from err
-
-
-class HubAuthenticationError(DMinError, PermissionError):
-    """The Hub refused the token (401/403): it is invalid, expired, or lacks access to the repository."""
