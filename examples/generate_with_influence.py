@@ -1,0 +1,81 @@
+"""Generate images with a diffusers pipeline and show, for each, its most influential training samples.
+
+The pipeline must be the one the index was built for (same weights, same LoRA); `InfluencePipeline` checks this
+before generating anything.
+
+Usage:
+    python examples/generate_with_influence.py --pipeline path/or/hub-id --index path/or/hub-repo \
+        --prompt "a pokemon with blue wings" --num-images 2 --top-k 8 --output influence.png
+
+    # with a LoRA loaded on top of the base pipeline, and the training set attached for the grid:
+    python examples/generate_with_influence.py --pipeline stabilityai/stable-diffusion-2-1-base \
+        --lora-weights my-org/my-lora --index my-org/my-lora-dmin-index --dataset my-org/my-dataset \
+        --prompt "a cat in a hat"
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from datasets import load_dataset, load_from_disk
+from diffusers import DiffusionPipeline
+
+from diffusers_dmin import InfluencePipeline
+from diffusers_dmin.viz import make_grid
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Generate images and attribute them to training samples with DMin.")
+    parser.add_argument("--pipeline", required=True, help="Hub id or local folder of the diffusers pipeline.")
+    parser.add_argument("--lora-weights", default=None, help="LoRA weights to load with `load_lora_weights`.")
+    parser.add_argument("--index", required=True, help="Hub repo id or local folder of the DMin index.")
+    parser.add_argument("--dataset", default=None, help="The training set (Hub id or `save_to_disk` folder).")
+    parser.add_argument("--split", default="train", help="Split of `--dataset` loaded from the Hub.")
+    parser.add_argument("--prompt", default=None, help="Prompt (omit for unconditional pipelines).")
+    parser.add_argument("--num-images", type=int, default=1, help="Images per prompt (batch size for DDPM).")
+    parser.add_argument("--num-inference-steps", type=int, default=30)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("influence.png"), help="Grid PNG to write.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline)
+    if args.lora_weights:
+        pipe.load_lora_weights(args.lora_weights)
+    influence_pipe = InfluencePipeline.from_pretrained(pipe, args.index).to(device)
+    if args.dataset:
+        local = Path(args.dataset).is_dir()
+        dataset = load_from_disk(args.dataset) if local else load_dataset(args.dataset, split=args.split)
+        influence_pipe.index.attach_dataset(dataset)
+
+    kwargs = {"num_inference_steps": args.num_inference_steps, "generator": torch.Generator().manual_seed(args.seed)}
+    if args.prompt is None:
+        kwargs["batch_size"] = args.num_images
+    else:
+        kwargs.update(prompt=args.prompt, num_images_per_prompt=args.num_images)
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    out = influence_pipe(return_influence=True, top_k=args.top_k, **kwargs)
+
+    for i, result in enumerate(out.influence):
+        pairs = ", ".join(f"{int(s)} ({score:.3f})" for s, score in zip(result.sample_ids, result.scores))
+        print(f"image {i}: {pairs}")
+    if out.influence[0].samples is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        make_grid([result.to_grid() for result in out.influence]).save(args.output)
+        print(f"wrote {args.output}")
+    else:
+        print("pass --dataset to draw the training images next to the generated ones")
+    return out
+
+
+if __name__ == "__main__":
+    main()
