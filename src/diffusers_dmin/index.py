@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -303,6 +303,144 @@ class GradientIndex(ProgressBarMixin):
         index = cls(config, spec=spec, noise=noise, metadata=IndexMetadata.from_kwargs(**metadata))
         index.add(sketches, ids)
         return index
+
+    @classmethod
+    def build(
+        cls,
+        pipeline: Any,
+        dataset: Any,
+        config: DMinConfig | None,
+        output_dir: str | os.PathLike,
+        image_column: str = "image",
+        prompt_column: str | None = "text",
+        id_column: str | None = None,
+        batch_size: int = 8,
+        resume: bool = True,
+        on_error: Literal["raise", "skip"] = "raise",
+        *,
+        shard_rows: int | None = None,
+        num_workers: int = 0,
+        image_root: str | os.PathLike | None = None,
+        hnsw: bool = False,
+        progress: bool = True,
+        accelerator: Any = None,
+        sketcher_kwargs: Mapping[str, Any] | None = None,
+        **metadata: Any,
+    ) -> GradientIndex:
+        r"""
+        Build the index of a training set in `output_dir`: resumable, incremental, and split across processes when
+        run under `accelerate launch` or `torchrun`.
+
+        Every row's image is read, resized (shorter side) and center-cropped to the sketcher's resolution and
+        converted to the model's channels in a `DataLoader` (with `num_workers` worker processes, overlapping with
+        the gradient work); latent models encode it with the VAE's `mode()`. Sketches are written in shards of
+        `shard_rows` rows as they are computed, so memory does not grow with the dataset.
+
+        - **Resume**: a build that was interrupted (even by SIGKILL) continues where it stopped: finished shards are
+          kept, temp files removed, only missing rows computed. A different spec (config, model, adapter) or id
+          column raises [`IndexMismatchError`]. `resume=False` deletes the index files in `output_dir` (only those)
+          and starts over.
+        - **Incremental add**: on a finished index, a dataset with new rows computes only the new ids, appends
+          shards (old files are not touched) and extends a saved HNSW graph.
+        - **Multi-process**: the same call in every process of `accelerate launch --multi_gpu --num_processes N
+          script.py` (on GPUs or CPUs) or `torchrun`: shard `i` of the remaining rows is computed by process
+          `i % N`, each process writes its own shards, and the main process writes the manifest after a barrier. The
+          result equals a single-process build row for row.
+
+        Args:
+            pipeline (`DiffusionPipeline`):
+                A supported pipeline (DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL, SD3), with its LoRA loaded if the
+                gradients should cover it.
+            dataset (`datasets.Dataset`):
+                The training set (e.g. `load_dataset(...)["train"]`, `load_from_disk(...)`, `load_dataset(
+                "imagefolder", data_dir=...)`). Image columns may hold `datasets.Image` values, PIL images, paths
+                (relative ones resolved against `image_root`) or arrays.
+            config (`DMinConfig`, *optional*):
+                How the sketches are computed (T, spacing, K, seed, params, dtype, resolution); `None` for the
+                defaults.
+            output_dir (`str` or `os.PathLike`):
+                The index folder (created if needed).
+            image_column (`str`, *optional*, defaults to `"image"`):
+                The column holding the training images.
+            prompt_column (`str`, *optional*, defaults to `"text"`):
+                The column holding the captions; ignored (may be `None`) for unconditional pipelines.
+            id_column (`str`, *optional*):
+                An integer column of unique sample ids; by default a row's id is its position in `dataset`.
+            batch_size (`int`, *optional*, defaults to 8):
+                Rows per gradient batch.
+            resume (`bool`, *optional*, defaults to `True`):
+                Continue (or extend) the index in `output_dir`; `False` deletes its index files first.
+            on_error (`str`, *optional*, defaults to `"raise"`):
+                `"raise"`: an unreadable image raises [`DatasetError`] and a non-finite gradient
+                [`NonFiniteGradientError`], naming the row id. `"skip"`: such rows are left out and listed in the
+                manifest (`index.metadata.extra["skipped"]`, with the reason).
+            shard_rows (`int`, *optional*):
+                Rows per shard (the unit of work a crash can lose); by default up to 1,024 rows and 256 MiB,
+                rounded to a multiple of `batch_size`.
+            num_workers (`int`, *optional*, defaults to 0):
+                `DataLoader` worker processes reading and resizing images.
+            image_root (`str` or `os.PathLike`, *optional*):
+                Folder that relative image paths are resolved against (default: the working directory).
+            hnsw (`bool`, *optional*, defaults to `False`):
+                Also build the HNSW graph (a graph saved earlier is always extended with new rows).
+            progress (`bool`, *optional*, defaults to `True`):
+                Show a progress bar (samples/s, ETA) on the main process.
+            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*):
+                The distributed state; by default `accelerate.PartialState()` (a single process unless launched).
+            sketcher_kwargs (`dict`, *optional*):
+                Passed to [`GradientSketcher.from_pipeline`] (`mode`, `max_pairs_per_batch`, ...).
+            **metadata:
+                Provenance for the manifest and dataset card: `dataset_id`, `dataset_revision`, `dataset_split`,
+                `adapter_id`, `adapter_revision`, `base_model_id`, `base_model_revision`, `extra`. The base model id
+                (`pipeline.name_or_path`), the dataset's split and fingerprint and `id_column` are filled in.
+
+        Returns:
+            [`GradientIndex`]: The finished index, loaded from `output_dir` (in every process).
+
+        Raises:
+            [`DatasetError`]: A missing column (the message lists the columns), bad ids, or an unreadable image.
+            [`IndexMismatchError`]: `output_dir` holds an index or unfinished build with another spec or id column.
+            [`NonFiniteGradientError`]: A row's loss or gradient is NaN or infinite (its id is named).
+
+        Examples:
+        ```py
+        >>> from diffusers_dmin import DMinConfig, GradientIndex
+        >>> from diffusers_dmin.data import load_digits
+        >>> from diffusers_dmin.testing import tiny_ddpm_pipeline
+
+        >>> pipe = tiny_ddpm_pipeline()
+        >>> dataset = load_digits(image_size=16, split="train[:32]")
+        >>> config = DMinConfig(num_timesteps=2, sketch_dim=64)
+        >>> index = GradientIndex.build(pipe, dataset, config, "digits-index", prompt_column=None, id_column="id")
+        >>> len(index)
+        32
+        >>> # later, with more rows: only the new ones are computed
+        >>> index = GradientIndex.build(pipe, load_digits(16), config, "digits-index", prompt_column=None,
+        ...                             id_column="id")
+        ```
+        """
+        from .build import build_index  # build.py sits above index.py in the module map
+
+        return build_index(
+            pipeline,
+            dataset,
+            config,
+            output_dir,
+            image_column=image_column,
+            prompt_column=prompt_column,
+            id_column=id_column,
+            batch_size=batch_size,
+            resume=resume,
+            on_error=on_error,
+            shard_rows=shard_rows,
+            num_workers=num_workers,
+            image_root=image_root,
+            hnsw=hnsw,
+            progress=progress,
+            accelerator=accelerator,
+            sketcher_kwargs=sketcher_kwargs,
+            **metadata,
+        )
 
     def add(
         self,

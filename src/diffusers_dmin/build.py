@@ -1,0 +1,906 @@
+"""Building a [`GradientIndex`] over a whole training set: data loading, shards, processes, resume, incremental add.
+
+[`GradientIndex.build`] forwards here ([`build_index`]). A build streams the dataset through a torch `DataLoader`
+(images decoded, resized, center-cropped and converted to the model's channels in the loader, optionally in worker
+processes that overlap with the gradient work), sketches each batch with a [`GradientSketcher`], and writes the
+sketches in shards of `shard_rows` rows. It never holds more than one shard of sketches in memory.
+
+**Work units.** The rows still to compute (dataset order, minus the ids found in the folder's shards) are cut into
+consecutive units of `shard_rows` rows; unit `u` is computed by process `u % num_processes` and written as one shard,
+`shards/sketches-from-<first id>.safetensors`, atomically (a shard file that exists is complete). Because the units
+that were finished are whole units, resuming cuts the remaining rows into exactly the units an uninterrupted build
+would have computed, so a resumed build equals an uninterrupted one shard for shard.
+
+**Resume.** The folder itself is the progress record: on start, temp files of interrupted writes are removed, every
+shard file is opened (header and ids only) and its ids count as done. The build's [`SketchSpec`] is stored first (in
+`dmin_build.json`, and later in the manifest); a resumed build whose spec differs raises [`IndexMismatchError`].
+`resume=False` deletes the index files of the folder first (only those) and starts over.
+
+**Multi-process.** Under `accelerate launch` (or `torchrun`), every process runs the same call: checks are repeated
+identically in every process, the main process prepares the folder, all processes scan it between two barriers (so
+they agree on the units), each writes only its own shards, and after a final barrier the main process writes the
+noise, the manifest (shards in dataset order) and the dataset card.
+
+**Incremental add.** Run the build again on the grown dataset with the same config, model and id column: only new
+ids are computed, new shards are appended after the old ones (old files are not touched) and a saved HNSW graph is
+extended with the new rows.
+
+**Bad rows.** A row whose image cannot be read raises [`DatasetError`] naming its id, or with `on_error="skip"` is
+left out and recorded in the manifest (`metadata.extra["skipped"]`: id and reason). A non-finite loss or gradient
+raises [`NonFiniteGradientError`] naming the row ids (or is skipped and recorded likewise).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .config import DMinConfig, SketchSpec
+from .constants import HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
+from .errors import ConfigError, DatasetError, IndexCorruptError, IndexMismatchError, NonFiniteGradientError
+from .logging import get_logger, tqdm
+from .objectives import prepare_images
+from .storage import (
+    IndexMetadata,
+    Manifest,
+    ShardInfo,
+    atomic_write_bytes,
+    describe_shard,
+    read_manifest,
+    to_storage_array,
+    write_manifest,
+    write_noise,
+    write_shard,
+)
+
+
+logger = get_logger(__name__)
+
+__all__ = ["build_index", "BUILD_STATE_NAME", "default_shard_rows"]
+
+BUILD_STATE_NAME = "dmin_build.json"
+_STATE_VERSION = 1
+_SHARD_PREFIX = SHARDS_DIR + "/sketches-from-"
+_SKIPPED_SUFFIX = ".skipped.json"
+# A shard holds at most this many bytes of stored sketches and this many rows (the unit of work lost in a crash).
+_DEFAULT_SHARD_BYTES = 256 * 2**20
+_DEFAULT_MAX_SHARD_ROWS = 1024
+_ON_ERROR = ("raise", "skip")
+
+
+# ---------------------------------------------------------------------------------------------- public entry point
+
+
+def build_index(
+    pipeline: Any,
+    dataset: Any,
+    config: DMinConfig | None,
+    output_dir: str | os.PathLike,
+    image_column: str = "image",
+    prompt_column: str | None = "text",
+    id_column: str | None = None,
+    batch_size: int = 8,
+    resume: bool = True,
+    on_error: Literal["raise", "skip"] = "raise",
+    *,
+    shard_rows: int | None = None,
+    num_workers: int = 0,
+    image_root: str | os.PathLike | None = None,
+    hnsw: bool = False,
+    progress: bool = True,
+    accelerator: Any = None,
+    sketcher_kwargs: Mapping[str, Any] | None = None,
+    **metadata: Any,
+):
+    r"""
+    Build (or resume, or extend) the index of `dataset` in `output_dir`; see [`GradientIndex.build`] for the
+    arguments. Returns the finished [`GradientIndex`], loaded from `output_dir`, in every process.
+    """
+    from .gradients import GradientSketcher
+    from .index import GradientIndex
+
+    start_time = time.perf_counter()
+    config = DMinConfig() if config is None else config
+    if not isinstance(config, DMinConfig):
+        raise ConfigError(f"`config` must be a DMinConfig or None, but is {type(config).__name__}.")
+    _check_options(batch_size, shard_rows, num_workers, on_error, resume)
+    folder = Path(os.path.expanduser(os.fspath(output_dir)))
+    state = _distributed_state(accelerator)
+    rank, world = state.process_index, state.num_processes
+    is_main = state.is_main_process
+    _move_pipeline(pipeline, state)
+
+    sketcher = GradientSketcher.from_pipeline(pipeline, config, **dict(sketcher_kwargs or {}))
+    if progress is False:
+        sketcher.set_progress_bar_config(disable=True)
+    spec = sketcher.spec
+    adapter = sketcher.adapter
+    table = _DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
+    if prompt_column is not None and not adapter.conditional:
+        logger.info(f"`prompt_column={prompt_column!r}` is ignored: the {adapter.family} pipeline is unconditional.")
+    if adapter.conditional and prompt_column is None:
+        raise ConfigError(
+            f"This {adapter.family} pipeline is conditional: pass `prompt_column=` naming the caption column (the "
+            f"dataset has {table.column_names})."
+        )
+
+    # 1. what is already in the folder, and is it compatible? (every process decides the same way)
+    existing = None if not resume else _read_existing(folder)
+    if existing is not None:
+        existing.check(spec, id_column, folder)
+    state.wait_for_everyone()  # nobody may delete or write before every process has read the folder
+    if is_main:
+        if resume:
+            _remove_temp_files(folder)
+        else:
+            _remove_index_files(folder)
+        if existing is None or existing.manifest is None:
+            _write_state(folder, spec, id_column)
+    state.wait_for_everyone()
+
+    # 2. which rows are done; cut the rest into units (identical in every process)
+    scan = _scan(folder, spec, existing.manifest if existing is not None else None)
+    state.wait_for_everyone()  # every process has scanned before anyone writes a new shard
+    pending = table.pending_positions(scan.done_ids())
+    rows_per_unit = _shard_rows(shard_rows, batch_size, spec)
+    units = [pending[i : i + rows_per_unit] for i in range(0, len(pending), rows_per_unit)]
+    names = _unit_names(units, table.ids, scan.names())
+    mine = [u for u in range(len(units)) if u % world == rank]
+    logger.info(
+        f"Index build in {folder}: {len(table)} rows, {len(table) - len(pending)} already done or skipped, "
+        f"{len(pending)} to compute in {len(units)} shards of up to {rows_per_unit} rows over {world} process(es) "
+        f"(process {rank} computes {len(mine)} shards)."
+    )
+
+    # 3. compute this process's units
+    computed = _compute_units(
+        sketcher,
+        table,
+        [(names[u], units[u]) for u in mine],
+        folder=folder,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        image_root=image_root,
+        on_error=on_error,
+        progress=progress and is_main,
+        desc=f"Gradient sketches (process {rank + 1}/{world})" if world > 1 else "Gradient sketches",
+        pin_memory=adapter.device.type == "cuda",
+    )
+    state.wait_for_everyone()
+
+    # 4. the main process writes noise, manifest, card (and graph); then everybody loads the result
+    if is_main:
+        _finish(
+            folder,
+            sketcher,
+            table,
+            existing.manifest if existing is not None else None,
+            pipeline=pipeline,
+            id_column=id_column,
+            hnsw=hnsw,
+            progress=progress,
+            metadata=metadata,
+            changed=bool(units) or scan.has_unlisted(),
+        )
+    state.wait_for_everyone()
+    index = GradientIndex.from_pretrained(folder)
+    if not progress:
+        index.set_progress_bar_config(disable=True)
+    seconds = time.perf_counter() - start_time
+    if is_main:
+        logger.info(
+            f"Index build finished: {len(index)} rows in {folder}; this run computed {len(pending)} rows in "
+            f"{seconds:.1f} s ({len(pending) / max(seconds, 1e-9):.2f} samples/s over {world} process(es); this "
+            f"process: {computed} rows)."
+        )
+    return index
+
+
+def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
+    """Rows per shard when `shard_rows` is not given: at most 256 MiB of stored sketches and at most 1,024 rows,
+    rounded down to a multiple of `batch_size` (at least one batch)."""
+    config = spec.config if isinstance(spec, SketchSpec) else spec
+    row_bytes = config.num_timesteps * config.sketch_dim * (4 if config.dtype == "float32" else 2)
+    rows = min(_DEFAULT_MAX_SHARD_ROWS, max(1, _DEFAULT_SHARD_BYTES // row_bytes))
+    return max(batch_size, rows // batch_size * batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- checks and setup
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_options(batch_size: Any, shard_rows: Any, num_workers: Any, on_error: Any, resume: Any) -> None:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"`batch_size` must be a positive integer, but is {batch_size!r}. Example: `batch_size=8`.")
+    if shard_rows is not None and (not _is_int(shard_rows) or shard_rows < 1):
+        raise ConfigError(
+            f"`shard_rows` must be a positive integer (ideally a multiple of `batch_size`) or None, but is "
+            f"{shard_rows!r}."
+        )
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ConfigError(f"`num_workers` must be a non-negative integer, but is {num_workers!r}.")
+    if on_error not in _ON_ERROR:
+        raise ConfigError(f"`on_error` must be one of {_ON_ERROR}, but is {on_error!r}.")
+    if not isinstance(resume, bool):
+        raise ConfigError(f"`resume` must be True or False, but is {resume!r}.")
+
+
+def _shard_rows(shard_rows: int | None, batch_size: int, spec: SketchSpec) -> int:
+    return int(shard_rows) if shard_rows is not None else default_shard_rows(batch_size, spec)
+
+
+def _distributed_state(accelerator: Any):
+    """The `accelerate` state: the given `Accelerator`/`PartialState`, or a `PartialState` (one process when the
+    script was not started by `accelerate launch` / `torchrun`)."""
+    from accelerate import PartialState
+
+    if accelerator is not None:
+        state = getattr(accelerator, "state", accelerator)
+        for name in ("process_index", "num_processes", "is_main_process", "wait_for_everyone"):
+            if not hasattr(state, name):
+                raise ConfigError(
+                    f"`accelerator` must be an `accelerate.Accelerator` or `accelerate.PartialState`, but is "
+                    f"{type(accelerator).__name__}."
+                )
+        return state
+    # accelerate only picks the gloo (CPU) backend when asked for a CPU state; without any accelerator a launched
+    # process would otherwise believe it runs alone
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not _has_accelerator()
+    return PartialState(cpu=cpu)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _move_pipeline(pipeline: Any, state: Any) -> None:
+    """In a multi-process run, put each process's pipeline on that process's device (e.g. `cuda:1`)."""
+    device = getattr(state, "device", None)
+    if state.num_processes <= 1 or device is None or device.type == "cpu":
+        return
+    current = getattr(pipeline, "device", None)
+    if current is None or torch.device(current) != torch.device(device):
+        logger.info(f"Process {state.process_index}: moving the pipeline to {device}.")
+        pipeline.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+
+
+class _DatasetView:
+    """Columns, ids and raw (undecoded) rows of a `datasets.Dataset`."""
+
+    def __init__(self, dataset: Any, image_column: str, prompt_column: str | None, id_column: str | None):
+        import datasets
+
+        if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            raise DatasetError(
+                f"`dataset` is a {type(dataset).__name__} with the splits {list(dataset)}; pass one split, e.g. "
+                f"`dataset[{next(iter(dataset), 'train')!r}]`."
+            )
+        if isinstance(dataset, datasets.IterableDataset):
+            raise DatasetError(
+                "`dataset` is a streaming IterableDataset; an index build needs random access to resume and to split "
+                "rows across processes. Load it without `streaming=True` (or `Dataset.from_generator(...)`)."
+            )
+        if not isinstance(dataset, datasets.Dataset):
+            raise DatasetError(
+                f"`dataset` must be a `datasets.Dataset`, but is {type(dataset).__name__}. Load one with "
+                "`datasets.load_dataset(...)`, `load_from_disk(...)` or `Dataset.from_dict(...)`."
+            )
+        self.column_names = list(dataset.column_names)
+        for argument, column in (("image_column", image_column), ("prompt_column", prompt_column)):
+            if column is not None and column not in self.column_names:
+                raise DatasetError(
+                    f"`{argument}={column!r}` is not a column of the dataset; its columns are {self.column_names}. "
+                    f"Pass `{argument}=` naming one of them."
+                )
+        if id_column is not None and id_column not in self.column_names:
+            raise DatasetError(
+                f"`id_column={id_column!r}` is not a column of the dataset; its columns are {self.column_names}. "
+                "Pass the column holding integer sample ids, or `id_column=None` to use row positions."
+            )
+        if len(dataset) == 0:
+            raise DatasetError("`dataset` has no rows; there is nothing to index.")
+        self.dataset = dataset
+        self.image_column, self.prompt_column, self.id_column = image_column, prompt_column, id_column
+        self.image_feature = dataset.features[image_column]
+        columns = [c for c in (image_column, prompt_column) if c is not None]
+        self.rows = dataset.select_columns(columns).with_format("arrow")
+        self.ids = self._read_ids()
+        order = np.argsort(self.ids, kind="stable")
+        self._sorted_ids, self._order = self.ids[order], order
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _read_ids(self) -> np.ndarray:
+        if self.id_column is None:
+            return np.arange(len(self.dataset), dtype=np.int64)
+        import pyarrow as pa
+
+        column = self.dataset.select_columns([self.id_column]).with_format("arrow")[:].column(self.id_column)
+        if not pa.types.is_integer(column.type):
+            raise DatasetError(
+                f"`id_column={self.id_column!r}` holds {column.type} values; sample ids must be integers. Pass an "
+                "integer column, or `id_column=None` to use row positions."
+            )
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"`id_column={self.id_column!r}` has no value at row {row}; every row needs an id.")
+        ids = column.to_numpy().astype(np.int64, copy=False)
+        values, counts = np.unique(ids, return_counts=True)
+        if len(values) != len(ids):
+            duplicates = values[counts > 1][:10].tolist()
+            raise DatasetError(
+                f"`id_column={self.id_column!r}` holds the ids {duplicates} more than once; every row needs its own "
+                "id.",
+                sample_id=duplicates[0],
+            )
+        return np.ascontiguousarray(ids)
+
+    def positions_of(self, ids: np.ndarray) -> np.ndarray:
+        """Dataset positions of `ids`; `len(self)` for ids that are not in the dataset."""
+        slots = np.searchsorted(self._sorted_ids, ids)
+        slots = np.minimum(slots, len(self._sorted_ids) - 1)
+        found = self._sorted_ids[slots] == ids
+        return np.where(found, self._order[slots], len(self))
+
+    def pending_positions(self, done: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(~np.isin(self.ids, done))
+
+
+# ---------------------------------------------------------------------------------------------- loading rows
+
+
+@dataclass
+class _Batch:
+    unit: int
+    last: bool
+    ids: np.ndarray  # (b,) all rows of the batch
+    ok: np.ndarray  # (b,) bool: read successfully
+    pixels: torch.Tensor | None  # (ok.sum(), C, H, W) in [0, 1]
+    prompts: list[str] | None
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (id, reason) of the rows that failed
+
+
+class _BatchLoader(torch.utils.data.Dataset):
+    """Item `i` is batch `i` of the plan: the rows are read, decoded and preprocessed in the loader (and its workers)."""
+
+    def __init__(
+        self,
+        table: _DatasetView,
+        plan: list[tuple[int, bool, np.ndarray]],
+        resolution: tuple[int, int],
+        channels: int,
+        image_root: str | os.PathLike | None,
+    ):
+        self.rows = table.rows
+        self.ids = table.ids
+        self.image_column, self.prompt_column = table.image_column, table.prompt_column
+        self.image_feature = table.image_feature
+        self.plan = plan
+        self.resolution, self.channels = resolution, channels
+        self.image_root = None if image_root is None else Path(image_root)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, item: int) -> _Batch:
+        unit, last, positions = self.plan[item]
+        rows = self.rows[positions.tolist()]
+        images = rows.column(self.image_column).to_pylist()
+        prompts = rows.column(self.prompt_column).to_pylist() if self.prompt_column is not None else None
+        ids = self.ids[positions]
+        ok = np.ones(len(positions), dtype=bool)
+        pixels, kept_prompts, errors = [], [], []
+        for i, value in enumerate(images):
+            try:
+                prompt = _prompt(prompts[i], self.prompt_column) if prompts is not None else None
+                image = prepare_images(self._decode(value), self.resolution, self.channels)
+            except Exception as err:  # any failure to read one row is reported with its id by the caller
+                ok[i] = False
+                errors.append((int(ids[i]), f"{type(err).__name__}: {err}"))
+                continue
+            pixels.append(image)
+            kept_prompts.append(prompt)
+        return _Batch(
+            unit=unit,
+            last=last,
+            ids=ids,
+            ok=ok,
+            pixels=torch.cat(pixels) if pixels else None,
+            prompts=kept_prompts if prompts is not None else None,
+            errors=errors,
+        )
+
+    def _decode(self, value: Any) -> Any:
+        import datasets
+
+        if value is None:
+            raise ValueError("the image is missing (None)")
+        if isinstance(value, PIL.Image.Image):
+            return value
+        if isinstance(value, str):
+            return _open_image(self._resolve(value))
+        if isinstance(value, dict) and ("bytes" in value or "path" in value):
+            if value.get("bytes") is not None:
+                return _open_image(io.BytesIO(value["bytes"]))
+            if value.get("path") is None:
+                raise ValueError("the image has neither bytes nor a path")
+            path = value["path"]
+            if isinstance(self.image_feature, datasets.Image) and "://" in path:
+                return datasets.Image().decode_example(value)  # remote paths (hf://...) need datasets' resolver
+            return _open_image(self._resolve(path))
+        array = np.asarray(value)
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        return array
+
+    def _resolve(self, path: str) -> Path:
+        candidate = Path(path)
+        if not candidate.is_absolute() and self.image_root is not None:
+            candidate = self.image_root / candidate
+        return candidate
+
+
+def _open_image(source: Any) -> PIL.Image.Image:
+    image = PIL.Image.open(source)
+    image.load()  # decode now, so that a truncated file fails here, with its row id
+    return image
+
+
+def _prompt(value: Any, column: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"the prompt column {column!r} holds {type(value).__name__} {value!r}, not a string")
+    return value
+
+
+def _identity(batch: _Batch) -> _Batch:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # loader workers only resize images; leave the cores to the gradient work
+
+
+# ---------------------------------------------------------------------------------------------- the compute loop
+
+
+def _compute_units(
+    sketcher: Any,
+    table: _DatasetView,
+    units: list[tuple[str, np.ndarray]],
+    *,
+    folder: Path,
+    batch_size: int,
+    num_workers: int,
+    image_root: str | os.PathLike | None,
+    on_error: str,
+    progress: bool,
+    desc: str,
+    pin_memory: bool,
+) -> int:
+    """Compute and write this process's units; returns the number of rows written."""
+    if not units:
+        return 0
+    plan = []
+    for unit, (_, positions) in enumerate(units):
+        starts = range(0, len(positions), batch_size)
+        plan += [
+            (unit, start + batch_size >= len(positions), positions[start : start + batch_size]) for start in starts
+        ]
+    adapter = sketcher.adapter
+    loader = torch.utils.data.DataLoader(
+        _BatchLoader(table, plan, adapter.resolution, adapter.image_channels, image_root),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        worker_init_fn=_worker_init if num_workers else None,
+        pin_memory=pin_memory,
+    )
+    dtype = sketcher.config.dtype
+    total = sum(len(positions) for _, positions in units)
+    written = 0
+    sketches: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    skipped: list[dict[str, Any]] = []
+    with tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            for sample_id, reason in batch.errors:
+                if on_error == "raise":
+                    raise DatasetError(
+                        f"The training row with id {sample_id} could not be read ({reason}). Fix or remove that row, "
+                        "or pass `on_error='skip'` to leave unreadable rows out (they are listed in the manifest).",
+                        sample_id=sample_id,
+                    )
+                skipped.append({"id": sample_id, "reason": reason})
+            if batch.pixels is not None:
+                rows, row_ids, failed = _sketch_batch(sketcher, batch, on_error)
+                skipped += failed
+                if len(row_ids):
+                    sketches.append(rows)
+                    ids.append(row_ids)
+            bar.update(len(batch.ids))
+            if batch.last:
+                name, _ = units[batch.unit]
+                written += _write_unit(folder, name, sketches, ids, skipped, dtype)
+                bar.set_postfix(shards=f"{batch.unit + 1}/{len(units)}", refresh=False)
+                sketches, ids, skipped = [], [], []
+    return written
+
+
+def _sketch_batch(sketcher: Any, batch: _Batch, on_error: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Sketches (storage dtype) and ids of the readable rows of a batch; non-finite rows raise or are dropped."""
+    ids = batch.ids[batch.ok]
+    pixels, prompts = batch.pixels, batch.prompts
+    failed: list[dict[str, Any]] = []
+    while True:
+        try:
+            sketches = sketcher(images=pixels, prompts=prompts)
+            return to_storage_array(sketches, sketcher.config.dtype), ids, failed
+        except NonFiniteGradientError as err:
+            bad = sorted(set(err.positions))
+            bad_ids = [int(ids[p]) for p in bad]
+            if on_error == "raise" or not bad:
+                raise NonFiniteGradientError(
+                    f"The training rows with ids {bad_ids} have a non-finite loss or gradient ({err}). Check those "
+                    "images and the model weights, or pass `on_error='skip'` to leave such rows out.",
+                    positions=bad,
+                    sample_ids=bad_ids,
+                ) from err
+            logger.warning(f"Skipping the rows with ids {bad_ids}: non-finite loss or gradient.")
+            failed += [{"id": i, "reason": "non-finite loss or gradient"} for i in bad_ids]
+            keep = np.ones(len(ids), dtype=bool)
+            keep[bad] = False
+            if not keep.any():
+                return np.empty((0,)), ids[keep], failed
+            ids, pixels = ids[keep], pixels[torch.from_numpy(keep)]
+            prompts = None if prompts is None else [p for p, k in zip(prompts, keep) if k]
+
+
+def _write_unit(
+    folder: Path,
+    name: str,
+    sketches: list[np.ndarray],
+    ids: list[np.ndarray],
+    skipped: list[dict[str, Any]],
+    dtype: str,
+) -> int:
+    # the skipped rows are recorded first: a shard that exists always has its record of skipped rows
+    if skipped:
+        atomic_write_bytes(folder / _skipped_name(name), json.dumps(skipped, indent=1).encode("utf-8"))
+    if not ids:
+        logger.info(f"Shard {name}: every row was skipped ({len(skipped)} rows); nothing to write.")
+        return 0
+    rows = np.concatenate(sketches)
+    info = write_shard(folder, name, rows, np.concatenate(ids), dtype)
+    logger.info(
+        f"Wrote {info.name}: {info.num_rows} rows, {info.num_bytes / 2**20:.1f} MiB"
+        + (f" ({len(skipped)} rows skipped)" if skipped else "")
+        + "."
+    )
+    return info.num_rows
+
+
+# ---------------------------------------------------------------------------------------------- folder state
+
+
+@dataclass
+class _Existing:
+    """What a previous build left: the manifest of a finished index and/or the spec of an unfinished build."""
+
+    manifest: Manifest | None
+    spec: SketchSpec | None
+    id_column: str | None
+    source: str
+
+    def check(self, spec: SketchSpec, id_column: str | None, folder: Path) -> None:
+        fix = (
+            f"Build with the same config, model, adapter and id column as the index in {folder}, pass "
+            "`resume=False` (CLI: `--overwrite`) to delete it and start over, or choose another `output_dir`."
+        )
+        if self.spec is None:
+            raise IndexMismatchError(
+                f"The index in {folder} ({self.source}) records no sketch spec (it was created from a config only), "
+                f"so new rows cannot be checked against it. {fix}"
+            )
+        differences = self.spec.differences(spec, ignore=())
+        if self.id_column != id_column:
+            differences["id_column"] = (self.id_column, id_column)
+        if differences:
+            raise IndexMismatchError.from_differences(differences, what="new build", fix=fix)
+
+
+def _read_existing(folder: Path) -> _Existing | None:
+    if (folder / MANIFEST_NAME).is_file():
+        manifest = read_manifest(folder)
+        return _Existing(manifest, manifest.spec, manifest.metadata.id_column, MANIFEST_NAME)
+    path = folder / BUILD_STATE_NAME
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            spec = SketchSpec.from_dict(data["spec"])
+            id_column = data.get("id_column")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise IndexCorruptError(
+                f"{path} (the record of an unfinished build) is unreadable ({err}). Delete the folder's index files "
+                "with `resume=False` (CLI: `--overwrite`) to start over."
+            ) from err
+        return _Existing(None, spec, id_column, BUILD_STATE_NAME)
+    if any((folder / SHARDS_DIR).glob("*.safetensors")):
+        raise IndexCorruptError(
+            f"{folder / SHARDS_DIR} holds shard files but {folder} has neither {MANIFEST_NAME} nor {BUILD_STATE_NAME}, "
+            "so their origin is unknown. Pass `resume=False` (CLI: `--overwrite`) to delete them and start over, or "
+            "choose another `output_dir`."
+        )
+    return None
+
+
+def _write_state(folder: Path, spec: SketchSpec, id_column: str | None) -> None:
+    from . import __version__
+
+    data = {
+        "format_version": _STATE_VERSION,
+        "library_version": __version__,
+        "spec": spec.to_dict(),
+        "id_column": id_column,
+    }
+    atomic_write_bytes(folder / BUILD_STATE_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _remove_temp_files(folder: Path) -> None:
+    """Temp files of writes that a killed build left behind (storage writes `.<name>.<random>.tmp` next to files)."""
+    removed = 0
+    for directory in (folder, folder / SHARDS_DIR):
+        if directory.is_dir():
+            for path in directory.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        logger.info(f"Removed {removed} temp file(s) of an interrupted build from {folder}.")
+
+
+def _remove_index_files(folder: Path) -> None:
+    """`resume=False`: delete the index files of `folder` (and nothing else)."""
+    from .hub import is_generated_card
+
+    paths = [folder / name for name in (MANIFEST_NAME, BUILD_STATE_NAME, NOISE_NAME, HNSW_NAME)]
+    if (folder / README_NAME).is_file() and is_generated_card(folder / README_NAME):
+        paths.append(folder / README_NAME)
+    shards = folder / SHARDS_DIR
+    if shards.is_dir():
+        paths += [*shards.glob("*.safetensors"), *shards.glob("*" + _SKIPPED_SUFFIX), *shards.glob(".*.tmp")]
+    paths += list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    removed = [p for p in paths if p.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        logger.warning(f"`resume=False`: deleted {len(removed)} index file(s) from {folder}; building from scratch.")
+
+
+@dataclass
+class _Scan:
+    listed: list[tuple[ShardInfo, np.ndarray]]  # shards of the manifest, in its order, with their ids
+    unlisted: dict[str, np.ndarray]  # other shard files -> ids
+    skipped: dict[int, str]  # id -> reason
+
+    def done_ids(self) -> np.ndarray:
+        parts = [ids for _, ids in self.listed] + list(self.unlisted.values())
+        parts.append(np.fromiter(self.skipped, dtype=np.int64, count=len(self.skipped)))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def names(self) -> set[str]:
+        return {info.name for info, _ in self.listed} | set(self.unlisted)
+
+    def has_unlisted(self) -> bool:
+        return bool(self.unlisted)
+
+
+def _skipped_name(shard: str) -> str:
+    return shard[: -len(".safetensors")] + _SKIPPED_SUFFIX
+
+
+def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
+    """Read the ids of every shard file (header and ids only; no hashing) and the records of skipped rows."""
+    listed = []
+    listed_names = set()
+    skipped: dict[int, str] = {}
+    if manifest is not None:
+        for info in manifest.shards:
+            listed.append((info, _shard_ids(folder, info.name, spec)))
+            listed_names.add(info.name)
+        for record in manifest.metadata.extra.get("skipped", []) or []:
+            skipped[int(record["id"])] = str(record.get("reason", ""))
+    unlisted = {}
+    shards = folder / SHARDS_DIR
+    if shards.is_dir():
+        for path in sorted(shards.glob("*.safetensors")):
+            name = f"{SHARDS_DIR}/{path.name}"
+            if name not in listed_names:
+                unlisted[name] = _shard_ids(folder, name, spec)
+        for path in sorted(shards.glob("*" + _SKIPPED_SUFFIX)):
+            try:
+                records = json.loads(path.read_text(encoding="utf-8"))
+                skipped.update({int(r["id"]): str(r.get("reason", "")) for r in records})
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise IndexCorruptError(
+                    f"{path} (the record of skipped rows) is unreadable ({err}). Delete it and the shard of the same "
+                    "name to recompute those rows."
+                ) from err
+    scan = _Scan(listed, unlisted, skipped)
+    all_ids = [ids for _, ids in listed] + list(unlisted.values())
+    if all_ids:
+        merged = np.concatenate(all_ids)
+        values, counts = np.unique(merged, return_counts=True)
+        if len(values) != len(merged):
+            raise IndexCorruptError(
+                f"The shards of {folder} hold the ids {values[counts > 1][:10].tolist()} more than once (two builds "
+                "wrote to this folder at the same time?). Pass `resume=False` (CLI: `--overwrite`) to start over."
+            )
+    return scan
+
+
+_TAGS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def _shard_ids(folder: Path, name: str, spec: SketchSpec) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / name
+    expected = (spec.config.num_timesteps, spec.config.sketch_dim)
+    fix = "Delete the file to recompute its rows (it was not written by this build), or start over with resume=False."
+    if not path.is_file():
+        raise IndexCorruptError(f"The shard {name} listed in {MANIFEST_NAME} is missing from {folder}. {fix}")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            keys = set(f.keys())
+            if not {"sketches", "ids"} <= keys:
+                raise IndexCorruptError(f"The shard {path} holds {sorted(keys)}, not 'sketches' and 'ids'. {fix}")
+            sketches = f.get_slice("sketches")
+            shape, dtype = tuple(sketches.get_shape()), _TAGS.get(sketches.get_dtype(), sketches.get_dtype())
+            ids = f.get_tensor("ids")
+    except SafetensorError as err:
+        raise IndexCorruptError(f"The shard {path} is not a readable safetensors file ({err}). {fix}") from err
+    if len(shape) != 3 or shape[1:] != expected or dtype != spec.config.dtype:
+        raise IndexCorruptError(
+            f"The shard {path} holds sketches of shape {shape} ({dtype}), but this build writes (n, {expected[0]}, "
+            f"{expected[1]}) ({spec.config.dtype}). {fix}"
+        )
+    if ids.dtype != np.int64 or ids.shape != (shape[0],):
+        raise IndexCorruptError(f"The shard {path} holds ids of shape {ids.shape} ({ids.dtype}). {fix}")
+    return ids
+
+
+def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -> list[str]:
+    """`shards/sketches-from-<first id>.safetensors`: the first id of a pending unit was never written, so the name is
+    new; a suffix keeps names unique should a foreign file use it."""
+    names = []
+    for positions in units:
+        base = f"{_SHARD_PREFIX}{int(ids[positions[0]]):012d}"
+        name, suffix = f"{base}.safetensors", 1
+        while name in taken:
+            name, suffix = f"{base}-{suffix}.safetensors", suffix + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- finishing
+
+
+def _finish(
+    folder: Path,
+    sketcher: Any,
+    table: _DatasetView,
+    old: Manifest | None,
+    *,
+    pipeline: Any,
+    id_column: str | None,
+    hnsw: bool,
+    progress: bool,
+    metadata: Mapping[str, Any],
+    changed: bool,
+) -> None:
+    """Main process, after every shard exists: noise, manifest in dataset order, card, HNSW graph."""
+    from .index import GradientIndex
+
+    spec = sketcher.spec
+    scan = _scan(folder, spec, old)
+    missing = table.pending_positions(scan.done_ids())
+    if len(missing):
+        raise IndexCorruptError(
+            f"{len(missing)} rows (ids {table.ids[missing[:10]].tolist()}...) have no shard after every process "
+            "finished; run the build again to compute them (it resumes)."
+        )
+    if old is not None and not changed and not hnsw:
+        logger.info(f"The index in {folder} already holds every row of the dataset; nothing to do.")
+        return
+    # old shards keep their place; new ones follow in dataset order of their first row
+    new = sorted(scan.unlisted.items(), key=lambda item: (int(table.positions_of(item[1][:1])[0]), item[0]))
+    shards = [info for info, _ in scan.listed] + [describe_shard(folder, name) for name, _ in new]
+    if not shards:
+        raise DatasetError(
+            f"No row of the dataset could be used ({len(scan.skipped)} skipped, e.g. "
+            f"{next(iter(scan.skipped.items()), None)}); there is nothing to index."
+        )
+    if old is not None and old.noise is not None and (folder / old.noise.name).is_file():
+        noise = old.noise
+    else:
+        noise = write_noise(folder, sketcher.noise)
+    manifest = Manifest(
+        config=spec.config,
+        spec=spec,
+        shards=shards,
+        noise=noise,
+        hnsw=old.hnsw if old is not None else None,
+        metadata=_metadata(old, pipeline, table, id_column, scan.skipped, metadata),
+    )
+    write_manifest(folder, manifest)
+    index = GradientIndex.from_pretrained(folder)
+    if not progress:
+        index.set_progress_bar_config(disable=True)
+    if manifest.hnsw is not None:
+        index._get_hnsw(manifest.hnsw.sketch_dim)  # load the saved graph and add the new rows to it
+    elif hnsw:
+        index.build_hnsw()
+    index.save_pretrained(folder)  # the card, the graph when it changed, and the manifest again
+    for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + _SKIPPED_SUFFIX)]:
+        path.unlink(missing_ok=True)  # the manifest now records the spec and the skipped rows
+    logger.info(f"Wrote {MANIFEST_NAME}: {manifest.num_rows} rows in {len(shards)} shards ({len(new)} new).")
+
+
+def _metadata(
+    old: Manifest | None,
+    pipeline: Any,
+    table: _DatasetView,
+    id_column: str | None,
+    skipped: Mapping[int, str],
+    given: Mapping[str, Any],
+) -> IndexMetadata:
+    dataset = table.dataset
+    base = old.metadata.to_dict() if old is not None else {}
+    values = IndexMetadata.from_dict(base)
+    name_or_path = getattr(pipeline, "name_or_path", None) or getattr(
+        getattr(pipeline, "config", None), "_name_or_path", None
+    )
+    split = getattr(dataset, "split", None)
+    defaults = {
+        "base_model_id": str(name_or_path) if name_or_path else None,
+        "dataset_split": str(split) if split is not None else None,
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "id_column": id_column,
+    }
+    unknown = sorted(set(given) - set(IndexMetadata.field_names()))
+    if unknown:
+        raise ConfigError(
+            f"Unknown index metadata {unknown}; valid names are {list(IndexMetadata.field_names())}. Put anything "
+            "else in `extra={...}`."
+        )
+    for key, value in {**defaults, **given}.items():
+        if key == "extra":
+            values.extra.update(value or {})
+        elif value is not None:
+            setattr(values, key, value)
+    if skipped:
+        values.extra["skipped"] = [{"id": i, "reason": skipped[i]} for i in sorted(skipped)]
+    return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
