@@ -1,0 +1,89 @@
+"""Build a tiny DMin index over the bundled digits; run by the subprocess tests, also under `accelerate launch`.
+
+    python tests/scripts/build_tiny.py --output-dir idx --rows 24
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/build_tiny.py --output-dir idx --rows 24
+
+`--slow SECONDS` sleeps after each shard write, so that a test can kill the build while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--pipeline", choices=["ddpm", "sd-lora"], default="ddpm")
+    parser.add_argument("--rows", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--shard-rows", type=int, default=4)
+    parser.add_argument("--num-timesteps", type=int, default=2)
+    parser.add_argument("--sketch-dim", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--slow", type=float, default=0.0)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--result", default=None, help="Write a JSON summary here (main process).")
+    return parser.parse_args(argv)
+
+
+def tiny_pipeline(name: str):
+    from diffusers_dmin.testing import add_tiny_lora, tiny_ddpm_pipeline, tiny_sd_pipeline
+
+    if name == "ddpm":
+        return tiny_ddpm_pipeline(seed=0)
+    pipe = tiny_sd_pipeline(seed=0)
+    add_tiny_lora(pipe.unet, seed=1)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import diffusers_dmin.build as build_module
+    from diffusers_dmin import DMinConfig, GradientIndex
+    from diffusers_dmin.data import load_digits
+
+    if args.slow:
+        write_shard = build_module.write_shard
+
+        def slow_write(*a, **k):
+            info = write_shard(*a, **k)
+            time.sleep(args.slow)
+            return info
+
+        build_module.write_shard = slow_write
+
+    pipe = tiny_pipeline(args.pipeline)
+    dataset = load_digits(16, split=f"train[:{args.rows}]")
+    config = DMinConfig(num_timesteps=args.num_timesteps, sketch_dim=args.sketch_dim, dtype="float32")
+    start = time.perf_counter()
+    index = GradientIndex.build(
+        pipe,
+        dataset,
+        config,
+        args.output_dir,
+        prompt_column="text" if args.pipeline == "sd-lora" else None,
+        id_column="id",
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        resume=not args.overwrite,
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    from accelerate import PartialState
+
+    state = PartialState()
+    summary = {"rows": len(index), "seconds": seconds, "num_processes": state.num_processes}
+    if args.result and state.is_main_process:
+        with open(args.result, "w") as f:
+            json.dump(summary, f)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
