@@ -66,7 +66,7 @@ from .storage import (
 
 logger = get_logger(__name__)
 
-__all__ = ["build_index", "BUILD_STATE_NAME", "default_shard_rows"]
+__all__ = ["build_index", "decode_image", "default_shard_rows", "BUILD_STATE_NAME"]
 
 BUILD_STATE_NAME = "dmin_build.json"
 _STATE_VERSION = 1
@@ -320,7 +320,6 @@ class _DatasetView:
             raise DatasetError("`dataset` has no rows; there is nothing to index.")
         self.dataset = dataset
         self.image_column, self.prompt_column, self.id_column = image_column, prompt_column, id_column
-        self.image_feature = dataset.features[image_column]
         columns = [c for c in (image_column, prompt_column) if c is not None]
         self.rows = dataset.select_columns(columns).with_format("arrow")
         self.ids = self._read_ids()
@@ -394,7 +393,6 @@ class _BatchLoader(torch.utils.data.Dataset):
         self.rows = table.rows
         self.ids = table.ids
         self.image_column, self.prompt_column = table.image_column, table.prompt_column
-        self.image_feature = table.image_feature
         self.plan = plan
         self.resolution, self.channels = resolution, channels
         self.image_root = None if image_root is None else Path(image_root)
@@ -413,7 +411,7 @@ class _BatchLoader(torch.utils.data.Dataset):
         for i, value in enumerate(images):
             try:
                 prompt = _prompt(prompts[i], self.prompt_column) if prompts is not None else None
-                image = prepare_images(self._decode(value), self.resolution, self.channels)
+                image = prepare_images(decode_image(value, self.image_root), self.resolution, self.channels)
             except Exception as err:  # any failure to read one row is reported with its id by the caller
                 ok[i] = False
                 errors.append((int(ids[i]), f"{type(err).__name__}: {err}"))
@@ -430,34 +428,47 @@ class _BatchLoader(torch.utils.data.Dataset):
             errors=errors,
         )
 
-    def _decode(self, value: Any) -> Any:
-        import datasets
 
-        if value is None:
-            raise ValueError("the image is missing (None)")
-        if isinstance(value, PIL.Image.Image):
-            return value
-        if isinstance(value, str):
-            return _open_image(self._resolve(value))
-        if isinstance(value, dict) and ("bytes" in value or "path" in value):
-            if value.get("bytes") is not None:
-                return _open_image(io.BytesIO(value["bytes"]))
-            if value.get("path") is None:
-                raise ValueError("the image has neither bytes nor a path")
-            path = value["path"]
-            if isinstance(self.image_feature, datasets.Image) and "://" in path:
-                return datasets.Image().decode_example(value)  # remote paths (hf://...) need datasets' resolver
-            return _open_image(self._resolve(path))
-        array = np.asarray(value)
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255.0
-        return array
+def decode_image(value: Any, image_root: str | os.PathLike | None = None) -> PIL.Image.Image | np.ndarray:
+    r"""
+    Turn one value of an image column into a PIL image (or an array in `[0, 1]`), the way a build reads it.
 
-    def _resolve(self, path: str) -> Path:
-        candidate = Path(path)
-        if not candidate.is_absolute() and self.image_root is not None:
-            candidate = self.image_root / candidate
-        return candidate
+    Args:
+        value: A PIL image; a `datasets.Image` value (`{"bytes": ..., "path": ...}`); a path (relative paths are
+            resolved against `image_root`); or an `(H, W[, C])` array (uint8 values are divided by 255).
+        image_root (`str` or `os.PathLike`, *optional*): Folder for relative paths (default: the working directory).
+
+    Raises:
+        `OSError`, `ValueError`: The image cannot be read (a missing or corrupt file, a missing value).
+    """
+    if value is None:
+        raise ValueError("the image is missing (None)")
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return _open_image(_resolve(value, image_root))
+    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            return _open_image(io.BytesIO(value["bytes"]))
+        path = value.get("path")
+        if path is None:
+            raise ValueError("the image has neither bytes nor a path")
+        if "://" in path:  # remote files (hf://...) need datasets' resolver
+            import datasets
+
+            return datasets.Image().decode_example(dict(value))
+        return _open_image(_resolve(path, image_root))
+    array = np.asarray(value)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    return array
+
+
+def _resolve(path: str | os.PathLike, image_root: str | os.PathLike | None) -> Path:
+    candidate = Path(path)
+    if not candidate.is_absolute() and image_root is not None:
+        candidate = Path(image_root) / candidate
+    return candidate
 
 
 def _open_image(source: Any) -> PIL.Image.Image:
