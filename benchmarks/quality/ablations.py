@@ -58,6 +58,7 @@ def digits_configs(quick: bool) -> dict[str, dict]:
         "timesteps=low-noise [0,300)": {"timestep_spacing": LOW_NOISE, "num_timesteps": None},
         "timesteps=high-noise [700,1000)": {"timestep_spacing": HIGH_NOISE, "num_timesteps": None},
         "timesteps=uniform T=5": {"num_timesteps": 5},
+        "timesteps=cubic T=5": {"timestep_spacing": "cubic", "num_timesteps": 5},
         "timesteps=uniform T=20": {"num_timesteps": 20},
         "normalize=layer": {"normalize": "layer"},
         "normalize=none": {"normalize": "none"},

@@ -114,7 +114,8 @@ class DigitsContext:
     def query_losses(self, pipe, queries: torch.Tensor) -> np.ndarray:
         """The probe: mean diffusion loss of each query under `pipe` at LOSS_CONFIG's fixed noise and timesteps."""
         sketcher = GradientSketcher.from_pipeline(pipe, LOSS_CONFIG, mode="loop")
-        return sketcher.losses(images=queries).mean(1).double().numpy()
+        losses = [sketcher.losses(images=queries[i : i + 16]) for i in range(0, len(queries), 16)]
+        return torch.cat(losses).mean(1).double().numpy()
 
     # ------------------------------------------------------------------ DMin through the public API
 

@@ -361,7 +361,7 @@ def load_sd_pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        folder, dtype=torch.float32, safety_checker=None, requires_safety_checker=False, local_files_only=True
     )
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval()
