@@ -114,6 +114,7 @@ def build_index(
     if not isinstance(config, DMinConfig):
         raise ConfigError(f"`config` must be a DMinConfig or None, but is {type(config).__name__}.")
     _check_options(batch_size, shard_rows, num_workers, on_error, resume)
+    IndexMetadata.from_kwargs(**metadata)  # unknown names or bad values fail now, not after the build
     folder = Path(os.path.expanduser(os.fspath(output_dir)))
     state = _distributed_state(accelerator)
     rank, world = state.process_index, state.num_processes
@@ -380,12 +381,14 @@ class _Batch:
 
 
 class _BatchLoader(torch.utils.data.Dataset):
-    """Item `i` is batch `i` of the plan: the rows are read, decoded and preprocessed in the loader (and its workers)."""
+    """Item `i` is batch `i` of this process's units (computed on demand, so the plan takes memory per unit, not per
+    batch); the rows are read, decoded and preprocessed in the loader (and its workers)."""
 
     def __init__(
         self,
         table: _DatasetView,
-        plan: list[tuple[int, bool, np.ndarray]],
+        units: list[np.ndarray],
+        batch_size: int,
         resolution: tuple[int, int],
         channels: int,
         image_root: str | os.PathLike | None,
@@ -393,15 +396,23 @@ class _BatchLoader(torch.utils.data.Dataset):
         self.rows = table.rows
         self.ids = table.ids
         self.image_column, self.prompt_column = table.image_column, table.prompt_column
-        self.plan = plan
+        self.units, self.batch_size = units, batch_size
+        self.ends = np.cumsum([-(-len(positions) // batch_size) for positions in units])  # batches up to each unit
         self.resolution, self.channels = resolution, channels
         self.image_root = None if image_root is None else Path(image_root)
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def locate(self, item: int) -> tuple[int, bool, np.ndarray]:
+        """(unit, last batch of the unit?, dataset positions) of batch `item`."""
+        unit = int(np.searchsorted(self.ends, item, side="right"))
+        first = item - (int(self.ends[unit - 1]) if unit else 0)
+        positions = self.units[unit][first * self.batch_size : (first + 1) * self.batch_size]
+        return unit, item == int(self.ends[unit]) - 1, positions
 
     def __getitem__(self, item: int) -> _Batch:
-        unit, last, positions = self.plan[item]
+        unit, last, positions = self.locate(item)
         rows = self.rows[positions.tolist()]
         images = rows.column(self.image_column).to_pylist()
         prompts = rows.column(self.prompt_column).to_pylist() if self.prompt_column is not None else None
@@ -513,15 +524,16 @@ def _compute_units(
     """Compute and write this process's units; returns the number of rows written."""
     if not units:
         return 0
-    plan = []
-    for unit, (_, positions) in enumerate(units):
-        starts = range(0, len(positions), batch_size)
-        plan += [
-            (unit, start + batch_size >= len(positions), positions[start : start + batch_size]) for start in starts
-        ]
     adapter = sketcher.adapter
     loader = torch.utils.data.DataLoader(
-        _BatchLoader(table, plan, adapter.resolution, adapter.image_channels, image_root),
+        _BatchLoader(
+            table,
+            [positions for _, positions in units],
+            batch_size,
+            adapter.resolution,
+            adapter.image_channels,
+            image_root,
+        ),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
@@ -706,7 +718,7 @@ def _remove_index_files(folder: Path) -> None:
     for path in removed:
         path.unlink()
     if removed:
-        logger.warning(f"`resume=False`: deleted {len(removed)} index file(s) from {folder}; building from scratch.")
+        logger.info(f"`resume=False`: deleted {len(removed)} index file(s) from {folder}; building from scratch.")
 
 
 @dataclass
@@ -901,12 +913,6 @@ def _metadata(
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "id_column": id_column,
     }
-    unknown = sorted(set(given) - set(IndexMetadata.field_names()))
-    if unknown:
-        raise ConfigError(
-            f"Unknown index metadata {unknown}; valid names are {list(IndexMetadata.field_names())}. Put anything "
-            "else in `extra={...}`."
-        )
     for key, value in {**defaults, **given}.items():
         if key == "extra":
             values.extra.update(value or {})
