@@ -396,3 +396,14 @@ def test_default_shard_rows_is_a_multiple_of_the_batch_size():
     assert default_shard_rows(64, DMinConfig()) == 1024  # T=10, K=4096 float16: 80 kB per row, capped at 1,024 rows
     assert default_shard_rows(48, DMinConfig(sketch_dim=2**16)) == 192  # 1.25 MiB per row: 204 rows fit 256 MiB
     assert default_shard_rows(8, DMinConfig(sketch_dim=2**24, num_timesteps=20)) == 8  # at least one batch
+
+
+def test_a_launched_process_that_believes_it_runs_alone_is_stopped(ddpm, digits, tmp_path, monkeypatch):
+    from accelerate import PartialState
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. torchrun on a CPU machine with a state created without cpu=True
+    with pytest.raises(ConfigError, match=r"one of 2 \(WORLD_SIZE\).*1 process\(es\).*cpu=True"):
+        _build(ddpm, digits, tmp_path, accelerator=PartialState())
+    with pytest.raises(ConfigError, match="must be an `accelerate.Accelerator`"):
+        _build(ddpm, digits, tmp_path, accelerator=object())
+    assert not (tmp_path / "shards").exists()

@@ -256,11 +256,20 @@ def _distributed_state(accelerator: Any):
                     f"`accelerator` must be an `accelerate.Accelerator` or `accelerate.PartialState`, but is "
                     f"{type(accelerator).__name__}."
                 )
-        return state
-    # accelerate only picks the gloo (CPU) backend when asked for a CPU state; without any accelerator a launched
-    # process would otherwise believe it runs alone
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not _has_accelerator()
-    return PartialState(cpu=cpu)
+    else:
+        # accelerate only picks the gloo (CPU) backend when asked for a CPU state; without any accelerator a launched
+        # process would otherwise believe it runs alone
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not _has_accelerator()
+        state = PartialState(cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if state.num_processes != launched and launched > 1:
+        # every process would compute every row and write the same shards
+        raise ConfigError(
+            f"This process was launched as one of {launched} (WORLD_SIZE), but its accelerate state has "
+            f"{state.num_processes} process(es). On a machine without GPUs create the state with "
+            "`PartialState(cpu=True)` / `Accelerator(cpu=True)` before anything else does, or pass no `accelerator`."
+        )
+    return state
 
 
 def _has_accelerator() -> bool:
