@@ -11,7 +11,7 @@ after a crash) and uses every process `accelerate launch` gives it:
         --dataset my-org/my-captioned-images --image-column image --prompt-column text --output-dir my_index
 
 `--dataset` is a Hub dataset id, a folder written by `Dataset.save_to_disk`, an image folder (with an optional
-`metadata.jsonl` holding captions), or a `.parquet`/`.jsonl` file. The `dmin build` command offers the same with
+`metadata.jsonl` holding captions), or a `.parquet`/`.jsonl`/`.csv` file (image paths relative to the file). The `dmin build` command offers the same with
 more options.
 """
 
@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datasets import load_dataset, load_from_disk
 from diffusers import DiffusionPipeline
 
 from diffusers_dmin import DMinConfig, GradientIndex
+from diffusers_dmin.build import load_training_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,24 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_training_set(path: str, split: str):
-    """A `datasets.Dataset` from a Hub id, a save_to_disk folder, an image folder or a parquet/jsonl file."""
-    local = Path(path)
-    if local.is_dir() and (local / "dataset_info.json").exists():
-        return load_from_disk(path)
-    if local.is_dir():
-        return load_dataset("imagefolder", data_dir=path, split=split)
-    if local.suffix in (".parquet", ".jsonl", ".json"):
-        return load_dataset(local.suffix.lstrip(".").replace("jsonl", "json"), data_files=path, split=split)
-    return load_dataset(path, split=split)
-
-
 def main(argv: list[str] | None = None) -> GradientIndex:
     args = parse_args(argv)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     if args.lora_weights:
         pipe.load_lora_weights(args.lora_weights)
-    dataset = load_training_set(args.dataset, args.split)
+    # relative image paths in jsonl/csv/parquet files are resolved against the file's folder (image_root)
+    dataset, image_root = load_training_dataset(args.dataset, split=args.split)
     config = DMinConfig(sketch_dim=args.sketch_dim, seed=args.seed)
     if args.num_timesteps is not None:
         config = config.replace(num_timesteps=args.num_timesteps)
@@ -75,6 +64,7 @@ def main(argv: list[str] | None = None) -> GradientIndex:
         id_column=args.id_column,
         batch_size=args.batch_size,
         resume=not args.overwrite,
+        image_root=image_root,
     )
     print(f"{len(index)} training samples indexed in {args.output_dir}: {index}")
     return index

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fakehub import FakeHub
+
+
+# The tests run tiny models, where intra-op threads gain nothing; on a busy machine every OpenMP region can stall
+# until all its threads get a core (measured: 20 s instead of 0.2 s for one pipeline test). Subprocess tests set
+# OMP_NUM_THREADS themselves.
+torch.set_num_threads(1)
 
 
 FAKE_TOKEN = "hf_fake"

@@ -77,10 +77,9 @@ def test_two_process_accelerate_build_equals_a_single_process_build(tmp_path, on
     one = GradientIndex.from_pretrained(tmp_path / "one")
     assert two.ids.tolist() == one.ids.tolist() == list(range(24))
     np.testing.assert_array_equal(two.get_sketches(two.ids), one.get_sketches(one.ids))  # bit-identical
-    # the same shards in the same order (not always the same bytes: safetensors writes its two metadata keys in a
-    # per-process hash order, so the header, and hence the sha256, may differ while every tensor is identical)
-    shards = [(s.name, s.num_rows, s.num_bytes) for s in read_manifest(tmp_path / "two").shards]
-    assert shards == [(s.name, s.num_rows, s.num_bytes) for s in read_manifest(tmp_path / "one").shards]
+    # the same shards in the same order, byte for byte
+    shards = [(s.name, s.num_rows, s.num_bytes, s.sha256) for s in read_manifest(tmp_path / "two").shards]
+    assert shards == [(s.name, s.num_rows, s.num_bytes, s.sha256) for s in read_manifest(tmp_path / "one").shards]
 
 
 def test_sigkill_then_resume_finishes_every_id_exactly_once(tmp_path, one_thread):

@@ -47,7 +47,14 @@ import torch
 
 from .config import DMinConfig, SketchSpec
 from .constants import HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
-from .errors import ConfigError, DatasetError, IndexCorruptError, IndexMismatchError, NonFiniteGradientError
+from .errors import (
+    ConfigError,
+    DatasetError,
+    DMinError,
+    IndexCorruptError,
+    IndexMismatchError,
+    NonFiniteGradientError,
+)
 from .logging import get_logger, tqdm
 from .objectives import prepare_images
 from .storage import (
@@ -66,7 +73,10 @@ from .storage import (
 
 logger = get_logger(__name__)
 
-__all__ = ["build_index", "decode_image", "default_shard_rows", "BUILD_STATE_NAME"]
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+__all__ = ["build_index", "load_training_dataset", "decode_image", "default_shard_rows", "BUILD_STATE_NAME"]
 
 BUILD_STATE_NAME = "dmin_build.json"
 _STATE_VERSION = 1
@@ -888,12 +898,11 @@ def _finish(
         metadata=_metadata(old, pipeline, table, id_column, scan.skipped, metadata),
     )
     write_manifest(folder, manifest)
-    index = GradientIndex.from_pretrained(folder)
+    # loading a saved graph extends it with the rows it does not hold yet
+    index = GradientIndex.from_pretrained(folder, load_hnsw=manifest.hnsw is not None)
     if not progress:
         index.set_progress_bar_config(disable=True)
-    if manifest.hnsw is not None:
-        index._get_hnsw(manifest.hnsw.sketch_dim)  # load the saved graph and add the new rows to it
-    elif hnsw:
+    if manifest.hnsw is None and hnsw:
         index.build_hnsw()
     index.save_pretrained(folder)  # the card, the graph when it changed, and the manifest again
     for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + _SKIPPED_SUFFIX)]:
@@ -930,3 +939,44 @@ def _metadata(
     if skipped:
         values.extra["skipped"] = [{"id": i, "reason": skipped[i]} for i in sorted(skipped)]
     return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
+
+
+def load_training_dataset(
+    source: str,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    revision: str | None = None,
+) -> tuple[Any, Path | None]:
+    r"""
+    Load a training set the way `dmin build` does: a `save_to_disk` folder, an image folder, a data file
+    (`.jsonl`, `.json`, `.parquet`, `.csv`) or a Hub dataset id.
+
+    Returns:
+        `(datasets.Dataset, image_root)`: the split, and the folder relative image paths are resolved against.
+    """
+    import datasets
+
+    path = Path(os.path.expanduser(source))
+    try:
+        if path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES):
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise DatasetError(f"{source!r} has the splits {list(dataset)}, not {split!r}; pass `--split`.")
+                dataset = dataset[split]
+            return dataset, path
+        if path.is_dir():
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split), path
+        if path.is_file():
+            builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DatasetError(
+                    f"Cannot read {source!r}: expected a folder, or a file ending in {sorted(_DATA_FILE_BUILDERS)}."
+                )
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split), path.parent
+        return datasets.load_dataset(source, name=config_name, split=split, revision=revision), None
+    except DMinError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # missing files, unknown splits, unreachable Hub
+        raise DatasetError(f"Could not load the dataset {source!r} (split {split!r}): {err}") from err

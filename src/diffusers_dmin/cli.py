@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import __version__
+from .build import load_training_dataset
 from .constants import DEFAULT_REPO_TYPE, MANIFEST_NAME
 from .errors import ConfigError, DatasetError, DMinError
 
@@ -31,8 +32,6 @@ from .errors import ConfigError, DatasetError, DMinError
 __all__ = ["main", "BaseDMinCommand"]
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
-_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
-_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 # ---------------------------------------------------------------------------------------------- base class
@@ -153,47 +152,6 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
             raise ConfigError(f"Could not load the LoRA weights {args.lora_weights!r}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(_device(args.device))
-
-
-def load_training_dataset(
-    source: str,
-    *,
-    split: str = "train",
-    config_name: str | None = None,
-    revision: str | None = None,
-) -> tuple[Any, Path | None]:
-    r"""
-    Load training data the way `dmin build` does: a `save_to_disk` folder, an image folder, a data file
-    (`.jsonl`, `.json`, `.parquet`, `.csv`) or a Hub dataset id.
-
-    Returns:
-        `(datasets.Dataset, image_root)`: the split, and the folder relative image paths are resolved against.
-    """
-    import datasets
-
-    path = Path(os.path.expanduser(source))
-    try:
-        if path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES):
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise DatasetError(f"{source!r} has the splits {list(dataset)}, not {split!r}; pass `--split`.")
-                dataset = dataset[split]
-            return dataset, path
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split), path
-        if path.is_file():
-            builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise DatasetError(
-                    f"Cannot read {source!r}: expected a folder, or a file ending in {sorted(_DATA_FILE_BUILDERS)}."
-                )
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split), path.parent
-        return datasets.load_dataset(source, name=config_name, split=split, revision=revision), None
-    except DMinError:
-        raise
-    except (OSError, ValueError, KeyError) as err:  # missing files, unknown splits, unreachable Hub
-        raise DatasetError(f"Could not load the dataset {source!r} (split {split!r}): {err}") from err
 
 
 def _parse_spacing(value: str | None) -> str | tuple[int, ...] | None:

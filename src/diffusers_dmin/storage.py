@@ -760,7 +760,9 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
         save_file(
             {SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)},
             str(tmp),
-            metadata={"format": "pt", "dmin_format_version": str(FORMAT_VERSION)},
+            # one metadata key: safetensors writes several in a per-process hash order, and shard files must be
+            # byte-reproducible (the manifest carries the format version)
+            metadata={"format": "pt"},
         )
         _commit_temp(tmp, path)
     finally:
