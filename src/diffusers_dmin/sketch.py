@@ -190,10 +190,14 @@ class OPORPSketch:
         table = self._tables.get(key)
         if table is not None:
             return table
-        codes = self._codes(start, length, device)
-        if self._table_bytes + 8 * length <= self.table_budget_bytes:
-            self._tables[key] = codes
-            self._table_bytes += 8 * length
+        if self._table_bytes + 8 * length > self.table_budget_bytes:
+            return self._codes(start, length, device)
+        codes = torch.empty(length, dtype=torch.int64, device=device)
+        for offset in range(0, length, self.chunk_size):  # chunk by chunk: no temporaries of the table's size
+            size = min(self.chunk_size, length - offset)
+            codes[offset : offset + size] = self._codes(start + offset, size, device)
+        self._tables[key] = codes
+        self._table_bytes += 8 * length
         return codes
 
     def clear_tables(self) -> None:
