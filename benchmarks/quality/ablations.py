@@ -40,51 +40,62 @@ from .digits_context import DigitsContext, recipe_for
 from .metrics import detection_table, lds, subset_predictions, summary, top_k
 
 
-BASE = dict(num_timesteps=10, timestep_spacing="uniform", params="attention", normalize="timestep", sketch_dim=4096)
+BASE: dict = {}  # the library's DMinConfig() defaults (params "auto" = the attention parameters without a LoRA)
 LOW_NOISE = tuple(range(15, 300, 30))  # 10 timesteps in [0, 300)
 HIGH_NOISE = tuple(range(715, 1000, 30))  # 10 timesteps in [700, 1000)
+# the official code's DDPM settings: cubic timesteps, every parameter, per-timestep normalisation
+OFFICIAL_DDPM = {"timestep_spacing": "cubic", "num_timesteps": 10, "params": "all", "normalize": "timestep"}
+QUICK_DIGITS = (
+    "default: DMinConfig()",
+    "timesteps=uniform T=10",
+    "params=all",
+    "normalize=timestep",
+    "official DDPM choices: cubic T=10, all params, per-timestep norm",
+)
 
 
 def digits_configs(quick: bool) -> dict[str, dict]:
-    """name -> (config changes from BASE, extra) for the digits DDPM."""
+    """name -> config changes from BASE for the digits DDPM (keys starting with `_` are not config fields)."""
     configs = {
-        "base: uniform T=10, attention, per-timestep norm": {},
+        "default: DMinConfig()": {},
+        "timesteps=uniform T=10": {"timestep_spacing": "uniform", "num_timesteps": 10},
+        "timesteps=cubic T=10 (official)": {"timestep_spacing": "cubic", "num_timesteps": 10},
+        "timesteps=low-noise [0,300)": {"timestep_spacing": LOW_NOISE, "num_timesteps": None},
+        "timesteps=high-noise [700,1000)": {"timestep_spacing": HIGH_NOISE, "num_timesteps": None},
+        "timesteps=uniform T=5": {"timestep_spacing": "uniform", "num_timesteps": 5},
+        "timesteps=cubic T=5": {"timestep_spacing": "cubic", "num_timesteps": 5},
+        "timesteps=uniform T=20": {"timestep_spacing": "uniform", "num_timesteps": 20},
+        "params=attention": {"params": "attention"},
         "params=all": {"params": "all"},
         "params=down_blocks": {"params": ["down_blocks.*"]},
         "params=mid_block": {"params": ["mid_block.*"]},
         "params=up_blocks": {"params": ["up_blocks.*"]},
         "params=lora (untrained r=4 adapter, B=0)": {"params": "lora", "_lora": True},
-        "timesteps=cubic (official)": {"timestep_spacing": "cubic"},
-        "timesteps=low-noise [0,300)": {"timestep_spacing": LOW_NOISE, "num_timesteps": None},
-        "timesteps=high-noise [700,1000)": {"timestep_spacing": HIGH_NOISE, "num_timesteps": None},
-        "timesteps=uniform T=5": {"num_timesteps": 5},
-        "timesteps=cubic T=5": {"timestep_spacing": "cubic", "num_timesteps": 5},
-        "timesteps=uniform T=20": {"num_timesteps": 20},
+        "normalize=timestep": {"normalize": "timestep"},
         "normalize=layer": {"normalize": "layer"},
         "normalize=none": {"normalize": "none"},
+        "noise draws=1": {"num_noise_draws": 1},
         "noise draws=4": {"num_noise_draws": 4},
-        "official DDPM choices: cubic T=10, all params": {"timestep_spacing": "cubic", "params": "all"},
+        "noise draws=4, matched (4 indices with seeds 0-3, scores summed)": {"_matched_draws": 4},
+        "normalize=layer + timesteps=uniform": {"normalize": "layer", "timestep_spacing": "uniform"},
+        "normalize=layer + timesteps=cubic": {"normalize": "layer", "timestep_spacing": "cubic"},
+        "normalize=timestep + timesteps=uniform": {"normalize": "timestep", "timestep_spacing": "uniform"},
+        "normalize=timestep + timesteps=cubic": {"normalize": "timestep", "timestep_spacing": "cubic"},
+        "official DDPM choices: cubic T=10, all params, per-timestep norm": dict(OFFICIAL_DDPM),
     }
     if quick:
-        keep = (
-            "base: uniform T=10, attention, per-timestep norm",
-            "params=all",
-            "params=mid_block",
-            "timesteps=cubic (official)",
-            "timesteps=low-noise [0,300)",
-            "timesteps=high-noise [700,1000)",
-            "normalize=layer",
-            "normalize=none",
-            "noise draws=4",
-            "official DDPM choices: cubic T=10, all params",
-        )
-        configs = {k: v for k, v in configs.items() if k in keep}
+        configs = {k: v for k, v in configs.items() if k in QUICK_DIGITS}
     return configs
 
 
 def make_config(changes: dict) -> DMinConfig:
     changes = {k: v for k, v in changes.items() if not k.startswith("_")}
     return DMinConfig(**{**BASE, **changes})
+
+
+def same_as_default(changes: dict, default: DMinConfig) -> bool:
+    """Whether a row's config is the default's (then it is not computed twice)."""
+    return not any(k.startswith("_") for k in changes) and make_config(changes) == default and bool(changes)
 
 
 def with_untrained_lora(pipe):
@@ -128,10 +139,18 @@ def run_digits(quick: bool, seed: int = 0, ctx: DigitsContext | None = None) -> 
     timings["lds_retraining_s"] = time.perf_counter() - start
 
     rows = {}
+    default = make_config({})
     for name, changes in digits_configs(quick).items():
         config = make_config(changes)
+        if same_as_default(changes, default):
+            rows[name] = {**rows["default: DMinConfig()"], "same_as_default": True}
+            continue
         pipe = with_untrained_lora(ctx.reference) if changes.get("_lora") else None
         out = ctx.dmin_scores(config, queries, pipe=pipe)
+        for extra_seed in range(1, changes.get("_matched_draws", 1)):  # the same config with another noise seed
+            more = ctx.dmin_scores(config.replace(seed=extra_seed), queries, pipe=pipe)
+            out["scores"] = out["scores"] + more["scores"]
+            out["sketch_seconds_per_sample"] += more["sketch_seconds_per_sample"]
         rows[name] = {
             "config": config.to_dict(),
             "input_dim": out["input_dim"],
@@ -152,7 +171,7 @@ def run_digits(quick: bool, seed: int = 0, ctx: DigitsContext | None = None) -> 
         "num_queries": num_queries,
         "num_confident_queries": int(confident.sum()),
         "num_subsets": num_subsets,
-        "base_config": BASE,
+        "default_config": default.to_dict(),
         "rows": rows,
         "timings": timings,
         "training_stats": dict(ctx.stats),
@@ -160,9 +179,16 @@ def run_digits(quick: bool, seed: int = 0, ctx: DigitsContext | None = None) -> 
 
 
 def digits_markdown(result: dict, command: str) -> str:
-    header = ["configuration", "D", "T", "LDS (mean ± sem)", "det@5", "det@10", "ms/sample"]
+    header = ["configuration", "D", "T", "LDS (mean ± sem)", "ΔLDS vs default (paired)", "det@5", "det@10"]
+    header.append("ms/sample")
     rows = []
+    default = np.asarray(result["rows"]["default: DMinConfig()"]["lds_per_query"], dtype=float)
     for name, row in result["rows"].items():
+        diff = np.asarray(row["lds_per_query"], dtype=float) - default
+        diff = diff[np.isfinite(diff)]
+        paired = f"{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}" if len(diff) > 1 else "-"
+        if row.get("same_as_default"):
+            name = f"{name} (= default)"
         lds_text = f"{row['lds']['mean']:.3f} ± {row['lds']['sem']:.3f}" if row["lds"]["mean"] is not None else "-"
         rows.append(
             [
@@ -170,6 +196,7 @@ def digits_markdown(result: dict, command: str) -> str:
                 row.get("input_dim", "-"),
                 len(row["timesteps"]) if "timesteps" in row else "-",
                 lds_text,
+                paired,
                 row["detection"]["k=5"],
                 row["detection"]["k=10"],
                 row.get("ms_per_sample"),
@@ -207,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(args.threads)
     from .common import command_line
 
-    result = run_digits(args.quick, args.seed)
+    result = run_digits(args.quick, args.seed, ctx=DigitsContext(recipe_for(args.quick, args.seed), args.cache_dir))
     name = f"ablations_digits_{mode_name(args.quick)}"
     result["command"] = command_line()
     write_json(name, result)

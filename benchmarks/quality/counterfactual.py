@@ -23,7 +23,7 @@ import numpy as np
 
 from diffusers_dmin import DMinConfig
 
-from .ablations import BASE
+from .ablations import BASE, OFFICIAL_DDPM
 from .baselines import pixel_cosine_scores, random_scores, ssim_scores
 from .common import (
     base_parser,
@@ -41,12 +41,16 @@ from .digits_context import DigitsContext, recipe_for
 from .metrics import lds, subset_predictions, summary, top_k
 
 
-OFFICIAL = dict(BASE, timestep_spacing="cubic", params="all")
+OFFICIAL = {**BASE, **OFFICIAL_DDPM}
+
+
+UNIFORM = {**BASE, "timestep_spacing": "uniform"}
 
 
 def method_scores(ctx: DigitsContext, queries, include_official: bool, seed: int) -> dict[str, np.ndarray]:
-    scores = {"DMin (our defaults)": ctx.dmin_scores(DMinConfig(**BASE), queries)["scores"]}
+    scores = {"DMin (defaults)": ctx.dmin_scores(DMinConfig(**BASE), queries)["scores"]}
     if include_official:
+        scores["DMin (timesteps=uniform)"] = ctx.dmin_scores(DMinConfig(**UNIFORM), queries)["scores"]
         scores["DMin (official DDPM choices)"] = ctx.dmin_scores(DMinConfig(**OFFICIAL), queries)["scores"]
     scores["pixel cosine"] = pixel_cosine_scores(queries, ctx.images)
     scores["SSIM"] = ssim_scores(queries, ctx.images)
@@ -147,8 +151,8 @@ def run(
         "group_size": group,
         "removed_fraction": fraction,
         "lds_subsets": lds_subsets,
-        "dmin_config": BASE,
-        "official_config": OFFICIAL,
+        "dmin_config": DMinConfig(**BASE).to_dict(),
+        "official_config": DMinConfig(**OFFICIAL).to_dict(),
         "aggregate": aggregate,
         "per_seed": per_seed,
         "seconds": time.perf_counter() - start,
@@ -208,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lds-subsets", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    result = run(args.quick, args.seeds, args.num_queries, args.group, lds_subsets=args.lds_subsets)
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    contexts = {seed: DigitsContext(recipe_for(args.quick, seed), args.cache_dir) for seed in seeds}
+    result = run(args.quick, seeds, args.num_queries, args.group, contexts=contexts, lds_subsets=args.lds_subsets)
     result["command"] = command_line()
     name = f"counterfactual_{mode_name(args.quick)}"
     write_json(name, result)

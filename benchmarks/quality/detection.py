@@ -25,7 +25,7 @@ import torch
 
 from diffusers_dmin import DMinConfig, GradientIndex, GradientSketcher, InfluencePipeline
 
-from .ablations import HIGH_NOISE, LOW_NOISE
+from .ablations import BASE, HIGH_NOISE, LOW_NOISE, make_config, same_as_default
 from .baselines import pixel_cosine_scores, random_scores, ssim_scores
 from .common import (
     base_parser,
@@ -46,26 +46,43 @@ from .train_sd_mixed import DEFAULT_DIR
 
 
 KS = (5, 10, 50)
-SD_BASE = dict(num_timesteps=10, timestep_spacing="uniform", params="attention", normalize="timestep")
+SD_BASE = BASE  # the library defaults (params "auto" = the UNet's transformer_blocks without a LoRA)
 SEARCH_KS = (2**8, 2**10, 2**12, 2**14, 2**16)
 
 
 def sd_configs(quick: bool) -> dict[str, dict]:
     configs = {
+        "timesteps=uniform T=10": {"timestep_spacing": "uniform", "num_timesteps": 10},
+        "timesteps=cubic T=10 (official)": {"timestep_spacing": "cubic", "num_timesteps": 10},
+        "timesteps=low-noise [0,300)": {"timestep_spacing": LOW_NOISE, "num_timesteps": None},
+        "timesteps=high-noise [700,1000)": {"timestep_spacing": HIGH_NOISE, "num_timesteps": None},
+        "timesteps=uniform T=5": {"timestep_spacing": "uniform", "num_timesteps": 5},
+        "timesteps=cubic T=5": {"timestep_spacing": "cubic", "num_timesteps": 5},
+        "params=attention": {"params": "attention"},
         "params=all": {"params": "all"},
         "params=down_blocks": {"params": ["down_blocks.*"]},
         "params=mid_block": {"params": ["mid_block.*"]},
         "params=up_blocks": {"params": ["up_blocks.*"]},
-        "timesteps=cubic (official)": {"timestep_spacing": "cubic"},
-        "timesteps=low-noise [0,300)": {"timestep_spacing": LOW_NOISE, "num_timesteps": None},
-        "timesteps=high-noise [700,1000)": {"timestep_spacing": HIGH_NOISE, "num_timesteps": None},
+        "normalize=timestep": {"normalize": "timestep"},
         "normalize=layer": {"normalize": "layer"},
         "normalize=none": {"normalize": "none"},
+        "noise draws=1": {"num_noise_draws": 1},
         "noise draws=4": {"num_noise_draws": 4},
-        "official SD choices: cubic T=10, attention": {"timestep_spacing": "cubic"},
+        "normalize=layer + timesteps=uniform": {"normalize": "layer", "timestep_spacing": "uniform"},
+        "normalize=layer + timesteps=cubic": {"normalize": "layer", "timestep_spacing": "cubic"},
+        "normalize=timestep + timesteps=uniform": {"normalize": "timestep", "timestep_spacing": "uniform"},
+        "normalize=timestep + timesteps=cubic": {"normalize": "timestep", "timestep_spacing": "cubic"},
+        "params=mid_block + normalize=layer": {"params": ["mid_block.*"], "normalize": "layer"},
+        "params=mid_block + normalize=timestep": {"params": ["mid_block.*"], "normalize": "timestep"},
+        "official SD choices: cubic T=10, attention, per-timestep norm": {
+            "timestep_spacing": "cubic",
+            "num_timesteps": 10,
+            "params": "attention",
+            "normalize": "timestep",
+        },
     }
     if quick:
-        keep = ("params=all", "timesteps=cubic (official)", "normalize=none")
+        keep = ("timesteps=uniform T=10", "normalize=timestep")
         configs = {k: v for k, v in configs.items() if k in keep}
     return configs
 
@@ -185,7 +202,7 @@ def run(quick: bool, seed: int = 0, retrain: bool = False) -> dict:
     max_k_sketch = 2**14 if quick else 2**16
 
     # --- DMin: index at the largest K (folds to every smaller K), generate + attribute with InfluencePipeline
-    config = DMinConfig(**SD_BASE, sketch_dim=max_k_sketch)
+    config = make_config({"sketch_dim": max_k_sketch})
     index, sketcher, timings["index_build_s"] = build_index(pipe, config, train_pixels, train_prompts, train_rows)
     log(f"index: {len(index)} rows, D={sketcher.input_dim:,}, built in {timings['index_build_s']:.0f}s")
     start = time.perf_counter()
@@ -233,7 +250,8 @@ def run(quick: bool, seed: int = 0, retrain: bool = False) -> dict:
     ablation_sketches = influence_pipe.sketcher(latents=ablation_latents, prompts=ablation_prompts)
     found = index.search(ablation_sketches, top_k=max(KS), sketch_dim=2**12)
     det = detection_table(rankings_from_results(found, row_of_id), train_labels, ablation_labels, KS, SUBSETS)
-    ablation = {"base": {k: v["mean"] for k, v in det.items()}}
+    ablation = {"default: DMinConfig()": {k: v["mean"] for k, v in det.items()}}
+    ablation["default: DMinConfig()"]["per_query_k10"] = det["k=10"]["per_query"]
     ablation_images = decode(pipe, ablation_latents)
     for name, scores in (
         ("baseline: SSIM", ssim_scores(ablation_images, train_pixels)),
@@ -241,13 +259,18 @@ def run(quick: bool, seed: int = 0, retrain: bool = False) -> dict:
     ):
         det = detection_table(top_k(scores, max(KS)), train_labels, ablation_labels, KS, SUBSETS)
         ablation[name] = {k: v["mean"] for k, v in det.items()}
+        ablation[name]["per_query_k10"] = det["k=10"]["per_query"]
     del index
     for name, changes in sd_configs(quick).items():
-        cfg = DMinConfig(**{**SD_BASE, **changes, "sketch_dim": 2**12})
+        cfg = make_config({**changes, "sketch_dim": 2**12})
+        if same_as_default({**changes, "sketch_dim": 2**12}, make_config({"sketch_dim": 2**12})):
+            ablation[name] = {**ablation["default: DMinConfig()"], "same_as_default": True}
+            continue
         idx, sk, build_s = build_index(pipe, cfg, train_pixels, train_prompts, train_rows)
         found = idx.search(sk(latents=ablation_latents, prompts=ablation_prompts), top_k=max(KS))
         det = detection_table(rankings_from_results(found, row_of_id), train_labels, ablation_labels, KS, SUBSETS)
         ablation[name] = {k: v["mean"] for k, v in det.items()}
+        ablation[name]["per_query_k10"] = det["k=10"]["per_query"]
         ablation[name]["ms_per_sample"] = 1000 * build_s / len(train_rows)
         ablation[name]["input_dim"] = sk.input_dim
         log(f"SD ablation {name}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in det.items()))
@@ -317,7 +340,7 @@ def lora_ablation(pipe, train_pixels, train_prompts, train_rows, prompts, labels
     unet.eval()
     out = {}
     for params_name in ("lora", "attention"):
-        cfg = DMinConfig(**{**SD_BASE, "params": params_name, "sketch_dim": 2**12})
+        cfg = make_config({"params": params_name, "sketch_dim": 2**12})
         index, _, _ = build_index(lora_pipe, cfg, train_pixels, train_prompts, train_rows)
         _, _, results = generate_and_attribute(lora_pipe, index, prompts, seed + 100, max(KS))
         det = detection_table(rankings_from_results(results, row_of_id), train_labels, labels, KS, SUBSETS)
@@ -354,14 +377,18 @@ def markdown(result: dict, command: str) -> str:
         f"\n### Ablations on the detection protocol (index at K = 2^12; {result['ablation_queries_per_subset']} other "
         "test captions per subset, disjoint from the ones above)\n"
     )
-    header = ["configuration"] + [f"top-{k}" for k in KS] + ["ms/sample"]
+    header = ["configuration"] + [f"top-{k}" for k in KS] + ["Δtop-10 vs default (paired)", "ms/sample"]
     rows = []
+    default = np.asarray(result["ablation"]["default: DMinConfig()"]["per_query_k10"])
     for name, entry in result["ablation"].items():
         if "lora" in entry:
             for sub, values in entry.items():
-                rows.append([f"{name}: params={sub}"] + [values[f"k={k}"] for k in KS] + [None])
+                rows.append([f"{name}: params={sub}"] + [values[f"k={k}"] for k in KS] + [None, None])
         else:
-            rows.append([name] + [entry[f"k={k}"] for k in KS] + [entry.get("ms_per_sample")])
+            label = f"{name} (= default)" if entry.get("same_as_default") else name
+            diff = np.asarray(entry["per_query_k10"]) - default
+            paired = f"{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}"
+            rows.append([label] + [entry[f"k={k}"] for k in KS] + [paired, entry.get("ms_per_sample")])
     parts.append(markdown_table(header, rows))
     return "\n".join(parts)
 

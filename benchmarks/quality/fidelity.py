@@ -90,7 +90,7 @@ def run(quick: bool, seed: int = 0, params: str = "attention", jl_max_k: int | N
         pipe(batch_size=num_queries, generator=torch.Generator().manual_seed(seed + 500), output_type="np").images
     ).permute(0, 3, 1, 2)
 
-    config = DMinConfig(**{**BASE, "params": params})
+    config = DMinConfig(**{**BASE, "params": params, "sketch_dim": 4096})
     normed = GradientSketcher.from_pipeline(pipe, config)
     raw = GradientSketcher.from_pipeline(pipe, config.replace(normalize="none"))
     dim, num_t = normed.input_dim, len(normed.timesteps)

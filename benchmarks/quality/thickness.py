@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    result = run(args.quick, args.seed)
+    result = run(args.quick, args.seed, ctx=DigitsContext(recipe_for(args.quick, args.seed), args.cache_dir))
     result["command"] = command_line()
     name = f"thickness_{mode_name(args.quick)}"
     write_json(name, result)

@@ -60,9 +60,10 @@ class DMinConfig:
             v_prediction, sample, or `noise - x0` for flow matching). `"noise"` regresses onto the noise for every
             family, which reproduces the official DMin code for SD3; `"sample"`, `"v_prediction"` and `"flow"`
             (`noise - x0`) are the other choices.
-        normalize (`str`, *optional*, defaults to `"timestep"`):
-            `"timestep"` L2-normalises each timestep's gradient (DMin), `"layer"` normalises each parameter tensor's
-            gradient first and then the whole timestep gradient, `"none"` keeps raw gradients (the paper's ablation).
+        normalize (`str`, *optional*, defaults to `"layer"`):
+            `"layer"` L2-normalises each parameter tensor's gradient first and then the whole timestep gradient (best
+            in benchmarks/QUALITY.md), `"timestep"` L2-normalises each timestep's gradient (the paper's DMin),
+            `"none"` keeps raw gradients (the paper's ablation).
         num_noise_draws (`int`, *optional*, defaults to 1):
             Number of fixed noise tensors; the sketch of a timestep is the mean of the normalised sketches over them.
         resolution (`int` or `tuple[int, int]`, *optional*):
@@ -84,7 +85,7 @@ class DMinConfig:
     params: Literal["auto", "lora", "attention", "all"] | tuple[str, ...] = "auto"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     target: Literal["noise", "sample", "v_prediction", "flow"] | None = None
-    normalize: Literal["timestep", "layer", "none"] = "timestep"
+    normalize: Literal["timestep", "layer", "none"] = "layer"
     num_noise_draws: int = 1
     resolution: tuple[int, int] | None = None
 
