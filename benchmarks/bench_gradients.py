@@ -60,7 +60,8 @@ def official_style(sketcher: GradientSketcher, latents: torch.Tensor, prompts: l
 
 
 def case(name: str, pipe, params: str, num: int, num_timesteps: int, k: int) -> dict:
-    config = DMinConfig(num_timesteps=num_timesteps, sketch_dim=k, params=params)
+    # per-timestep normalisation, as the official-style loop does (the comparison is engine against engine)
+    config = DMinConfig(num_timesteps=num_timesteps, sketch_dim=k, params=params, normalize="timestep")
     sketcher = GradientSketcher.from_pipeline(pipe, config)
     torch.manual_seed(0)
     latents = torch.randn(num, *sketcher.adapter.latent_shape)
