@@ -62,8 +62,9 @@ class DMinConfig:
             (`noise - x0`) are the other choices.
         normalize (`str`, *optional*, defaults to `"layer"`):
             `"layer"` L2-normalises each parameter tensor's gradient first and then the whole timestep gradient (best
-            in benchmarks/QUALITY.md), `"timestep"` L2-normalises each timestep's gradient (the paper's DMin),
-            `"none"` keeps raw gradients (the paper's ablation).
+            in benchmarks/QUALITY.md; tensors whose gradient is below 1e-5 of the largest one, such as attention key
+            biases whose true gradient is zero, are left out rather than amplified), `"timestep"` L2-normalises each
+            timestep's gradient (the paper's DMin), `"none"` keeps raw gradients (the paper's ablation).
         num_noise_draws (`int`, *optional*, defaults to 1):
             Number of fixed noise tensors; the sketch of a timestep is the mean of the normalised sketches over them.
         resolution (`int` or `tuple[int, int]`, *optional*):

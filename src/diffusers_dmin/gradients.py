@@ -39,6 +39,8 @@ logger = get_logger(__name__)
 
 __all__ = ["GradientSketcher", "select_parameters", "fingerprint_parameters"]
 
+# normalize="layer": tensors whose gradient norm is below this fraction of the largest one count as zero
+_LAYER_NORM_FLOOR = 1e-5
 _VMAP_WARNING = r".*(performance drop because we have not yet implemented the batching rule|vmap.*fallback).*"
 
 
@@ -404,10 +406,12 @@ class GradientSketcher(ProgressBarMixin):
             acc = self.sketch.new_accumulator(rows, device)
         else:
             acc = torch.empty(rows, self.input_dim, dtype=torch.float32, device=device)
-        for (name, _), offset, grad in zip(self.parameters, self._offsets, grads):
+        if normalize == "layer":
+            layer_scales = self._layer_scales(grads, rows)
+        for i, ((name, _), offset, grad) in enumerate(zip(self.parameters, self._offsets, grads)):
             flat = grad.reshape(rows, -1).float()
             if normalize == "layer":
-                flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                flat = flat * layer_scales[:, i : i + 1]
             sq_norm += flat.pow(2).sum(1, dtype=torch.float64)
             if sink == "sketch":
                 self.sketch.accumulate(acc, flat, offset)
@@ -425,6 +429,18 @@ class GradientSketcher(ProgressBarMixin):
                 "LoRA with lora_B = 0 and params='lora' covering only lora_A); their sketches stay zero."
             )
         return out / norm.clamp_min(1e-30).unsqueeze(1)
+
+    @staticmethod
+    def _layer_scales(grads: list[torch.Tensor], rows: int) -> torch.Tensor:
+        """`(rows, num_tensors)` factors that scale each parameter tensor's gradient to unit norm.
+
+        Tensors whose gradient is below `_LAYER_NORM_FLOOR` times the row's largest tensor gradient get 0: their true
+        gradient is zero (e.g. attention key biases: softmax ignores a shift shared by all logits) and what is there
+        is float rounding, which per-tensor normalisation would otherwise blow up into a unit vector of noise.
+        """
+        norms = torch.stack([g.reshape(rows, -1).float().norm(dim=1) for g in grads], dim=1)
+        floor = norms.amax(dim=1, keepdim=True) * _LAYER_NORM_FLOOR
+        return torch.where(norms > floor, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
 
     def _check_finite(self, values: torch.Tensor, pairs: dict, what: str) -> None:
         bad = ~torch.isfinite(values)
