@@ -129,13 +129,14 @@ def test_resume_and_overwrite_from_the_cli(artifacts, tmp_path, capsys):
         "build", artifacts / "pipe", "--dataset", artifacts / "data", "--num-timesteps", "2", "--batch-size", "4",
         "--output-dir", tmp_path / "index", "-q", "--limit", "8",
     ]  # fmt: skip
+    bars_disabled_before = are_progress_bars_disabled()  # CI disables them through DMIN_DISABLE_PROGRESS_BARS
     assert _run(capsys, *common, "--sketch-dim", "64")[0] == 0
     code, _, err = _run(capsys, *common, "--sketch-dim", "32")
     assert code == 2 and "config.sketch_dim: index has 64, new build has 32" in err and "--overwrite" in err
     code, out, err = _run(capsys, *common, "--sketch-dim", "32", "--overwrite")
     assert code == 0, err
     assert "Index of 8 rows (T=2, K=32" in out
-    assert not are_progress_bars_disabled()  # `-q` does not leak into the calling program
+    assert are_progress_bars_disabled() == bars_disabled_before  # `-q` does not leak into the calling program
 
 
 @pytest.mark.parametrize("command", [c.name for c in COMMANDS])
