@@ -5,6 +5,7 @@ the speed benchmarks (`bench_sketch`, `bench_gradients`, `bench_pipeline`, `benc
     python -m benchmarks.run_all                      # full size (about 2.5 hours on 2 CPU cores)
     python -m benchmarks.run_all --quick --speed      # plus the speed benchmarks' quick runs
     python -m benchmarks.run_all --quick --only fidelity detection
+    python -m benchmarks.run_all --speed --only      # the speed benchmarks alone
 
 Quality results go to `benchmarks/results/quality/` (`<experiment>_<quick|full>.{json,md,png}`) and a summary
 `run_all_<quick|full>.md` with every table, the command and the wall time of each experiment. The digits
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced sizes (< 20 minutes on 2 CPU cores)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
-    parser.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these experiments")
+    parser.add_argument(
+        "--only", nargs="*", choices=EXPERIMENTS, default=None, help="run only these (none: with --speed, speed only)"
+    )
     parser.add_argument("--speed", action="store_true", help="also run the speed benchmarks (--quick variants)")
     parser.add_argument("--retrain-sd", action="store_true", help="retrain the tiny SD pipeline first")
     parser.add_argument("--cache-dir", type=Path, default=None, help="keep retrained digits models here")
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_threads(args.threads)
     mode = mode_name(args.quick)
-    selected = args.only or EXPERIMENTS
+    selected = EXPERIMENTS if args.only is None else args.only
     command = "python -m benchmarks.run_all" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     wall: dict[str, float] = {}
     sections: list[str] = []
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = (
         f"# run_all ({mode})\n\nCommand: `{command}`; total wall time {total:.0f} s ({total / 60:.1f} min); "
         + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items())
-        + f". Results: `{RESULTS_DIR.relative_to(Path(__file__).resolve().parents[1].parent)}`.\n\n"
+        + f". Results: `{RESULTS_DIR.relative_to(Path(__file__).resolve().parents[1])}`.\n\n"
     )
     if args.only is None:
         write_markdown(f"run_all_{mode}", header + "\n".join(sections))
