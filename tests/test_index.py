@@ -192,6 +192,57 @@ def test_append_extends_a_saved_hnsw_graph(tmp_path):
     assert json.loads((tmp_path / "idx" / MANIFEST_NAME).read_text())["hnsw"]["num_rows"] == 433
 
 
+def _crash_on_manifest_write(monkeypatch, when):
+    """Make `GradientIndex` saves raise (like a killed process) at the manifest writes for which `when` is true."""
+    import diffusers_dmin.index as index_module
+
+    real = index_module.write_manifest
+
+    def write_or_crash(folder, manifest):
+        if when(manifest):
+            raise KeyboardInterrupt("killed")
+        return real(folder, manifest)
+
+    monkeypatch.setattr(index_module, "write_manifest", write_or_crash)
+
+
+def test_saving_another_index_over_a_folder_never_leaves_a_stale_manifest(tmp_path, monkeypatch):
+    folder = tmp_path / "idx"
+    GradientIndex.from_sketches(_sketches(50), config=_config()).save_pretrained(folder)
+    other = GradientIndex.from_sketches(_sketches(80, seed=3), config=_config())
+    with monkeypatch.context() as patch:
+        _crash_on_manifest_write(patch, lambda manifest: True)
+        with pytest.raises(KeyboardInterrupt):
+            other.save_pretrained(folder)
+    with pytest.raises(IndexNotFoundError):  # no manifest listing replaced files: no index rather than a corrupt one
+        GradientIndex.from_pretrained(folder)
+    GradientIndex.from_sketches(_sketches(50), config=_config()).save_pretrained(tmp_path / "idx2")
+    other.save_pretrained(tmp_path / "idx2", max_shard_rows=40)  # replaces the index there and removes its shards
+    loaded = GradientIndex.from_pretrained(tmp_path / "idx2")
+    assert len(loaded) == 80
+    listed = {s["name"] for s in json.loads((tmp_path / "idx2" / MANIFEST_NAME).read_text())["shards"]}
+    assert {f"shards/{p.name}" for p in (tmp_path / "idx2" / "shards").iterdir()} == listed
+    _assert_same_results(loaded.search(_sketches(3, seed=9), top_k=5), other.search(_sketches(3, seed=9), top_k=5))
+
+
+def test_killed_while_saving_a_grown_hnsw_graph_leaves_a_usable_index(tmp_path, monkeypatch):
+    folder = tmp_path / "idx"
+    index = GradientIndex.from_sketches(_sketches(200, clusters=10), config=_config())
+    index.set_progress_bar_config(disable=True)
+    index.build_hnsw()
+    index.save_pretrained(folder)
+    index.add(_sketches(20, seed=4, clusters=10))  # extends the graph in memory
+    with monkeypatch.context() as patch:
+        _crash_on_manifest_write(patch, lambda manifest: manifest.hnsw is not None)
+        with pytest.raises(KeyboardInterrupt):
+            index.save_pretrained(folder)  # killed after hnsw.bin was replaced, before the final manifest
+    loaded = GradientIndex.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert len(loaded) == 220 and json.loads((folder / MANIFEST_NAME).read_text())["hnsw"] is None
+    queries = _sketches(3, seed=8, clusters=10)
+    _assert_same_results(loaded.search(queries, top_k=5, exact=False), index.search(queries, top_k=5, exact=False))
+
+
 @pytest.mark.parametrize("damage", ["flip-byte", "truncate-manifest", "missing-shard", "shard-shape"])
 def test_damaged_index_raises_and_never_returns_results(tmp_path, index, damage):
     folder = tmp_path / "idx"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -22,11 +23,14 @@ from .constants import (
     DEFAULT_HNSW_M,
     DEFAULT_REPO_TYPE,
     HNSW_NAME,
+    MANIFEST_NAME,
     README_NAME,
+    SHARDS_DIR,
 )
 from .errors import (
     ConfigError,
     DatasetError,
+    DMinError,
     IndexCorruptError,
     IndexMismatchError,
     IndexNotFoundError,
@@ -45,6 +49,7 @@ from .storage import (
     ShardInfo,
     atomic_copy,
     atomic_write_bytes,
+    fsync_dir,
     iter_shards,
     read_manifest,
     read_noise,
@@ -485,13 +490,13 @@ class GradientIndex(ProgressBarMixin):
                 f"The ids {clash[:10].tolist()}{'...' if len(clash) > 10 else ''} are already in the index; every "
                 "sample needs its own id. Pass other `ids=`, or omit `ids` to continue after the largest id."
             )
-        old_rows = len(self._ids)
         self._blocks.append(_Block(array, ids_array))
         self._ids = np.concatenate([self._ids, ids_array])
         self._exact = None
         self._sorted_ids = None
         if self._hnsw is not None:
-            self._hnsw.add_rows(self._exact_search(), start=old_rows, progress=self._progress_enabled())
+            # from the graph's own row count: an interrupted extension is completed by the next one
+            self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
             self._hnsw_dirty = True
 
     def build_hnsw(
@@ -934,11 +939,20 @@ class GradientIndex(ProgressBarMixin):
         repo_id: str | None = None,
         max_shard_rows: int | None = None,
     ) -> Manifest:
-        """Write the index to `folder`; `adopt` makes the written shards back this index, `link` symlinks files."""
+        """Write the index to `folder`; `adopt` makes the written shards back this index, `link` symlinks files.
+
+        A crash at any point leaves `folder` either as it was or without a manifest, never with a manifest that lists
+        files this call replaced: a different index saved over an existing one first removes the old manifest, and a
+        changed graph is written between a manifest without it and the final one.
+        """
         folder.mkdir(parents=True, exist_ok=True)
+        previous = self._retract_foreign_manifest(folder)
         used = [b.shard.name for b in self._blocks if b.shard is not None]
-        numbers = [int(m.group(1)) for name in used if (m := _SHARD_NUMBER.search(name))]
-        next_number = max(numbers, default=-1) + 1
+        on_disk = (
+            [p.name for p in (folder / SHARDS_DIR).glob("*.safetensors")] if (folder / SHARDS_DIR).is_dir() else []
+        )
+        numbers = [int(m.group(1)) for name in used + on_disk if (m := _SHARD_NUMBER.search(name))]
+        next_number = max(numbers, default=-1) + 1  # new shards never overwrite a file that is already there
         shards: list[ShardInfo] = []
         blocks: list[_Block] = []
         for block in self._blocks:
@@ -962,15 +976,13 @@ class GradientIndex(ProgressBarMixin):
                 blocks.append(_Block(block.sketches[start:end], block.ids[start:end], info, folder))
                 start = end
         noise_info = self._write_noise(folder, link, adopt)
-        hnsw_info = self._write_hnsw(folder, link, adopt)
         manifest = Manifest(
-            config=self._config,
-            spec=self._spec,
-            shards=shards,
-            noise=noise_info,
-            hnsw=hnsw_info,
-            metadata=self._metadata,
+            config=self._config, spec=self._spec, shards=shards, noise=noise_info, hnsw=None, metadata=self._metadata
         )
+        if self._graph_changes(folder) and (folder / MANIFEST_NAME).exists():
+            write_manifest(folder, manifest)  # the old graph's sha256 must not outlive its file
+        hnsw_info = self._write_hnsw(folder, link, adopt)
+        manifest = dataclasses.replace(manifest, hnsw=hnsw_info)
         card = folder / README_NAME
         source_card = None if self._source_folder is None else self._source_folder / README_NAME
         if hub.is_generated_card(card):
@@ -981,11 +993,42 @@ class GradientIndex(ProgressBarMixin):
         else:
             logger.info(f"Keeping the existing {card} (it has no diffusers_dmin marker).")
         write_manifest(folder, manifest)
+        if previous is not None:  # shards of the index this one replaced
+            kept = {info.name for info in shards}
+            for info in previous.shards:
+                if info.name not in kept:
+                    (folder / info.name).unlink(missing_ok=True)
         if adopt:
             self._blocks = blocks
             self._exact = None
         logger.info(f"Saved {len(self)} rows in {len(shards)} shards to {folder}.")
         return manifest
+
+    def _backed_by(self, folder: Path) -> bool:
+        """Whether any file of this index lives in `folder` (saving there again must keep them)."""
+        folders = [b.folder for b in self._blocks if b.shard is not None]
+        folders += [self._noise_folder, self._hnsw_folder]
+        return any(_same_path(f, folder) for f in folders)
+
+    def _retract_foreign_manifest(self, folder: Path) -> Manifest | None:
+        """Remove the manifest of another index in `folder` before any of its files is replaced; return it."""
+        path = folder / MANIFEST_NAME
+        if not path.exists() or self._backed_by(folder):
+            return None
+        try:
+            previous = read_manifest(folder)
+        except DMinError:
+            previous = None
+        logger.info(f"Replacing the index in {folder}.")
+        path.unlink()
+        fsync_dir(folder)
+        return previous
+
+    def _graph_changes(self, folder: Path) -> bool:
+        """Whether saving to `folder` replaces its `hnsw.bin`."""
+        return (
+            self._hnsw is not None and (self._hnsw_dirty or self._hnsw_info is None) and (folder / HNSW_NAME).exists()
+        )
 
     def _write_noise(self, folder: Path, link: bool, adopt: bool) -> FileInfo | None:
         if self._noise_info is not None and self._noise_folder is not None:

@@ -528,7 +528,7 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
 # --------------------------------------------------------------------------------------------------- atomic writes
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not supported on this platform
@@ -551,7 +551,7 @@ def _commit_temp(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
