@@ -112,7 +112,8 @@ def test_stable_diffusion_loss_matches_training_script():
         noise = sketcher.noise[0].expand_as(latents)
         for j, t in enumerate(sketcher.timesteps):
             timesteps = torch.full((2,), t)
-            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            a = pipe.scheduler.alphas_cumprod[t]
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, as the script noises
             pred = pipe.unet(noisy, timesteps, encoder_hidden_states=text).sample
             expected = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
             torch.testing.assert_close(losses[:, j], expected, rtol=1e-4, atol=1e-6)
@@ -120,6 +121,7 @@ def test_stable_diffusion_loss_matches_training_script():
 
 def test_sdxl_loss_uses_added_text_embeddings_and_time_ids():
     pipe = tiny_sdxl_pipeline()
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # its add_noise works in sigma space
     sketcher = _sketcher(pipe)
     images = torch.rand(1, 3, 16, 16)
     losses = sketcher.losses(images=images, prompts=["a photo of a dog"])
@@ -130,7 +132,9 @@ def test_sdxl_loss_uses_added_text_embeddings_and_time_ids():
         noise = sketcher.noise[0][None]
         for j, t in enumerate(sketcher.timesteps):
             timesteps = torch.tensor([t])
-            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            # train_text_to_image_sdxl.py noises with DDPMScheduler whatever scheduler the pipeline samples with
+            a = pipe.scheduler.alphas_cumprod[t]
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             pred = pipe.unet(
                 noisy,
                 timesteps,
@@ -219,3 +223,28 @@ def test_image_conversions_and_errors():
     adapter = adapter_for_pipeline(tiny_ddpm_pipeline())
     with pytest.raises(ConfigError, match="resolution"):
         adapter.preprocess(torch.rand(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("sampler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"])
+def test_swapping_the_sampler_does_not_change_the_sketches(sampler):
+    import diffusers
+
+    pipe = tiny_sd_pipeline()
+    images, prompts = torch.rand(2, 3, 16, 16), ["a photo of a cat", "a red square"]
+    before = _sketcher(pipe)(images=images, prompts=prompts)
+    pipe.scheduler = getattr(diffusers, sampler).from_config(pipe.scheduler.config)
+    after = _sketcher(pipe)(images=images, prompts=prompts)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_v_prediction_with_a_sampler_that_has_no_get_velocity():
+    import diffusers
+
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction"
+    )
+    sketcher = _sketcher(pipe)
+    assert sketcher(images=torch.rand(1, 3, 16, 16), prompts=["a cat"]).shape == (1, 3, 64)
+    with pytest.raises(ConfigError, match="target='flow'"):
+        _sketcher(pipe, target="flow")

@@ -108,18 +108,24 @@ class Objective:
     The noisy input and regression target of a scheduler's training objective at given training timesteps.
 
     Args:
-        scheduler: The pipeline's scheduler. A fresh copy is made from its config, so inference-time
-            `set_timesteps` calls on the pipeline's scheduler do not matter.
+        scheduler: The pipeline's scheduler. The objective is built from its config alone, so inference-time
+            `set_timesteps` calls on it do not matter. A DDPM-family scheduler (DDPM, DDIM, PNDM, Euler, DPM-Solver,
+            UniPC, ...) is read as the `DDPMScheduler` with the same betas and `prediction_type`: that is how the
+            diffusers training scripts noise images whatever scheduler samples later, and the index must not change
+            when a user swaps the sampler (Euler-style `add_noise` works in sigma space, DPM-Solver-style reverses
+            the timestep order).
         target (`str`, *optional*): A [`DMinConfig`] `target` override.
     """
 
     def __init__(self, scheduler: Any, target: str | None = None):
-        self.scheduler = scheduler.__class__.from_config(scheduler.config)
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.flow_matching = "FlowMatch" in type(self.scheduler).__name__
+        from diffusers import DDPMScheduler
+
+        self.flow_matching = "FlowMatch" in type(scheduler).__name__
         if self.flow_matching:
+            self.scheduler = scheduler.__class__.from_config(scheduler.config)
             default = "flow"
-        elif hasattr(self.scheduler, "add_noise") and hasattr(self.scheduler, "alphas_cumprod"):
+        elif hasattr(scheduler, "add_noise") and hasattr(scheduler, "alphas_cumprod"):
+            self.scheduler = DDPMScheduler.from_config(scheduler.config)
             default = self.scheduler.config.get("prediction_type", "epsilon")
             if default not in ("epsilon", "v_prediction", "sample"):
                 raise UnsupportedPipelineError(
@@ -137,6 +143,12 @@ class Objective:
                 "`target='v_prediction'` needs a DDPM-family scheduler, but this pipeline uses flow matching; use "
                 "`target=None` (flow: noise - x0) or `target='noise'`."
             )
+        if target == "flow" and not self.flow_matching:
+            raise ConfigError(
+                f"`target='flow'` needs a flow-matching scheduler, but this pipeline uses {type(scheduler).__name__}; "
+                "use `target=None` (the scheduler's prediction_type), 'noise', 'v_prediction' or 'sample'."
+            )
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         # resolved name: "epsilon" (the noise), "v_prediction", "sample" or "flow" (noise - x0)
         self.target_name = default if target is None else {"noise": "epsilon"}.get(target, target)
 
