@@ -248,3 +248,21 @@ def test_v_prediction_with_a_sampler_that_has_no_get_velocity():
     assert sketcher(images=torch.rand(1, 3, 16, 16), prompts=["a cat"]).shape == (1, 3, 64)
     with pytest.raises(ConfigError, match="target='flow'"):
         _sketcher(pipe, target="flow")
+
+
+def test_half_precision_vae_marked_force_upcast_encodes_in_float32():
+    from diffusers_dmin.objectives import adapter_for_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    assert pipe.vae.config.force_upcast
+    adapter = adapter_for_pipeline(pipe)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    reference = adapter.encode_images(pixels)
+    torch.nn.Module.to(pipe.vae, torch.float16)
+    seen = []
+    hook = pipe.vae.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    latents = adapter.encode_images(pixels)
+    hook.remove()
+    assert seen == [torch.float32]  # SDXL's VAE overflows in float16 at real sizes
+    assert pipe.vae.dtype == torch.float16  # restored
+    torch.testing.assert_close(latents, reference, rtol=0, atol=1e-3)  # only the weights' rounding to float16

@@ -448,8 +448,8 @@ class GradientSketcher(ProgressBarMixin):
             positions = sorted({int(s) for s in pairs["samples"][bad.cpu()]})
             raise NonFiniteGradientError(
                 f"The {what} of the samples at batch positions {positions} is not finite (NaN or inf). Check those "
-                "inputs (values in [0, 1], no NaNs) and the model weights; in half precision, compute the sketches "
-                "in float32.",
+                "inputs (values in [0, 1], no NaNs) and the model weights; a half-precision pipeline can overflow: "
+                "load it with `torch_dtype=torch.float32` to compute the sketches.",
                 positions=positions,
             )
 

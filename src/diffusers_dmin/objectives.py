@@ -305,7 +305,16 @@ class _LatentAdapter(DenoiserAdapter):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        # a half-precision VAE marked `force_upcast` (SDXL's) overflows to NaN; encode in float32 as its pipeline does
+        # (nn.Module.to: diffusers' ModelMixin.to would log a warning about direct casts on every batch)
+        upcast = vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+        if upcast:
+            torch.nn.Module.to(vae, torch.float32)
+        try:
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                torch.nn.Module.to(vae, torch.float16)
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
