@@ -408,8 +408,12 @@ class GradientSketcher(ProgressBarMixin):
             acc = torch.empty(rows, self.input_dim, dtype=torch.float32, device=device)
         if normalize == "layer":
             layer_scales = self._layer_scales(grads, rows)
+        # the half-precision loss scale cancels in every normalisation; without one it is divided out here
+        unscale = 1.0 / self._loss_scale(pairs) if normalize == "none" else 1.0
         for i, ((name, _), offset, grad) in enumerate(zip(self.parameters, self._offsets, grads)):
             flat = grad.reshape(rows, -1).float()
+            if unscale != 1.0:
+                flat = flat * unscale
             if normalize == "layer":
                 flat = flat * layer_scales[:, i : i + 1]
             sq_norm += flat.pow(2).sum(1, dtype=torch.float64)
@@ -461,20 +465,21 @@ class GradientSketcher(ProgressBarMixin):
         others = {name: param.detach() for name, param in denoiser.named_parameters() if name not in selected}
         buffers = dict(denoiser.named_buffers())
         adapter, objective = self.adapter, self.objective
+        scale = self._loss_scale(pairs)
 
         def pair_loss(params, noisy, t, target, cond):
             def call(*args, **kwargs):
                 return functional_call(denoiser, (params, others, buffers), args, kwargs)
 
             pred = adapter.forward(call, noisy[None], t[None], {k: v[None] for k, v in cond.items()})
-            return objective.loss(pred, target[None])[0]
+            return objective.loss(pred, target[None])[0] * scale
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
             grads, losses = vmap(grad_and_value(pair_loss), in_dims=(None, 0, 0, 0, 0))(
                 selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["cond"]
             )
-        return [grads[name] for name in self.param_names], losses.detach()
+        return [grads[name] for name in self.param_names], losses.detach() / scale
 
     def _loop_gradients(self, pairs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         denoiser = self.adapter.denoiser
@@ -482,6 +487,7 @@ class GradientSketcher(ProgressBarMixin):
         selected = {id(p) for p in params}
         flags = [(p, p.requires_grad) for p in denoiser.parameters()]
         rows = pairs["noisy"].shape[0]
+        scale = self._loss_scale(pairs)
         grads: list[list[torch.Tensor]] = [[] for _ in params]
         losses = []
         try:
@@ -491,7 +497,7 @@ class GradientSketcher(ProgressBarMixin):
                 cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
                 pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
                 loss = self.objective.loss(pred, pairs["target"][i : i + 1])[0]
-                row = torch.autograd.grad(loss, params, allow_unused=True)
+                row = torch.autograd.grad(loss * scale, params, allow_unused=True)
                 for j, (param, g) in enumerate(zip(params, row)):
                     grads[j].append(torch.zeros_like(param) if g is None else g.detach())
                 losses.append(loss.detach())
@@ -499,3 +505,13 @@ class GradientSketcher(ProgressBarMixin):
             for p, flag in flags:
                 p.requires_grad_(flag)
         return [torch.stack(g) for g in grads], torch.stack(losses)
+
+    def _loss_scale(self, pairs: dict) -> float:
+        """Factor on the loss for the backward pass: the number of target elements in half precision, else 1.
+
+        The loss is a mean over C*H*W elements, so half-precision backward passes carry gradients of about
+        1/(C*H*W), which underflow for latents of real sizes; the factor is divided out in float32 afterwards.
+        """
+        if self.adapter.dtype not in (torch.float16, torch.bfloat16):
+            return 1.0
+        return float(pairs["target"][0].numel())
