@@ -205,6 +205,10 @@ def test_mismatched_index_raises_before_generating():
             influence_pipe(prompt_embeds=torch.zeros(1, 77, 32), return_influence=True)
         with pytest.raises(ConfigError, match="top_k"):
             influence_pipe("a cat", return_influence=True, top_k=0)
+        with pytest.raises(ConfigError, match="clip_skip=2"):  # conditioning the gradient would not reproduce
+            influence_pipe("a cat", clip_skip=2, return_influence=True)
+        with pytest.raises(ConfigError, match="cross_attention_kwargs"):
+            influence_pipe("a cat", cross_attention_kwargs={"scale": 0.5}, return_influence=True)
     finally:
         del pipe.scheduler.set_timesteps
     assert calls == []

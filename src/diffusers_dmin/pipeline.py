@@ -28,6 +28,20 @@ __all__ = ["InfluencePipeline"]
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+# Arguments of the wrapped pipelines that change the conditioning the gradient would have to reproduce.
+_CONDITIONING_ARGUMENTS = (
+    "prompt_2",
+    "prompt_3",
+    "clip_skip",
+    "max_sequence_length",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "cross_attention_kwargs",
+    "joint_attention_kwargs",
+)
+
+
 class InfluencePipeline:
     r"""
     A diffusers pipeline plus a DMin [`GradientIndex`] of its training set: `pipe(prompt, return_influence=True)`
@@ -242,6 +256,15 @@ class InfluencePipeline:
                     "taken with the pipeline's own prompt encoding."
                 )
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        for name in _CONDITIONING_ARGUMENTS:
+            value = kwargs.get(name)
+            default = self._signature[name].default if name in self._signature else None
+            if value is not None and value != default:
+                raise ConfigError(
+                    f"`{name}={value!r}` changes how the images are conditioned, but the influence gradient encodes "
+                    "`prompt` alone with the pipeline's defaults (as the index was built), so its scores would not "
+                    f"describe these images. Leave `{name}` unset with `return_influence=True`."
+                )
         height, width = adapter.resolution
         if "height" in self._signature:
             kwargs.setdefault("height", height)
