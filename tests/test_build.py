@@ -205,6 +205,28 @@ def test_unreadable_image_names_the_row_id_or_is_skipped_and_recorded(ddpm, tmp_
     assert len(again) == 4 and [r["id"] for r in again.metadata.extra["skipped"]] == [20, 40]
 
 
+def test_killed_between_a_skip_record_and_its_shard_resumes_with_every_record(ddpm, tmp_path, monkeypatch):
+    import diffusers_dmin.build as build_module
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((16, 16)).astype(np.float32).tolist() for _ in range(12)]
+    images[1] = images[4] = None  # unreadable rows; the resumed build cuts its units differently
+    dataset = datasets.Dataset.from_dict({"image": images, "id": list(range(12))})
+    options = dict(batch_size=2, shard_rows=4, on_error="skip", config=CONFIG.replace(sketch_dim=64))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build_module, "write_shard", killed)  # after the first unit's record of skipped rows
+        with pytest.raises(KeyboardInterrupt):
+            _build(ddpm, dataset, tmp_path / "index", **options)
+    assert [p.name for p in (tmp_path / "index" / "shards").iterdir()] == ["sketches-from-000000000000.skipped.json"]
+    index = _build(ddpm, dataset, tmp_path / "index", **options)
+    assert sorted(index.ids.tolist()) == [0, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(record["id"] for record in index.metadata.extra["skipped"]) == [1, 4]
+
+
 def test_non_finite_gradient_names_the_row_id(ddpm, tmp_path):
     images = np.random.default_rng(0).random((6, 16, 16, 1)).astype(np.float32)
     images[3, 5, 5, 0] = np.nan

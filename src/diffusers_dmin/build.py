@@ -745,6 +745,7 @@ class _Scan:
     listed: list[tuple[ShardInfo, np.ndarray]]  # shards of the manifest, in its order, with their ids
     unlisted: dict[str, np.ndarray]  # other shard files -> ids
     skipped: dict[int, str]  # id -> reason
+    recorded: set[str] = field(default_factory=set)  # shard names with a record of skipped rows (shard or not)
 
     def done_ids(self) -> np.ndarray:
         parts = [ids for _, ids in self.listed] + list(self.unlisted.values())
@@ -752,7 +753,8 @@ class _Scan:
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def names(self) -> set[str]:
-        return {info.name for info, _ in self.listed} | set(self.unlisted)
+        # a record without its shard (killed in between) keeps its name: a new unit must not overwrite the record
+        return {info.name for info, _ in self.listed} | set(self.unlisted) | self.recorded
 
     def has_unlisted(self) -> bool:
         return bool(self.unlisted)
@@ -767,6 +769,7 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
     listed = []
     listed_names = set()
     skipped: dict[int, str] = {}
+    recorded: set[str] = set()
     if manifest is not None:
         for info in manifest.shards:
             listed.append((info, _shard_ids(folder, info.name, spec)))
@@ -784,12 +787,13 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
                 skipped.update({int(r["id"]): str(r.get("reason", "")) for r in records})
+                recorded.add(f"{SHARDS_DIR}/{path.name[: -len(_SKIPPED_SUFFIX)]}.safetensors")
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise IndexCorruptError(
                     f"{path} (the record of skipped rows) is unreadable ({err}). Delete it and the shard of the same "
                     "name to recompute those rows."
                 ) from err
-    scan = _Scan(listed, unlisted, skipped)
+    scan = _Scan(listed, unlisted, skipped, recorded)
     all_ids = [ids for _, ids in listed] + list(unlisted.values())
     if all_ids:
         merged = np.concatenate(all_ids)
