@@ -156,7 +156,8 @@ class ExactSearch(SearchBackend):
         chunk_bytes (`int`, *optional*): Float32 bytes of a widened chunk (default 8 MiB, small enough to stay in
             cache between the cast and the product).
         num_threads (`int`, *optional*): Worker threads, each running torch single-threaded on its own run of chunks;
-            defaults to `torch.get_num_threads()`. Results do not depend on it.
+            defaults to `torch.get_num_threads()`. Results do not depend on it, except which of several exactly
+            tied rows (duplicate training images) fill the last places of a top-k.
 
     Examples:
     ```py
