@@ -119,6 +119,7 @@ def test_user_errors_print_one_line_and_exit_2(artifacts, tmp_path, capsys, fake
 
     code, _, err = _run(capsys, "info", "tester/no-such-index")
     assert code == 2 and err.startswith("dmin info: error:") and "Traceback" not in err
+    assert "no local folder 'tester/no-such-index'" in err  # it may be a mistyped path
 
     code, _, err = _run(capsys, "build", artifacts / "no-pipe", "--dataset", artifacts / "data", "--output-dir", "x")
     assert code == 2 and "Could not load the pipeline" in err

@@ -70,6 +70,8 @@ def _hub_errors(
     """Re-raise Hub errors as DMin errors that say what to do next."""
     where = _where(repo_id, repo_type, endpoint, revision)
     other_type = "model" if repo_type == "dataset" else "dataset"
+    # a mistyped local path reads as a repo id: say that no such folder exists either
+    local = f" There is no local folder {repo_id!r} either." if action.startswith("download") else ""
     try:
         yield
     except HFValidationError as err:
@@ -86,6 +88,7 @@ def _hub_errors(
         raise IndexNotFoundError(
             f"Cannot {action} the {where}: it does not exist or is private. Check `repo_id`; if the index is a "
             f"{other_type} repo pass `repo_type={other_type!r}`; for a private repo pass a `token=` that can read it."
+            + local
         ) from err
     except RevisionNotFoundError as err:
         raise IndexNotFoundError(
@@ -95,7 +98,7 @@ def _hub_errors(
         raise IndexNotFoundError(
             f"Cannot {action} the {where}: the Hub is unreachable or offline mode is on (`local_files_only=True` "
             f"or HF_HUB_OFFLINE=1), and the files are not in the cache. Pull the index once while online, or pass "
-            f"the same `cache_dir` as before. ({err})"
+            f"the same `cache_dir` as before.{local} ({err})"
         ) from err
     except EntryNotFoundError as err:
         raise IndexNotFoundError(
