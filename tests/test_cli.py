@@ -124,6 +124,13 @@ def test_user_errors_print_one_line_and_exit_2(artifacts, tmp_path, capsys, fake
     code, _, err = _run(capsys, "build", artifacts / "no-pipe", "--dataset", artifacts / "data", "--output-dir", "x")
     assert code == 2 and "Could not load the pipeline" in err
 
+    (tmp_path / "a-file").write_text("")  # an output folder that cannot be created: the system's error, exit 1
+    code, out, err = _run(
+        capsys, "build", artifacts / "pipe", "--dataset", artifacts / "data", "--output-dir", tmp_path / "a-file" / "x",
+        "-q",
+    )  # fmt: skip
+    assert code == 1 and err.startswith("dmin build: error: [Errno") and "Traceback" not in err
+
 
 def test_resume_and_overwrite_from_the_cli(artifacts, tmp_path, capsys):
     common = [

@@ -9,7 +9,8 @@
 Each command is a [`BaseDMinCommand`]: `register_subcommand(subparsers)` adds its parser (with an example epilog)
 and `run()` calls the library and prints the result. Exit codes: 0 success; 2 a usage error or any [`DMinError`]
 (a missing column, a mismatched index, a failed checksum, a refused token...), printed as one `dmin CMD: error: ...`
-message without a traceback; 130 interrupted. Anything else is a bug and keeps its traceback.
+message without a traceback; 1 an operating-system error (disk full, no permission), printed the same way; 130
+interrupted. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .errors import ConfigError, DatasetError, DMinError
 
 __all__ = ["main", "BaseDMinCommand"]
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # ---------------------------------------------------------------------------------------------- base class
@@ -723,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     except DMinError as err:
         print(f"dmin {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # disk full, permissions, a vanished file: the system's words, without a traceback
+        print(f"dmin {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"dmin {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
