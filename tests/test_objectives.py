@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from diffusers_dmin import ConfigError, DMinConfig, UnsupportedPipelineError
 from diffusers_dmin.gradients import GradientSketcher
+from diffusers_dmin.families import adapter_for_pipeline
 from diffusers_dmin.objectives import (
     Objective,
-    adapter_for_pipeline,
     fixed_noise,
     images_to_tensor,
     prepare_images,
@@ -251,7 +251,7 @@ def test_v_prediction_with_a_sampler_that_has_no_get_velocity():
 
 
 def test_half_precision_vae_marked_force_upcast_encodes_in_float32():
-    from diffusers_dmin.objectives import adapter_for_pipeline
+    from diffusers_dmin.families import adapter_for_pipeline
 
     pipe = tiny_sdxl_pipeline()
     assert pipe.vae.config.force_upcast

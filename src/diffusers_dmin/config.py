@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -23,11 +24,14 @@ PARAM_PRESETS = ("auto", "lora", "attention", "all")
 DTYPES = ("float16", "bfloat16", "float32")
 TARGETS = ("noise", "sample", "v_prediction", "flow")
 NORMALIZATIONS = ("timestep", "layer", "none")
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 MAX_SKETCH_DIM = 2**24
 DEFAULT_NUM_TIMESTEPS = 10
 
 # Fields that only change how sketches are stored, not what they mean.
 _STORAGE_ONLY_FIELDS = ("dtype",)
+# Objective overrides: written to JSON only when set.
+_OPTIONAL_OVERRIDES = ("weighting_scheme", "guidance_scale", "flow_shift")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,17 @@ class DMinConfig:
             Number of fixed noise tensors; the sketch of a timestep is the mean of the normalised sketches over them.
         resolution (`int` or `tuple[int, int]`, *optional*):
             Image resolution `(height, width)` the gradients are taken at; defaults to the model's native size.
+        weighting_scheme (`str`, *optional*):
+            Override of the model family's loss weighting (`"none"`, `"logit_normal"`, `"mode"`, `"cosmap"`,
+            `"sigma_sqrt"`, as the diffusers scripts' `--weighting_scheme`), for flow-matching models trained with
+            another trainer. Defaults to the family's training script (see `diffusers_dmin.families`). A per-timestep
+            weight cancels under `normalize="timestep"`/`"layer"`; it changes sketches with `normalize="none"`.
+        guidance_scale (`float`, *optional*):
+            Override of the guidance value given to guidance-distilled denoisers (FLUX.1-dev) in the training loss;
+            defaults to the family's script default (3.5 for Flux). Refused for denoisers without a guidance embedding.
+        flow_shift (`float`, *optional*):
+            Override of the static shift of the flow-matching training sigmas; defaults to the family's script (the
+            scheduler config's shift, or the script's explicit one).
 
     Examples:
     ```py
@@ -89,6 +104,9 @@ class DMinConfig:
     normalize: Literal["timestep", "layer", "none"] = "layer"
     num_noise_draws: int = 1
     resolution: tuple[int, int] | None = None
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] | None = None
+    guidance_scale: float | None = None
+    flow_shift: float | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen dataclass: canonicalise in place once
@@ -163,6 +181,21 @@ class DMinConfig:
         if not _is_int(self.num_noise_draws) or self.num_noise_draws < 1:
             raise ConfigError(f"`num_noise_draws` must be a positive integer, but is {self.num_noise_draws!r}.")
 
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ConfigError(
+                f"`weighting_scheme` must be None (the model family's) or one of {WEIGHTING_SCHEMES}, but is "
+                f"{self.weighting_scheme!r}."
+            )
+        for name in ("guidance_scale", "flow_shift"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"`{name}` must be None or a finite number, but is {value!r}.")
+            if value < 0 or (name == "flow_shift" and value == 0):
+                raise ConfigError(f"`{name}` must be {'positive' if name == 'flow_shift' else '>= 0'}, but is {value!r}.")
+            set_(self, name, float(value))
+
         resolution = self.resolution
         if resolution is not None:
             if _is_int(resolution):
@@ -180,8 +213,12 @@ class DMinConfig:
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
+        """A JSON-ready dict (tuples become lists; objective overrides only when set, so that configs and manifests
+        written before they existed stay identical)."""
         data = asdict(self)
+        for key in _OPTIONAL_OVERRIDES:
+            if data[key] is None:
+                del data[key]
         for key, value in data.items():
             if isinstance(value, tuple):
                 data[key] = list(value)
@@ -223,7 +260,10 @@ class DMinConfig:
     def differences(self, other: DMinConfig, *, ignore: Sequence[str] = _STORAGE_ONLY_FIELDS) -> dict[str, tuple]:
         """Fields whose values differ, as `{name: (self_value, other_value)}`."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+        names = [f.name for f in fields(self)]
+        return {
+            k: (mine.get(k), theirs.get(k)) for k in names if k not in ignore and mine.get(k) != theirs.get(k)
+        }
 
     def replace(self, **changes: Any) -> DMinConfig:
         """A copy with some fields changed (validated again)."""
@@ -255,6 +295,9 @@ class SketchSpec:
         param_names (`tuple[str, ...]`): Names of the selected denoiser parameters, in sketch order.
         input_dim (`int`): D, the number of selected scalar parameters.
         param_fingerprint (`str`): Hash of the selected parameters' names, shapes and values.
+        objective (`dict`, *optional*): The model family's training-script conventions the loss used
+            (`ObjectiveConventions.to_dict()`, with the config's overrides applied). `None` in indices written before
+            it was recorded; then it is not compared.
     """
 
     config: DMinConfig
@@ -265,6 +308,7 @@ class SketchSpec:
     param_names: tuple[str, ...]
     input_dim: int
     param_fingerprint: str
+    objective: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         for name in ("timesteps", "latent_shape", "param_names"):
@@ -289,6 +333,7 @@ class SketchSpec:
             "param_names": list(self.param_names),
             "input_dim": self.input_dim,
             "param_fingerprint": self.param_fingerprint,
+            **({"objective": dict(self.objective)} if self.objective is not None else {}),
         }
 
     @classmethod
@@ -303,6 +348,7 @@ class SketchSpec:
                 param_names=tuple(str(n) for n in data["param_names"]),
                 input_dim=int(data["input_dim"]),
                 param_fingerprint=str(data["param_fingerprint"]),
+                objective=_objective_dict(data.get("objective")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
@@ -319,9 +365,30 @@ class SketchSpec:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 diffs[name] = (mine, theirs)
+        if self.objective is not None and other.objective is not None:
+            mine, theirs = _objective_identity(self.objective), _objective_identity(other.objective)
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    diffs[f"objective.{key}"] = (mine.get(key), theirs.get(key))
         if self.param_names != other.param_names:
             diffs["param_names"] = (
                 f"{len(self.param_names)} names (hash {self.param_names_hash})",
                 f"{len(other.param_names)} names (hash {other.param_names_hash})",
             )
         return diffs
+
+
+def _objective_dict(value: Any) -> dict[str, Any] | None:
+    """A manifest's `objective` entry: `None` (not recorded) or a flat dict of JSON scalars."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in value.items()
+    ):
+        raise ValueError(f"`objective` must be a flat mapping of names to numbers/strings, but is {value!r}")
+    return dict(value)
+
+
+def _objective_identity(objective: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a recorded objective that change the gradient (the script name is documentation)."""
+    return {k: v for k, v in objective.items() if k != "script"}

@@ -31,7 +31,8 @@ import torch
 from .config import DMinConfig, SketchSpec
 from .errors import ConfigError, NonFiniteGradientError
 from .logging import ProgressBarMixin, get_logger
-from .objectives import DenoiserAdapter, Objective, adapter_for_pipeline, fixed_noise, select_timesteps
+from .families import DenoiserAdapter, adapter_for_pipeline
+from .objectives import Objective, fixed_noise, select_timesteps
 from .sketch import OPORPSketch
 
 
@@ -181,7 +182,7 @@ class GradientSketcher(ProgressBarMixin):
             raise ConfigError(f"`max_pairs_per_batch` must be a positive integer, but is {max_pairs_per_batch!r}.")
         self.config = config
         self.adapter = adapter
-        self.objective = Objective(adapter.scheduler, config.target)
+        self.objective = Objective(adapter.scheduler, config.target, adapter.conventions)
         self.timesteps = select_timesteps(config, self.objective.num_train_timesteps)
         self.noise = fixed_noise(config.seed, adapter.latent_shape, config.num_noise_draws)
         self.parameters = select_parameters(adapter.denoiser, config.params)
@@ -204,6 +205,7 @@ class GradientSketcher(ProgressBarMixin):
             param_names=self.param_names,
             input_dim=self.input_dim,
             param_fingerprint=fingerprint_parameters(self.parameters),
+            objective=adapter.conventions.to_dict(),
         )
         self.mode = mode
         self.max_pairs_per_batch = max_pairs_per_batch
@@ -231,7 +233,7 @@ class GradientSketcher(ProgressBarMixin):
                 `table_budget_bytes` (cached sketch tables, default 256 MiB).
         """
         config = config if config is not None else DMinConfig()
-        adapter = adapter_for_pipeline(pipeline, config.resolution)
+        adapter = adapter_for_pipeline(pipeline, config=config)
         return cls(adapter, config, **kwargs)
 
     def __repr__(self) -> str:
@@ -273,7 +275,7 @@ class GradientSketcher(ProgressBarMixin):
         with torch.no_grad(), self._eval_mode():
             for pairs in self._pair_batches(x0, cond):
                 pred = self.adapter.forward(self.adapter.denoiser, pairs["noisy"], pairs["t"], pairs["cond"])
-                losses.append(self.objective.loss(pred, pairs["target"]).cpu())
+                losses.append(self.objective.loss(pred, pairs["target"], pairs["weight"]).cpu())
         return torch.cat(losses).view(batch, len(self.timesteps), -1).mean(-1)
 
     def full_gradients(
@@ -293,9 +295,10 @@ class GradientSketcher(ProgressBarMixin):
             raise ConfigError("Pass exactly one of `images` (pixels in [0, 1]) and `latents` (clean denoiser inputs).")
         adapter = self.adapter
         if latents is not None:
-            if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
+            if not isinstance(latents, torch.Tensor) or latents.dim() != len(adapter.latent_shape) + 1:
+                layout = "(B, C, h, w)" if len(adapter.latent_shape) == 3 else "(B, C, F, h, w)"
                 raise ConfigError(
-                    f"`latents` must be a (B, C, h, w) tensor, but is {type(latents).__name__} of shape "
+                    f"`latents` must be a {layout} tensor, but is {type(latents).__name__} of shape "
                     f"{tuple(getattr(latents, 'shape', ()))}."
                 )
             if tuple(latents.shape[1:]) != tuple(adapter.latent_shape):
@@ -342,6 +345,7 @@ class GradientSketcher(ProgressBarMixin):
                 "noisy": noisy.to(self.adapter.dtype),
                 "t": self.objective.model_timesteps(t).to(device),
                 "target": target,
+                "weight": self.objective.loss_weights(t).to(device),
                 "cond": {k: v[sample.to(v.device)] for k, v in cond.items()},
             }
 
@@ -467,17 +471,17 @@ class GradientSketcher(ProgressBarMixin):
         adapter, objective = self.adapter, self.objective
         scale = self._loss_scale(pairs)
 
-        def pair_loss(params, noisy, t, target, cond):
+        def pair_loss(params, noisy, t, target, weight, cond):
             def call(*args, **kwargs):
                 return functional_call(denoiser, (params, others, buffers), args, kwargs)
 
             pred = adapter.forward(call, noisy[None], t[None], {k: v[None] for k, v in cond.items()})
-            return objective.loss(pred, target[None])[0] * scale
+            return objective.loss(pred, target[None], weight[None])[0] * scale
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
-            grads, losses = vmap(grad_and_value(pair_loss), in_dims=(None, 0, 0, 0, 0))(
-                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["cond"]
+            grads, losses = vmap(grad_and_value(pair_loss), in_dims=(None, 0, 0, 0, 0, 0))(
+                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], pairs["cond"]
             )
         return [grads[name] for name in self.param_names], losses.detach() / scale
 
@@ -496,7 +500,7 @@ class GradientSketcher(ProgressBarMixin):
             for i in range(rows):
                 cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
                 pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
-                loss = self.objective.loss(pred, pairs["target"][i : i + 1])[0]
+                loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
                 row = torch.autograd.grad(loss * scale, params, allow_unused=True)
                 for j, (param, g) in enumerate(zip(params, row)):
                     grads[j].append(torch.zeros_like(param) if g is None else g.detach())

@@ -1,30 +1,34 @@
-"""Training objectives: which timesteps, which noise, which target, and one adapter per denoiser family.
+"""Training objectives: which timesteps, which noise, which noisy input, target and loss weight.
 
 The gradient DMin takes is the gradient of the model's own training loss, so everything here mirrors the diffusers
 training scripts (DESIGN §3):
 
-| scheduler family                               | noisy input                      | target                        |
-|------------------------------------------------|----------------------------------|-------------------------------|
-| DDPM/DDIM/PNDM/Euler..., `epsilon`             | `scheduler.add_noise(x0, e, t)`  | `e`                           |
-| same, `v_prediction`                           | `scheduler.add_noise(x0, e, t)`  | `scheduler.get_velocity(...)` |
-| same, `sample`                                 | `scheduler.add_noise(x0, e, t)`  | `x0`                          |
-| `FlowMatchEulerDiscreteScheduler` (SD3, Flux)  | `(1 - s) x0 + s e`               | `e - x0`                      |
+| scheduler family                                  | noisy input                      | target                        |
+|---------------------------------------------------|----------------------------------|-------------------------------|
+| DDPM/DDIM/PNDM/Euler..., `epsilon`                | `scheduler.add_noise(x0, e, t)`  | `e`                           |
+| same, `v_prediction`                              | `scheduler.add_noise(x0, e, t)`  | `scheduler.get_velocity(...)` |
+| same, `sample`                                    | `scheduler.add_noise(x0, e, t)`  | `x0`                          |
+| `FlowMatchEulerDiscreteScheduler` (SD3, Flux, ...) | `(1 - s) x0 + s e`              | `e - x0`                      |
+| same, reversed (Lumina 2)                         | `(1 - s) e + s x0`               | `x0 - e`                      |
 
-An adapter knows, for one denoiser family, how to turn images into the denoiser's clean input `x0` (identity for
-pixel-space UNets, the VAE's deterministic `mode()` for latent models), how to encode prompts (no classifier-free
-guidance), and how to call the denoiser. Adding a family means adding one adapter class to `ADAPTERS`.
+What differs between the flow-matching families (the sign of the prediction, how the timestep is scaled for the
+denoiser, the guidance value of guidance-distilled models, the scheduler shift, the loss weighting) is declared once
+per family as [`ObjectiveConventions`] (see `diffusers_dmin.families`), recorded in the index manifest and
+overridable through [`DMinConfig`].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
 import torch
 
-from .config import DMinConfig
+from .config import WEIGHTING_SCHEMES, DMinConfig
 from .errors import ConfigError, UnsupportedPipelineError
 from .logging import get_logger
 
@@ -34,25 +38,75 @@ logger = get_logger(__name__)
 __all__ = [
     "select_timesteps",
     "fixed_noise",
+    "ObjectiveConventions",
     "Objective",
-    "DenoiserAdapter",
-    "UNet2DAdapter",
-    "UNet2DConditionAdapter",
-    "SDXLAdapter",
-    "SD3Adapter",
-    "ADAPTERS",
-    "adapter_for_pipeline",
-    "SUPPORTED_PIPELINES",
     "images_to_tensor",
     "prepare_images",
 ]
 
-SUPPORTED_PIPELINES = (
-    "DDPMPipeline / DDIMPipeline (UNet2DModel)",
-    "StableDiffusionPipeline 1.x/2.x (UNet2DConditionModel)",
-    "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
-    "StableDiffusion3Pipeline (SD3Transformer2DModel)",
-)
+INTERPOLATIONS = ("noise_at_one", "data_at_one")
+
+
+@dataclass(frozen=True)
+class ObjectiveConventions:
+    r"""
+    One model family's training-script conventions, declared once per family and recorded in the index manifest.
+
+    Only the flow-matching fields matter for flow-matching schedulers; DDPM-family objectives are defined by the
+    scheduler's config (betas, `prediction_type`) alone.
+
+    Args:
+        script (`str`, *optional*): The diffusers example script whose loss this mirrors (documentation).
+        interpolation (`str`, *optional*, defaults to `"noise_at_one"`):
+            `"noise_at_one"`: `x_t = (1 - s) x0 + s e`, target `e - x0` (SD3, Flux, Qwen-Image, Sana, ...);
+            `"data_at_one"`: `x_t = (1 - s) e + s x0`, target `x0 - e` (Lumina 2).
+        prediction_sign (`float`, *optional*, defaults to 1.0):
+            Factor on the denoiser's output before the loss (HiDream's script negates it: -1.0).
+        timestep_scale (`float`, *optional*, defaults to 1.0):
+            The denoiser is called with `scheduler.timesteps[i] * timestep_scale` (that is `s * 1000 * scale`); Flux's
+            scripts pass `timesteps / 1000` (0.001).
+        guidance (`float`, *optional*):
+            The guidance value given to a guidance-distilled denoiser during training (the script's
+            `--guidance_scale` default, 3.5 for Flux); ignored for denoisers without a guidance embedding.
+        shift (`float`, *optional*):
+            Static shift of the training sigmas, `s' = shift s / (1 + (shift - 1) s)`. `None` uses the sigmas of the
+            scheduler's config as the scripts load it (its static `shift` unless `use_dynamic_shifting` is on).
+        weighting (`str`, *optional*, defaults to `"none"`):
+            The script's `--weighting_scheme`: `"none"`, `"logit_normal"` and `"mode"` (which only change how the script
+            samples timesteps: loss weight 1), `"sigma_sqrt"` (weight `s^-2`) or `"cosmap"` (weight
+            `2 / (pi (1 - 2 s + 2 s^2))`). A weight is a positive scalar per timestep, so it cancels under
+            `normalize="timestep"` or `"layer"` and changes sketches only with `normalize="none"`.
+    """
+
+    script: str | None = None
+    interpolation: Literal["noise_at_one", "data_at_one"] = "noise_at_one"
+    prediction_sign: float = 1.0
+    timestep_scale: float = 1.0
+    guidance: float | None = None
+    shift: float | None = None
+    weighting: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = "none"
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"`interpolation` must be one of {INTERPOLATIONS}, but is {self.interpolation!r}.")
+        if self.weighting not in WEIGHTING_SCHEMES:
+            raise ConfigError(f"`weighting` must be one of {WEIGHTING_SCHEMES}, but is {self.weighting!r}.")
+        if self.prediction_sign not in (1.0, -1.0):
+            raise ConfigError(f"`prediction_sign` must be 1.0 or -1.0, but is {self.prediction_sign!r}.")
+        if not self.timestep_scale > 0:
+            raise ConfigError(f"`timestep_scale` must be positive, but is {self.timestep_scale!r}.")
+        if self.shift is not None and not self.shift > 0:
+            raise ConfigError(f"`shift` must be positive, but is {self.shift!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest records (`script` is documentation and left out of comparisons by the caller)."""
+        return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the gradient (all but `script`)."""
+        data = self.to_dict()
+        data.pop("script")
+        return data
 
 
 # ---------------------------------------------------------------------------------------------- timesteps and noise
@@ -115,14 +169,21 @@ class Objective:
             when a user swaps the sampler (Euler-style `add_noise` works in sigma space, DPM-Solver-style reverses
             the timestep order).
         target (`str`, *optional*): A [`DMinConfig`] `target` override.
+        conventions (`ObjectiveConventions`, *optional*): The model family's training-script conventions (already
+            resolved with the config's overrides); defaults to plain flow matching / the DDPM objective.
     """
 
-    def __init__(self, scheduler: Any, target: str | None = None):
+    def __init__(
+        self, scheduler: Any, target: str | None = None, conventions: ObjectiveConventions | None = None
+    ):
         from diffusers import DDPMScheduler
 
+        self.conventions = conventions if conventions is not None else ObjectiveConventions()
         self.flow_matching = "FlowMatch" in type(scheduler).__name__
         if self.flow_matching:
-            self.scheduler = scheduler.__class__.from_config(scheduler.config)
+            shift = self.conventions.shift
+            overrides = {} if shift is None else {"shift": shift, "use_dynamic_shifting": False}
+            self.scheduler = scheduler.__class__.from_config(scheduler.config, **overrides)
             default = "flow"
         elif hasattr(scheduler, "add_noise") and hasattr(scheduler, "alphas_cumprod"):
             self.scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -157,20 +218,36 @@ class Objective:
         return self.scheduler.sigmas[index].to(torch.float32)
 
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The timestep values the denoiser is called with (the integer t, or `sigma * N` for flow matching)."""
+        """The timestep values the denoiser is called with: the integer t, or for flow matching
+        `scheduler.timesteps` (`sigma * N`) times the family's `timestep_scale`."""
         if self.flow_matching:
             index = self.num_train_timesteps - 1 - timesteps.cpu().long()
-            return self.scheduler.timesteps[index].to(torch.float32)
+            values = self.scheduler.timesteps[index].to(torch.float32)
+            scale = self.conventions.timestep_scale
+            return values * scale if scale != 1.0 else values
         return timesteps.long()
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-pair loss weights `(P,)` of the family's weighting scheme (`compute_loss_weighting_for_sd3`)."""
+        weighting = self.conventions.weighting
+        if not self.flow_matching or weighting not in ("sigma_sqrt", "cosmap"):
+            return torch.ones(timesteps.shape[0], dtype=torch.float32)
+        sigma = self._sigmas(timesteps)
+        if weighting == "sigma_sqrt":
+            return sigma.pow(-2.0)
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
 
     def noisy_and_target(
         self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noisy inputs and targets for a batch: `x0`, `noise` of shape `(P, C, H, W)`, `timesteps` of shape `(P,)`."""
+        """Noisy inputs and targets for a batch: `x0`, `noise` of shape `(P, C, ...)`, `timesteps` of shape `(P,)`."""
         x0, noise = x0.float(), noise.float()
         if self.flow_matching:
             sigma = self._sigmas(timesteps).to(x0.device).view(-1, *([1] * (x0.dim() - 1)))
-            noisy = (1.0 - sigma) * x0 + sigma * noise
+            if self.conventions.interpolation == "data_at_one":  # Lumina 2: the reversed interpolation
+                noisy = (1.0 - sigma) * noise + sigma * x0
+            else:
+                noisy = (1.0 - sigma) * x0 + sigma * noise
         else:
             noisy = self.scheduler.add_noise(x0, noise, timesteps.to(x0.device))
         name = self.target_name
@@ -179,251 +256,21 @@ class Objective:
         elif name == "sample":
             target = x0
         elif name == "flow":
-            target = noise - x0
+            target = x0 - noise if self.conventions.interpolation == "data_at_one" else noise - x0
         else:  # v_prediction
             target = self.scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
         return noisy, target
 
-    @staticmethod
-    def loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean squared error in float32; a learned-variance output (2C channels) uses its first C."""
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample (weighted) mean squared error in float32, the prediction times the family's sign; a
+        learned-variance output (2C channels) uses its first C."""
         if prediction.shape[1] == 2 * target.shape[1]:
             prediction = prediction[:, : target.shape[1]]
-        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-
-
-# ---------------------------------------------------------------------------------------------- adapters
-
-
-class DenoiserAdapter:
-    r"""
-    How to feed one denoiser family. Subclasses set `family`, `denoiser_attribute` and implement `matches`,
-    `encode_prompts` and `forward`; latent models also override `encode_images`.
-
-    Attributes:
-        denoiser (`torch.nn.Module`): The network whose parameters the gradient covers.
-        scheduler: The pipeline's scheduler (its config defines the objective).
-        resolution (`tuple[int, int]`): Image `(height, width)` gradients are taken at.
-        latent_shape (`tuple[int, int, int]`): Shape of one clean denoiser input `x0`.
-    """
-
-    family: ClassVar[str]
-    denoiser_attribute: ClassVar[str] = "unet"
-    conditional: ClassVar[bool] = True
-
-    def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None):
-        self.pipeline = pipeline
-        self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_attribute)
-        self.scheduler = pipeline.scheduler
-        self.vae = getattr(pipeline, "vae", None)
-        self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.resolution = tuple(resolution) if resolution is not None else self.default_resolution()
-        height, width = self.resolution
-        if height % self.scale_factor or width % self.scale_factor:
-            raise ConfigError(
-                f"`resolution={self.resolution}` must be divisible by the VAE scale factor {self.scale_factor}."
-            )
-        self.latent_shape = (self.in_channels, height // self.scale_factor, width // self.scale_factor)
-
-    @classmethod
-    def matches(cls, pipeline: Any) -> bool:
-        raise NotImplementedError
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.denoiser.config.in_channels)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
-
-    def default_resolution(self) -> tuple[int, int]:
-        size = self.denoiser.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (size[0] * self.scale_factor, size[1] * self.scale_factor)
-
-    # ---- images
-
-    @property
-    def image_channels(self) -> int:
-        return int(self.vae.config.in_channels) if self.vae is not None else self.in_channels
-
-    def preprocess(self, images: Any) -> torch.Tensor:
-        """PIL images, `(B, H, W, C)` arrays or `(B, C, H, W)` tensors in `[0, 1]` -> `(B, C, H, W)` in `[-1, 1]`.
-
-        Images must already be at `resolution`; [`prepare_images`] resizes and center-crops.
-        """
-        pixels = images_to_tensor(images, self.image_channels)
-        if tuple(pixels.shape[-2:]) != tuple(self.resolution):
-            raise ConfigError(
-                f"`images` have size {tuple(pixels.shape[-2:])} but the gradients are taken at resolution "
-                f"{self.resolution}; resize them first (`diffusers_dmin.objectives.prepare_images(images, "
-                f"{self.resolution})`) or set `DMinConfig(resolution=...)`."
-            )
-        return pixels * 2.0 - 1.0
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`(B, C, H, W)` pixels in `[-1, 1]` -> clean denoiser inputs `x0` (identity for pixel-space models)."""
-        return pixels.to(self.device, self.dtype)
-
-    # ---- prompts and the network call
-
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Conditioning tensors, each with a leading batch dimension of `len(prompts)`."""
-        raise NotImplementedError
-
-    def forward(
-        self, call: Callable[..., Any], noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """The denoiser's prediction; `call` is the denoiser or a functional wrapper of it."""
-        raise NotImplementedError
-
-
-class UNet2DAdapter(DenoiserAdapter):
-    """Unconditional pixel-space UNets: `DDPMPipeline`, `DDIMPipeline` (`UNet2DModel`)."""
-
-    family = "unet2d"
-    conditional = False
-
-    @classmethod
-    def matches(cls, pipeline: Any) -> bool:
-        return type(getattr(pipeline, "unet", None)).__name__ == "UNet2DModel"
-
-    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {}
-
-    def forward(self, call, noisy, timesteps, cond):
-        return call(noisy, timesteps, return_dict=False)[0]
-
-
-class _LatentAdapter(DenoiserAdapter):
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        # a half-precision VAE marked `force_upcast` (SDXL's) overflows to NaN; encode in float32 as its pipeline does
-        # (nn.Module.to: diffusers' ModelMixin.to would log a warning about direct casts on every batch)
-        upcast = vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
-        if upcast:
-            torch.nn.Module.to(vae, torch.float32)
-        try:
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        finally:
-            if upcast:
-                torch.nn.Module.to(vae, torch.float16)
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        return (latents * vae.config.scaling_factor).to(self.device, self.dtype)
-
-
-class UNet2DConditionAdapter(_LatentAdapter):
-    """Stable Diffusion 1.x/2.x (`UNet2DConditionModel` with cross-attention on CLIP text embeddings)."""
-
-    family = "unet2d_condition"
-
-    @classmethod
-    def matches(cls, pipeline: Any) -> bool:
-        unet = getattr(pipeline, "unet", None)
-        return (
-            type(unet).__name__ == "UNet2DConditionModel"
-            and unet.config.get("addition_embed_type") is None
-            and hasattr(pipeline, "encode_prompt")
-        )
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        embeds, _ = self.pipeline.encode_prompt(list(prompts), self.device, 1, False)
-        return {"encoder_hidden_states": embeds.to(self.dtype)}
-
-    def forward(self, call, noisy, timesteps, cond):
-        return call(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
-
-
-class SDXLAdapter(_LatentAdapter):
-    """Stable Diffusion XL: two text encoders, pooled `text_embeds` and `time_ids` as added conditions."""
-
-    family = "sdxl"
-
-    @classmethod
-    def matches(cls, pipeline: Any) -> bool:
-        unet = getattr(pipeline, "unet", None)
-        return type(unet).__name__ == "UNet2DConditionModel" and unet.config.get("addition_embed_type") == "text_time"
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        height, width = self.resolution
-        # original size, crop top-left, target size: as the SDXL training scripts compute them for unaugmented images
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
-        return {
-            "encoder_hidden_states": embeds.to(self.dtype),
-            "text_embeds": pooled.to(self.dtype),
-            "time_ids": time_ids.repeat(len(prompts), 1),
-        }
-
-    def forward(self, call, noisy, timesteps, cond):
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return call(
-            noisy,
-            timesteps,
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-
-
-class SD3Adapter(_LatentAdapter):
-    """Stable Diffusion 3/3.5 (`SD3Transformer2DModel`, flow matching, pooled projections)."""
-
-    family = "sd3"
-    denoiser_attribute = "transformer"
-
-    @classmethod
-    def matches(cls, pipeline: Any) -> bool:
-        return type(getattr(pipeline, "transformer", None)).__name__ == "SD3Transformer2DModel"
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=list(prompts),
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
-        return {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
-
-    def forward(self, call, noisy, timesteps, cond):
-        return call(
-            hidden_states=noisy,
-            timestep=timesteps,
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"],
-            return_dict=False,
-        )[0]
-
-
-ADAPTERS: tuple[type[DenoiserAdapter], ...] = (UNet2DAdapter, SDXLAdapter, UNet2DConditionAdapter, SD3Adapter)
-
-
-def adapter_for_pipeline(pipeline: Any, resolution: tuple[int, int] | None = None) -> DenoiserAdapter:
-    """The adapter of the pipeline's denoiser family, or [`UnsupportedPipelineError`] naming the supported ones."""
-    for adapter_cls in ADAPTERS:
-        if adapter_cls.matches(pipeline):
-            return adapter_cls(pipeline, resolution)
-    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
-    found = type(pipeline).__name__ + (f" with a {type(denoiser).__name__}" if denoiser is not None else "")
-    raise UnsupportedPipelineError(
-        f"diffusers_dmin does not support {found} yet. Supported pipelines: " + "; ".join(SUPPORTED_PIPELINES) + "."
-    )
+        prediction = prediction.float()
+        if self.conventions.prediction_sign != 1.0:
+            prediction = prediction * self.conventions.prediction_sign
+        loss = (prediction - target.float()).pow(2).flatten(1).mean(1)
+        return loss if weight is None else loss * weight
 
 
 # ---------------------------------------------------------------------------------------------- image helpers

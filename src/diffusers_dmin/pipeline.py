@@ -308,7 +308,7 @@ class InfluencePipeline:
             raise ConfigError(
                 f"{type(self.pipeline).__name__} finished without a denoising step to capture (num_inference_steps=0?)."
             )
-        return captured["latents"].detach(), output
+        return self.sketcher.adapter.latents_from_pipeline(captured["latents"].detach()), output
 
 
 def _capturing_callback(user_callback: Callable | None, captured: dict[str, torch.Tensor]) -> Callable:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .errors import require
+from ..errors import require
 
 
 __all__ = [

@@ -1,0 +1,202 @@
+"""The base of every model family: how to feed one denoiser with the inputs of its diffusers training script."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import DMinConfig
+from ..errors import ConfigError
+from ..objectives import ObjectiveConventions, images_to_tensor
+
+
+__all__ = ["DenoiserAdapter", "LatentAdapter"]
+
+
+class DenoiserAdapter:
+    r"""
+    How to feed one denoiser family (one model family of diffusers). Subclasses set `family`, `denoiser_attribute`
+    and `conventions`, and implement `matches`, `encode_prompts` and `forward`; latent models also override
+    `encode_images` (see [`LatentAdapter`]).
+
+    Every tensor that crosses this interface is in the VAE latent layout `(B, C, h, w)` (or `(B, C, F, h, w)` for
+    video): the index's fixed noise, the clean inputs `x0`, the noisy inputs and the targets. A family whose denoiser
+    takes another layout (Flux packs 2x2 patches into tokens) packs inside `forward` and unpacks the prediction, and
+    converts the latents its pipeline produces in `latents_from_pipeline`.
+
+    Attributes:
+        denoiser (`torch.nn.Module`): The network whose parameters the gradient covers.
+        scheduler: The pipeline's scheduler (its config defines the objective).
+        conventions (`ObjectiveConventions`): The family's training-script conventions, with the [`DMinConfig`]
+            overrides applied (recorded in the index manifest).
+        resolution (`tuple[int, int]`): Image `(height, width)` gradients are taken at.
+        latent_shape (`tuple[int, ...]`): Shape of one clean denoiser input `x0`, e.g. `(C, h, w)`.
+    """
+
+    family: ClassVar[str]
+    denoiser_attribute: ClassVar[str] = "unet"
+    conditional: ClassVar[bool] = True
+    conventions: ObjectiveConventions = ObjectiveConventions()
+
+    def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):
+        self.pipeline = pipeline
+        self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_attribute)
+        self.scheduler = pipeline.scheduler
+        self.vae = getattr(pipeline, "vae", None)
+        self.scale_factor = self.vae_scale_factor()
+        if resolution is None and config is not None:
+            resolution = config.resolution
+        self.resolution = tuple(resolution) if resolution is not None else self.default_resolution()
+        height, width = self.resolution
+        step = self.scale_factor * self.patch_size
+        if height % step or width % step:
+            raise ConfigError(
+                f"`resolution={self.resolution}` must be divisible by {step} (VAE scale factor {self.scale_factor}"
+                + (f" times patch size {self.patch_size}" if self.patch_size > 1 else "")
+                + f") for this {self.family} pipeline."
+            )
+        self.latent_shape = (self.latent_channels, height // self.scale_factor, width // self.scale_factor)
+        self.conventions = self.resolve_conventions(config)
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        raise NotImplementedError
+
+    # ---- shapes
+
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: `2 ** (len(vae.config.block_out_channels) - 1)`, 1 without a VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def patch_size(self) -> int:
+        """Latent pixels per token side that the layout needs (Flux packs 2x2 patches); 1 for UNets."""
+        return 1
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of one latent in the VAE layout (the denoiser's `in_channels` unless it packs patches)."""
+        return self.in_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = self.denoiser.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (size[0] * self.scale_factor, size[1] * self.scale_factor)
+
+    # ---- conventions
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether the denoiser takes a guidance embedding (guidance-distilled models such as FLUX.1-dev)."""
+        return False
+
+    def resolve_conventions(self, config: DMinConfig | None) -> ObjectiveConventions:
+        """The class's conventions with the config's overrides (`weighting_scheme`, `guidance_scale`, `flow_shift`)."""
+        conventions = type(self).conventions
+        if not self.uses_guidance:
+            conventions = replace(conventions, guidance=None)
+        if config is None:
+            return conventions
+        if config.guidance_scale is not None:
+            if not self.uses_guidance:
+                raise ConfigError(
+                    f"`guidance_scale={config.guidance_scale}` is set, but this {self.family} denoiser has no guidance "
+                    "embedding (only guidance-distilled models such as FLUX.1-dev take one); leave it unset."
+                )
+            conventions = replace(conventions, guidance=float(config.guidance_scale))
+        flow = "FlowMatch" in type(self.scheduler).__name__
+        for name, field, value in (
+            ("weighting_scheme", "weighting", config.weighting_scheme),
+            ("flow_shift", "shift", config.flow_shift),
+        ):
+            if value is None:
+                continue
+            if not flow and not (name == "weighting_scheme" and value == "none"):
+                raise ConfigError(
+                    f"`{name}={value!r}` only applies to flow-matching models, but this {self.family} pipeline uses "
+                    f"{type(self.scheduler).__name__}; leave `{name}` unset."
+                )
+            conventions = replace(conventions, **{field: float(value) if field == "shift" else value})
+        return conventions
+
+    # ---- images
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.vae.config.in_channels) if self.vae is not None else self.in_channels
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """PIL images, `(B, H, W, C)` arrays or `(B, C, H, W)` tensors in `[0, 1]` -> `(B, C, H, W)` in `[-1, 1]`.
+
+        Images must already be at `resolution`; [`prepare_images`] resizes and center-crops.
+        """
+        pixels = images_to_tensor(images, self.image_channels)
+        if tuple(pixels.shape[-2:]) != tuple(self.resolution):
+            raise ConfigError(
+                f"`images` have size {tuple(pixels.shape[-2:])} but the gradients are taken at resolution "
+                f"{self.resolution}; resize them first (`diffusers_dmin.objectives.prepare_images(images, "
+                f"{self.resolution})`) or set `DMinConfig(resolution=...)`."
+            )
+        return pixels * 2.0 - 1.0
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` pixels in `[-1, 1]` -> clean denoiser inputs `x0` (identity for pixel-space models)."""
+        return pixels.to(self.device, self.dtype)
+
+    def latents_from_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
+        """The final latents of the pipeline's denoising loop (as its `callback_on_step_end` sees them) -> `x0` in the
+        VAE layout. Identity unless the pipeline denoises in another layout (packed tokens)."""
+        return latents
+
+    # ---- prompts and the network call
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Conditioning tensors, each with a leading batch dimension of `len(prompts)`."""
+        raise NotImplementedError
+
+    def forward(
+        self, call: Callable[..., Any], noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The denoiser's prediction in the layout of `noisy`; `call` is the denoiser or a functional wrapper of it.
+
+        `timesteps` are what the training script passes to the denoiser ([`Objective.model_timesteps`]).
+        """
+        raise NotImplementedError
+
+
+class LatentAdapter(DenoiserAdapter):
+    """A latent-diffusion family: `x0` is the VAE's deterministic `mode()`, shifted and scaled as in training."""
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        # a half-precision VAE marked `force_upcast` (SDXL's) overflows to NaN; encode in float32 as its pipeline does
+        # (nn.Module.to: diffusers' ModelMixin.to would log a warning about direct casts on every batch)
+        upcast = vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+        if upcast:
+            torch.nn.Module.to(vae, torch.float32)
+        try:
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        finally:
+            if upcast:
+                torch.nn.Module.to(vae, torch.float16)
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return (latents * vae.config.scaling_factor).to(self.device, self.dtype)
