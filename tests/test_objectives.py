@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_dmin import ConfigError, DMinConfig, UnsupportedPipelineError
-from diffusers_dmin.gradients import GradientSketcher
 from diffusers_dmin.families import adapter_for_pipeline
+from diffusers_dmin.gradients import GradientSketcher
 from diffusers_dmin.objectives import (
     Objective,
     fixed_noise,

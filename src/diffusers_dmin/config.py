@@ -193,7 +193,9 @@ class DMinConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"`{name}` must be None or a finite number, but is {value!r}.")
             if value < 0 or (name == "flow_shift" and value == 0):
-                raise ConfigError(f"`{name}` must be {'positive' if name == 'flow_shift' else '>= 0'}, but is {value!r}.")
+                raise ConfigError(
+                    f"`{name}` must be {'positive' if name == 'flow_shift' else '>= 0'}, but is {value!r}."
+                )
             set_(self, name, float(value))
 
         resolution = self.resolution
@@ -261,9 +263,7 @@ class DMinConfig:
         """Fields whose values differ, as `{name: (self_value, other_value)}`."""
         mine, theirs = self.to_dict(), other.to_dict()
         names = [f.name for f in fields(self)]
-        return {
-            k: (mine.get(k), theirs.get(k)) for k in names if k not in ignore and mine.get(k) != theirs.get(k)
-        }
+        return {k: (mine.get(k), theirs.get(k)) for k in names if k not in ignore and mine.get(k) != theirs.get(k)}
 
     def replace(self, **changes: Any) -> DMinConfig:
         """A copy with some fields changed (validated again)."""

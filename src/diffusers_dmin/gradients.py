@@ -30,8 +30,8 @@ import torch
 
 from .config import DMinConfig, SketchSpec
 from .errors import ConfigError, NonFiniteGradientError
-from .logging import ProgressBarMixin, get_logger
 from .families import DenoiserAdapter, adapter_for_pipeline
+from .logging import ProgressBarMixin, get_logger
 from .objectives import Objective, fixed_noise, select_timesteps
 from .sketch import OPORPSketch
 

@@ -173,9 +173,7 @@ class Objective:
             resolved with the config's overrides); defaults to plain flow matching / the DDPM objective.
     """
 
-    def __init__(
-        self, scheduler: Any, target: str | None = None, conventions: ObjectiveConventions | None = None
-    ):
+    def __init__(self, scheduler: Any, target: str | None = None, conventions: ObjectiveConventions | None = None):
         from diffusers import DDPMScheduler
 
         self.conventions = conventions if conventions is not None else ObjectiveConventions()
