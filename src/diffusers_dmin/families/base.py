@@ -29,7 +29,8 @@ class DenoiserAdapter:
 
     Attributes:
         denoiser (`torch.nn.Module`): The network whose parameters the gradient covers.
-        scheduler: The pipeline's scheduler (its config defines the objective).
+        scheduler: The scheduler the training script builds its objective from ([`training_scheduler`]: the
+            pipeline's own unless the script builds another one from its config).
         conventions (`ObjectiveConventions`): The family's training-script conventions, with the [`DMinConfig`]
             overrides applied (recorded in the index manifest).
         resolution (`tuple[int, int]`): Image `(height, width)` gradients are taken at.
@@ -44,7 +45,7 @@ class DenoiserAdapter:
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):
         self.pipeline = pipeline
         self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_attribute)
-        self.scheduler = pipeline.scheduler
+        self.scheduler = self.training_scheduler(pipeline.scheduler)
         self.vae = getattr(pipeline, "vae", None)
         self.scale_factor = self.vae_scale_factor()
         if resolution is None and config is not None:
@@ -64,6 +65,12 @@ class DenoiserAdapter:
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
         raise NotImplementedError
+
+    def training_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler whose config defines the training objective: the pipeline's own by default. Families whose
+        script builds another one from the checkpoint's scheduler config (Sana's script trains with a
+        `FlowMatchEulerDiscreteScheduler` while its checkpoints ship a DPM-Solver) return that one here."""
+        return scheduler
 
     # ---- shapes
 
