@@ -13,6 +13,7 @@ from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
 from .qwenimage import QwenImageAdapter
+from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
@@ -22,6 +23,7 @@ __all__ = [
     "DenoiserAdapter",
     "LatentAdapter",
     "QwenImageAdapter",
+    "SanaAdapter",
     "SD3Adapter",
     "SDXLAdapter",
     "SUPPORTED_PIPELINES",
@@ -37,6 +39,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     UNet2DConditionAdapter,
     SD3Adapter,
     QwenImageAdapter,
+    SanaAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -45,6 +48,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "QwenImagePipeline (QwenImageTransformer2DModel)",
+    "SanaPipeline (SanaTransformer2DModel)",
 )
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "add_tiny_lora",
     "tiny_qwen2_tokenizer",
     "tiny_qwenimage_pipeline",
+    "tiny_gemma_tokenizer",
+    "tiny_sana_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -315,3 +317,4 @@ def add_tiny_lora(
 
 
 from .qwenimage import tiny_qwen2_tokenizer, tiny_qwenimage_pipeline  # noqa: E402
+from .sana import tiny_gemma_tokenizer, tiny_sana_pipeline  # noqa: E402
