@@ -118,6 +118,27 @@ def test_sana_pipeline_latents_are_the_scaled_vae_latents():
     torch.testing.assert_close((decoded / 2 + 0.5).clamp(0, 1), images, rtol=0, atol=1e-5)
 
 
+def test_sana_reloaded_pipeline_with_lora_weights_loaded_like_users_do(tmp_path):
+    """`save_pretrained` -> `DiffusionPipeline.from_pretrained` -> `load_lora_weights` (diffusers' PEFT integration,
+    as `dmin build --lora-weights` loads them) gives the sketches of the in-memory LoRA pipeline."""
+    from diffusers import DiffusionPipeline, SanaPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sana_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    add_tiny_lora(pipe.transformer, rank=4, alpha=4, seed=1)  # alpha = rank: the scale a weights-only file loads with
+    SanaPipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.load_lora_weights(tmp_path / "lora")
+    config = DMinConfig(num_timesteps=2, sketch_dim=256, params="lora", resolution=(SIZE, SIZE))
+    images = structured_images(2, SIZE)
+    expected = GradientSketcher.from_pipeline(pipe, config)(images=images, prompts=PROMPTS[:2])
+    sketches = GradientSketcher.from_pipeline(reloaded, config)(images=images, prompts=PROMPTS[:2])
+    torch.testing.assert_close(sketches, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_sana_half_precision_lora_agrees_with_float32(dtype):
     # measured min 0.983 on the project's CPU: one pair ("red" at the noisiest timestep), the others >= 0.998; the
