@@ -13,7 +13,8 @@ called with `timestep = timesteps / 1000`, the prediction unpacked by `QwenImage
 import pytest
 import torch
 
-from diffusers_dmin import DMinConfig, GradientSketcher
+from diffusers_dmin import DMinConfig, GradientSketcher, InfluencePipeline
+from diffusers_dmin.errors import ConfigError
 from diffusers_dmin.testing import add_tiny_lora, tiny_qwenimage_pipeline
 from family_checks import (
     check_half_precision_agrees,
@@ -127,6 +128,9 @@ def test_qwenimage_self_retrieval_and_return_influence():
     prompts = PROMPTS + ["a blue circle"]
     index = check_self_retrieval(pipe, images, prompts)
     check_return_influence(pipe, index, "a photo of a cat")
+    # a LoRA scale at generation (`attention_kwargs` in this pipeline) is not the model the index describes
+    with pytest.raises(ConfigError, match="attention_kwargs"):
+        InfluencePipeline(pipe, index)("a photo of a cat", attention_kwargs={"scale": 0.5}, return_influence=True)
 
 
 def test_qwenimage_latents_from_pipeline_unpack_like_the_pipeline():

@@ -39,6 +39,7 @@ _CONDITIONING_ARGUMENTS = (
     "target_size",
     "cross_attention_kwargs",
     "joint_attention_kwargs",
+    "attention_kwargs",  # Qwen-Image, Sana, ...: the LoRA `scale` lives here
 )
 
 
