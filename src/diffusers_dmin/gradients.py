@@ -91,13 +91,15 @@ def select_parameters(
         return selected
     if params == "attention":
         base = [(n, p) for n, p in named if not _is_lora(n)]
-        for block in ("transformer_blocks", "attentions"):
+        # the first suffix that names blocks wins: SD3/Flux/CogVideoX `transformer_blocks`, UNet `attentions`, HiDream
+        # `double_stream_blocks` + `single_stream_blocks`, Lumina 2 `layers` (its joint blocks, not the refiners)
+        for block in ("transformer_blocks", "attentions", "stream_blocks", "layers"):
             selected = [(n, p) for n, p in base if any(part.endswith(block) for part in n.split("."))]
             if selected:
                 return selected
         raise ConfigError(
-            f"`params='attention'` found no `transformer_blocks` or `attentions` parameters in "
-            f"{type(denoiser).__name__}; use `params='all'` or a list of name patterns."
+            f"`params='attention'` found no `transformer_blocks`, `attentions`, `*stream_blocks` or `layers` "
+            f"parameters in {type(denoiser).__name__}; use `params='all'` or a list of name patterns."
         )
     if params == "all":
         return named
@@ -368,7 +370,9 @@ class GradientSketcher(ProgressBarMixin):
     def _use_vmap(self) -> bool:
         if self.mode != "auto":
             return self.mode == "vmap"
-        return not self._vmap_failed and not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
+        if self._vmap_failed or not self.adapter.supports_vmap:
+            return False
+        return not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
 
     def _run(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], sink: str) -> torch.Tensor:
         if torch.is_inference_mode_enabled():

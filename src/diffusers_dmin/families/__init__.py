@@ -12,6 +12,7 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .lumina2 import Lumina2Adapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
@@ -20,6 +21,7 @@ __all__ = [
     "ADAPTERS",
     "DenoiserAdapter",
     "LatentAdapter",
+    "Lumina2Adapter",
     "SD3Adapter",
     "SDXLAdapter",
     "SUPPORTED_PIPELINES",
@@ -34,6 +36,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     SDXLAdapter,
     UNet2DConditionAdapter,
     SD3Adapter,
+    Lumina2Adapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -41,6 +44,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline 1.x/2.x (UNet2DConditionModel)",
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
+    "Lumina2Pipeline (Lumina2Transformer2DModel)",
 )
 
 

@@ -39,6 +39,9 @@ class DenoiserAdapter:
     family: ClassVar[str]
     denoiser_attribute: ClassVar[str] = "unet"
     conditional: ClassVar[bool] = True
+    # False for denoisers whose forward leaves torch.func.vmap (data-dependent Python control flow such as `.tolist()`
+    # on a mask, or NumPy calls): `mode="auto"` then goes straight to one backward pass per pair
+    supports_vmap: ClassVar[bool] = True
     conventions: ObjectiveConventions = ObjectiveConventions()
 
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):

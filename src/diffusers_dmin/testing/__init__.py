@@ -30,6 +30,8 @@ __all__ = [
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
     "add_tiny_lora",
+    "tiny_gemma_tokenizer",
+    "tiny_lumina2_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -310,3 +312,6 @@ def add_tiny_lora(
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     return denoiser
+
+
+from .lumina2 import tiny_gemma_tokenizer, tiny_lumina2_pipeline  # noqa: E402
