@@ -12,6 +12,7 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .hidream import HiDreamAdapter
 from .lumina2 import Lumina2Adapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
@@ -20,6 +21,7 @@ from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 __all__ = [
     "ADAPTERS",
     "DenoiserAdapter",
+    "HiDreamAdapter",
     "LatentAdapter",
     "Lumina2Adapter",
     "SD3Adapter",
@@ -37,6 +39,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     UNet2DConditionAdapter,
     SD3Adapter,
     Lumina2Adapter,
+    HiDreamAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -45,6 +48,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "Lumina2Pipeline (Lumina2Transformer2DModel)",
+    "HiDreamImagePipeline (HiDreamImageTransformer2DModel)",
 )
 
 

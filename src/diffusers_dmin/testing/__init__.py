@@ -32,6 +32,7 @@ __all__ = [
     "add_tiny_lora",
     "tiny_gemma_tokenizer",
     "tiny_lumina2_pipeline",
+    "tiny_hidream_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -314,4 +315,5 @@ def add_tiny_lora(
     return denoiser
 
 
+from .hidream import tiny_hidream_pipeline  # noqa: E402
 from .lumina2 import tiny_gemma_tokenizer, tiny_lumina2_pipeline  # noqa: E402
