@@ -327,7 +327,16 @@ def _check_top_k(top_k: Any) -> None:
 
 
 def _as_image_list(images: Any, output_type: str) -> list[PIL.Image.Image | None]:
-    """PIL versions of the output images for result grids (None for latents)."""
+    """PIL versions of the output images for result grids (None for latents; a video's first frame)."""
     if output_type == "latent":
         return [None] * len(images)
-    return [image if isinstance(image, PIL.Image.Image) else to_pil(image) for image in images]
+    frames = [_first_frame(image) for image in images]
+    return [frame if isinstance(frame, PIL.Image.Image) else to_pil(frame) for frame in frames]
+
+
+def _first_frame(image: Any) -> Any:
+    """A video pipeline's output (a list of PIL frames, an `(F, H, W, C)` array or an `(F, C, H, W)` tensor) -> its
+    first frame; images pass through."""
+    if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4:
+        return image[0]
+    return image

@@ -12,6 +12,7 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .cogvideox import CogVideoXAdapter
 from .hidream import HiDreamAdapter
 from .lumina2 import Lumina2Adapter
 from .sd3 import SD3Adapter
@@ -20,6 +21,7 @@ from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
 __all__ = [
     "ADAPTERS",
+    "CogVideoXAdapter",
     "DenoiserAdapter",
     "HiDreamAdapter",
     "LatentAdapter",
@@ -40,6 +42,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     SD3Adapter,
     Lumina2Adapter,
     HiDreamAdapter,
+    CogVideoXAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -49,6 +52,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "Lumina2Pipeline (Lumina2Transformer2DModel)",
     "HiDreamImagePipeline (HiDreamImageTransformer2DModel)",
+    "CogVideoXPipeline 2b/5b (CogVideoXTransformer3DModel, videos)",
 )
 
 

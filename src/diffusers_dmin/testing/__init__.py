@@ -33,6 +33,7 @@ __all__ = [
     "tiny_gemma_tokenizer",
     "tiny_lumina2_pipeline",
     "tiny_hidream_pipeline",
+    "tiny_cogvideox_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -315,5 +316,6 @@ def add_tiny_lora(
     return denoiser
 
 
+from .cogvideox import tiny_cogvideox_pipeline  # noqa: E402
 from .hidream import tiny_hidream_pipeline  # noqa: E402
 from .lumina2 import tiny_gemma_tokenizer, tiny_lumina2_pipeline  # noqa: E402
