@@ -101,7 +101,6 @@ def tiny_hidream_pipeline(seed: int = 0, *, scheduler=None, words: Iterable[str]
             bos_token_id=llama_tokenizer.bos_token_id,
             eos_token_id=llama_tokenizer.eos_token_id,
             pad_token_id=llama_tokenizer.eos_token_id,
-            attn_implementation="eager",  # the pipeline asks for attention maps, which SDPA cannot return
         )
     )
     _eval(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, text_encoder_4)
