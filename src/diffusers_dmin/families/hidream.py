@@ -15,6 +15,7 @@ auxiliary load-balancing loss; that is exactly the `eval()` forward DMin uses.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -43,7 +44,10 @@ class HiDreamAdapter(LatentAdapter):
     def training_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
+        # the keys of another class's config (UniPC's `flow_shift`, ...) are ignored, as `from_pretrained` does
+        accepted = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+        config = {k: v for k, v in self.pipeline.scheduler.config.items() if k in accepted}
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
 
     @property
     def patch_size(self) -> int:
