@@ -153,6 +153,13 @@ def test_cogvideox_self_retrieval_and_return_influence():
     assert result.query.size == SIZE  # the first frame
     plain = pipe(height=SIZE[0], width=SIZE[1], generator=torch.Generator().manual_seed(0), **kwargs).frames
     assert abs(plain - out.images).max() < 1e-5  # the wrapped pipeline ran unchanged
+    with pytest.raises(ConfigError, match="num_frames"):  # refused before generating
+        wrapped(return_influence=True, num_frames=5, **kwargs)
+    # existing videos (here training videos 1 and 2, as (B, F, H, W, C) arrays) are attributed to themselves
+    videos = structured_videos(4)[1:3].permute(0, 1, 3, 4, 2).numpy()
+    attributed = wrapped.attribute(videos, prompts=PROMPTS[1:3], top_k=1)
+    assert [int(r.sample_ids[0]) for r in attributed] == [1, 2]
+    assert attributed[0].query.size == SIZE  # the first frame
 
 
 def test_cogvideox_pipeline_latents_are_the_vae_layout():
