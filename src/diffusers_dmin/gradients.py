@@ -226,7 +226,8 @@ class GradientSketcher(ProgressBarMixin):
 
         Args:
             pipeline (`DiffusionPipeline`):
-                A DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline, optionally with a LoRA loaded.
+                A pipeline of a supported family (`diffusers_dmin.families.SUPPORTED_PIPELINES`), optionally with a
+                LoRA loaded.
             config (`DMinConfig`, *optional*):
                 Defaults to `DMinConfig()`.
             kwargs:
@@ -254,10 +255,11 @@ class GradientSketcher(ProgressBarMixin):
 
         Args:
             images (PIL images, `np.ndarray` of shape `(B, H, W, C)` or `torch.Tensor` of shape `(B, C, H, W)`):
-                Images in `[0, 1]` at the sketcher's resolution. Give either `images` or `latents`.
+                Images in `[0, 1]` at the sketcher's resolution (video families: videos, e.g. `(B, F, C, H, W)`
+                tensors, see the family's adapter). Give either `images` or `latents`.
             prompts (`str` or `list[str]`, *optional*):
                 One prompt per sample (a single string is used for every sample); ignored by unconditional models.
-            latents (`torch.Tensor` of shape `(B, C, h, w)`, *optional*):
+            latents (`torch.Tensor` of shape `(B, C, h, w)` or `(B, C, F, h, w)` for videos, *optional*):
                 Clean denoiser inputs `x0` (for latent models: VAE latents times the scaling factor, as the pipeline's
                 denoising loop produces them).
 
