@@ -29,8 +29,8 @@ class DenoiserAdapter:
 
     Attributes:
         denoiser (`torch.nn.Module`): The network whose parameters the gradient covers.
-        scheduler: The scheduler whose config defines the objective ([`~DenoiserAdapter.training_scheduler`]: the
-            pipeline's unless the family's training script builds another from its config).
+        scheduler: The scheduler the training script builds its objective from ([`training_scheduler`]: the
+            pipeline's own unless the script builds another one from its config).
         conventions (`ObjectiveConventions`): The family's training-script conventions, with the [`DMinConfig`]
             overrides applied (recorded in the index manifest).
         resolution (`tuple[int, int]`): Image `(height, width)` gradients are taken at.
@@ -50,7 +50,7 @@ class DenoiserAdapter:
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):
         self.pipeline = pipeline
         self.denoiser: torch.nn.Module = getattr(pipeline, self.denoiser_attribute)
-        self.scheduler = self.training_scheduler()
+        self.scheduler = self.training_scheduler(pipeline.scheduler)
         self.vae = getattr(pipeline, "vae", None)
         self.scale_factor = self.vae_scale_factor()
         if resolution is None and config is not None:
@@ -71,10 +71,11 @@ class DenoiserAdapter:
     def matches(cls, pipeline: Any) -> bool:
         raise NotImplementedError
 
-    def training_scheduler(self) -> Any:
-        """The scheduler whose config defines the objective: the pipeline's, unless the family's training script builds
-        another class from that config (HiDream's loads a `FlowMatchEulerDiscreteScheduler` whatever samples)."""
-        return self.pipeline.scheduler
+    def training_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler whose config defines the training objective: the pipeline's own by default. Families whose
+        script builds another one from the checkpoint's scheduler config (Sana's script trains with a
+        `FlowMatchEulerDiscreteScheduler` while its checkpoints ship a DPM-Solver) return that one here."""
+        return scheduler
 
     # ---- shapes
 

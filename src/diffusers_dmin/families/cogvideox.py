@@ -59,10 +59,10 @@ class CogVideoXAdapter(LatentAdapter):
             and type(pipeline).__name__ == "CogVideoXPipeline"
         )
 
-    def training_scheduler(self):
+    def training_scheduler(self, scheduler):
         from diffusers import CogVideoXDPMScheduler, DDPMScheduler
 
-        script = CogVideoXDPMScheduler.from_config(self.pipeline.scheduler.config)
+        script = CogVideoXDPMScheduler.from_config(scheduler.config)
         alphas_cumprod = script.alphas_cumprod.double()
         betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         return DDPMScheduler(

@@ -41,12 +41,12 @@ class HiDreamAdapter(LatentAdapter):
     def matches(cls, pipeline: Any) -> bool:
         return type(getattr(pipeline, "transformer", None)).__name__ == "HiDreamImageTransformer2DModel"
 
-    def training_scheduler(self):
+    def training_scheduler(self, scheduler):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         # the keys of another class's config (UniPC's `flow_shift`, ...) are ignored, as `from_pretrained` does
         accepted = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
-        config = {k: v for k, v in self.pipeline.scheduler.config.items() if k in accepted}
+        config = {k: v for k, v in scheduler.config.items() if k in accepted}
         return FlowMatchEulerDiscreteScheduler.from_config(config)
 
     @property

@@ -30,7 +30,6 @@ __all__ = [
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
     "add_tiny_lora",
-    "tiny_gemma_tokenizer",
     "tiny_lumina2_pipeline",
     "tiny_hidream_pipeline",
     "tiny_cogvideox_pipeline",
@@ -318,4 +317,4 @@ def add_tiny_lora(
 
 from .cogvideox import tiny_cogvideox_pipeline  # noqa: E402
 from .hidream import tiny_hidream_pipeline  # noqa: E402
-from .lumina2 import tiny_gemma_tokenizer, tiny_lumina2_pipeline  # noqa: E402
+from .lumina2 import tiny_lumina2_pipeline  # noqa: E402

@@ -11,7 +11,7 @@ from ..errors import require
 from . import DEFAULT_WORDS, _eval
 
 
-__all__ = ["tiny_bpe_vocab", "tiny_gemma_tokenizer", "tiny_lumina2_pipeline"]
+__all__ = ["tiny_bpe_vocab", "tiny_lumina2_tokenizer", "tiny_lumina2_pipeline"]
 
 # the words of Lumina2Pipeline's default system prompt, so the prompt stays a few dozen tokens long
 _SYSTEM_PROMPT_WORDS = (
@@ -56,9 +56,10 @@ def tiny_bpe_vocab(
     return vocab, merges
 
 
-def tiny_gemma_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
-    """A `GemmaTokenizer` (byte-fallback BPE) built from an in-memory vocabulary; no download."""
-    transformers = require("transformers", "`tiny_gemma_tokenizer`", "pip install transformers")
+def tiny_lumina2_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
+    """A `GemmaTokenizer` (byte-fallback BPE) built from an in-memory vocabulary in which each of `words` and of the
+    words of `Lumina2Pipeline`'s default system prompt is one token; no download."""
+    transformers = require("transformers", "`tiny_lumina2_tokenizer`", "pip install transformers")
     vocab, merges = tiny_bpe_vocab([*words, *_SYSTEM_PROMPT_WORDS], ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
     return transformers.GemmaTokenizer(vocab=vocab, merges=merges)
 
@@ -72,7 +73,7 @@ def tiny_lumina2_pipeline(seed: int = 0, *, words: Iterable[str] = DEFAULT_WORDS
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
     transformers = require("transformers", "`tiny_lumina2_pipeline`", "pip install transformers")
-    tokenizer = tiny_gemma_tokenizer(words)
+    tokenizer = tiny_lumina2_tokenizer(words)
     torch.manual_seed(seed)
     transformer = Lumina2Transformer2DModel(
         sample_size=4,
