@@ -154,6 +154,28 @@ def test_hidream_pipeline_latents_are_the_vae_layout():
     torch.testing.assert_close(sketcher.adapter.latents_from_pipeline(plain), latents)
 
 
+def test_hidream_reloaded_pipeline_with_lora_weights_loaded_like_users_do(tmp_path):
+    """`save_pretrained` -> `DiffusionPipeline.from_pretrained` -> `load_lora_weights` (diffusers' PEFT integration,
+    as `dmin build --lora-weights` loads them) gives the sketches of the in-memory LoRA pipeline."""
+    from diffusers import DiffusionPipeline, HiDreamImagePipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_hidream_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    add_tiny_lora(pipe.transformer, rank=4, alpha=4, seed=1, target_modules=LORA_TARGETS)  # alpha = rank, as loaded
+    HiDreamImagePipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.load_lora_weights(tmp_path / "lora")
+    assert type(reloaded) is HiDreamImagePipeline
+    config = DMinConfig(num_timesteps=2, sketch_dim=256, params="lora", resolution=(16, 16))
+    images = structured_images(2)
+    expected = GradientSketcher.from_pipeline(pipe, config)(images=images, prompts=PROMPTS[:2])
+    sketches = GradientSketcher.from_pipeline(reloaded, config)(images=images, prompts=PROMPTS[:2])
+    torch.testing.assert_close(sketches, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_hidream_half_precision_lora_agrees_with_float32(dtype):
     cosine = check_half_precision_agrees(_lora_pipe, structured_images(2), PROMPTS[:2], dtype=dtype)
