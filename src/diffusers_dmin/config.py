@@ -54,8 +54,9 @@ class DMinConfig:
         params (`str` or `list[str]`, *optional*, defaults to `"auto"`):
             Which denoiser parameters the gradient covers: `"auto"` (the LoRA parameters when a PEFT adapter is
             loaded, else `"attention"`), `"lora"`, `"attention"` (the `transformer_blocks` of transformers and
-            cross-attention UNets, the `attentions` blocks of a `UNet2DModel`), `"all"`, or a list of `fnmatch`
-            patterns matched against full parameter names (e.g. `["*.attn1.*", "mid_block.*"]`).
+            cross-attention UNets, the `attentions` blocks of a `UNet2DModel`, HiDream's `*_stream_blocks`, Lumina 2's
+            `layers`), `"all"`, or a list of `fnmatch` patterns matched against full parameter names (e.g.
+            `["*.attn1.*", "mid_block.*"]`).
         dtype (`str`, *optional*, defaults to `"float16"`):
             Storage dtype of the sketches in an index: `"float16"`, `"bfloat16"` or `"float32"`. Sketches are always
             computed in float32.

@@ -91,13 +91,15 @@ def select_parameters(
         return selected
     if params == "attention":
         base = [(n, p) for n, p in named if not _is_lora(n)]
-        for block in ("transformer_blocks", "attentions"):
+        # the first suffix that names blocks wins: SD3/Flux/CogVideoX `transformer_blocks`, UNet `attentions`, HiDream
+        # `double_stream_blocks` + `single_stream_blocks`, Lumina 2 `layers` (its joint blocks, not the refiners)
+        for block in ("transformer_blocks", "attentions", "stream_blocks", "layers"):
             selected = [(n, p) for n, p in base if any(part.endswith(block) for part in n.split("."))]
             if selected:
                 return selected
         raise ConfigError(
-            f"`params='attention'` found no `transformer_blocks` or `attentions` parameters in "
-            f"{type(denoiser).__name__}; use `params='all'` or a list of name patterns."
+            f"`params='attention'` found no `transformer_blocks`, `attentions`, `*stream_blocks` or `layers` "
+            f"parameters in {type(denoiser).__name__}; use `params='all'` or a list of name patterns."
         )
     if params == "all":
         return named
@@ -224,7 +226,8 @@ class GradientSketcher(ProgressBarMixin):
 
         Args:
             pipeline (`DiffusionPipeline`):
-                A DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline, optionally with a LoRA loaded.
+                A pipeline of a supported family (`diffusers_dmin.families.SUPPORTED_PIPELINES`), optionally with a
+                LoRA loaded.
             config (`DMinConfig`, *optional*):
                 Defaults to `DMinConfig()`.
             kwargs:
@@ -252,10 +255,11 @@ class GradientSketcher(ProgressBarMixin):
 
         Args:
             images (PIL images, `np.ndarray` of shape `(B, H, W, C)` or `torch.Tensor` of shape `(B, C, H, W)`):
-                Images in `[0, 1]` at the sketcher's resolution. Give either `images` or `latents`.
+                Images in `[0, 1]` at the sketcher's resolution (video families: videos, e.g. `(B, F, C, H, W)`
+                tensors, see the family's adapter). Give either `images` or `latents`.
             prompts (`str` or `list[str]`, *optional*):
                 One prompt per sample (a single string is used for every sample); ignored by unconditional models.
-            latents (`torch.Tensor` of shape `(B, C, h, w)`, *optional*):
+            latents (`torch.Tensor` of shape `(B, C, h, w)` or `(B, C, F, h, w)` for videos, *optional*):
                 Clean denoiser inputs `x0` (for latent models: VAE latents times the scaling factor, as the pipeline's
                 denoising loop produces them).
 
@@ -368,7 +372,9 @@ class GradientSketcher(ProgressBarMixin):
     def _use_vmap(self) -> bool:
         if self.mode != "auto":
             return self.mode == "vmap"
-        return not self._vmap_failed and not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
+        if self._vmap_failed or not self.adapter.supports_vmap:
+            return False
+        return not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
 
     def _run(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], sink: str) -> torch.Tensor:
         if torch.is_inference_mode_enabled():

@@ -211,11 +211,13 @@ class InfluencePipeline:
         r"""
         Attribute existing images (e.g. generated earlier, or found in the wild) to training samples.
 
-        Images are resized and center-cropped to the index's resolution, like training images.
+        Images are resized and center-cropped to the index's resolution, like training images. Videos (video
+        families such as CogVideoX) are taken as they are: at the index's resolution and frame count.
 
         Args:
             images (PIL images, `np.ndarray` of shape `(B, H, W, C)` or `torch.Tensor` of shape `(B, C, H, W)`):
-                Images with values in `[0, 1]` (PIL images as usual).
+                Images with values in `[0, 1]` (PIL images as usual); for video families, videos as the family's
+                adapter takes them (e.g. `(B, F, C, H, W)` tensors or `(B, F, H, W, C)` arrays).
             prompts (`str` or `list[str]`, *optional*):
                 The prompt of each image (conditional pipelines).
             top_k (`int`, *optional*, defaults to 10): Training samples returned per image.
@@ -226,14 +228,17 @@ class InfluencePipeline:
         """
         _check_top_k(top_k)
         adapter = self.sketcher.adapter
-        pixels = prepare_images(images, adapter.resolution, adapter.image_channels)
+        if adapter.num_frames is None:
+            pixels = prepare_images(images, adapter.resolution, adapter.image_channels)
+        else:  # videos: the adapter checks their size and length
+            pixels = images
         start = time.perf_counter()
         sketches = self.sketcher(images=pixels, prompts=prompts)
         sketched = time.perf_counter()
         influence = self.index.search(sketches, top_k=top_k, exact=exact)
         self._record_timings(gradient=sketched - start, search=time.perf_counter() - sketched)
         for result, image in zip(influence, pixels):
-            result.query = to_pil(image)
+            result.query = to_pil(_first_frame(image))
         return influence
 
     # ------------------------------------------------------------------ internals
@@ -275,6 +280,15 @@ class InfluencePipeline:
                     f"The index was built at resolution {(height, width)}, but `height={kwargs['height']}, "
                     f"width={kwargs['width']}` were requested; gradients are only comparable at the index's "
                     "resolution. Leave height/width unset."
+                )
+        if adapter.num_frames is not None and "num_frames" in self._signature:
+            if kwargs.get("num_frames") is None:
+                kwargs["num_frames"] = adapter.num_frames
+            if kwargs["num_frames"] != adapter.num_frames:
+                raise ConfigError(
+                    f"The index was built on videos of {adapter.num_frames} frames, but `num_frames="
+                    f"{kwargs['num_frames']}` was requested; gradients are only comparable at the index's length. "
+                    "Leave num_frames unset."
                 )
         return prompts
 
@@ -328,7 +342,16 @@ def _check_top_k(top_k: Any) -> None:
 
 
 def _as_image_list(images: Any, output_type: str) -> list[PIL.Image.Image | None]:
-    """PIL versions of the output images for result grids (None for latents)."""
+    """PIL versions of the output images for result grids (None for latents; a video's first frame)."""
     if output_type == "latent":
         return [None] * len(images)
-    return [image if isinstance(image, PIL.Image.Image) else to_pil(image) for image in images]
+    frames = [_first_frame(image) for image in images]
+    return [frame if isinstance(frame, PIL.Image.Image) else to_pil(frame) for frame in frames]
+
+
+def _first_frame(image: Any) -> Any:
+    """A video pipeline's output (a list of PIL frames, an `(F, H, W, C)` array or an `(F, C, H, W)` tensor) -> its
+    first frame; images pass through."""
+    if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4:
+        return image[0]
+    return image

@@ -12,6 +12,9 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .cogvideox import CogVideoXAdapter
+from .hidream import HiDreamAdapter
+from .lumina2 import Lumina2Adapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
@@ -20,10 +23,13 @@ from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
 __all__ = [
     "ADAPTERS",
+    "CogVideoXAdapter",
     "DenoiserAdapter",
+    "HiDreamAdapter",
     "LatentAdapter",
     "QwenImageAdapter",
     "SanaAdapter",
+    "Lumina2Adapter",
     "SD3Adapter",
     "SDXLAdapter",
     "SUPPORTED_PIPELINES",
@@ -40,6 +46,9 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     SD3Adapter,
     QwenImageAdapter,
     SanaAdapter,
+    Lumina2Adapter,
+    HiDreamAdapter,
+    CogVideoXAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -49,6 +58,9 @@ SUPPORTED_PIPELINES = (
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "QwenImagePipeline (QwenImageTransformer2DModel)",
     "SanaPipeline (SanaTransformer2DModel)",
+    "Lumina2Pipeline (Lumina2Transformer2DModel)",
+    "HiDreamImagePipeline (HiDreamImageTransformer2DModel)",
+    "CogVideoXPipeline 2b/5b (CogVideoXTransformer3DModel, videos)",
 )
 
 

@@ -40,6 +40,11 @@ class DenoiserAdapter:
     family: ClassVar[str]
     denoiser_attribute: ClassVar[str] = "unet"
     conditional: ClassVar[bool] = True
+    # video families: pixel frames per sample (their `latent_shape` is `(C, F, h, w)`); None for images
+    num_frames: int | None = None
+    # False for denoisers whose forward leaves torch.func.vmap (data-dependent Python control flow such as `.tolist()`
+    # on a mask, or NumPy calls): `mode="auto"` then goes straight to one backward pass per pair
+    supports_vmap: ClassVar[bool] = True
     conventions: ObjectiveConventions = ObjectiveConventions()
 
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):

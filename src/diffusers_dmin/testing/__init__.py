@@ -34,6 +34,9 @@ __all__ = [
     "tiny_qwenimage_pipeline",
     "tiny_gemma_tokenizer",
     "tiny_sana_pipeline",
+    "tiny_lumina2_pipeline",
+    "tiny_hidream_pipeline",
+    "tiny_cogvideox_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -316,5 +319,8 @@ def add_tiny_lora(
     return denoiser
 
 
+from .cogvideox import tiny_cogvideox_pipeline  # noqa: E402
+from .hidream import tiny_hidream_pipeline  # noqa: E402
+from .lumina2 import tiny_lumina2_pipeline  # noqa: E402
 from .qwenimage import tiny_qwen2_tokenizer, tiny_qwenimage_pipeline  # noqa: E402
 from .sana import tiny_gemma_tokenizer, tiny_sana_pipeline  # noqa: E402
