@@ -7,7 +7,8 @@ family's diffusers training script* (not by calling the library's adapter), with
 
 where `pixels` is one `(1, C, H, W)` image in `[-1, 1]`, `prompt` its caption (or None), `noise` one `(1, *latent)`
 tensor in the VAE latent layout (unpacked) and `t` the integer training timestep index as DMin uses it (larger is
-noisier; for flow matching the script's `sigmas[i]` with `i = N - 1 - t`). The checks then compare the library's
+noisier; for flow matching the script's `sigmas[i]` with `i = N - 1 - t`, or `i = t` under Lumina 2's reversed
+interpolation, where sigma = 1 is the clean image). The checks then compare the library's
 sketches with the reference at K >= D, where the sketch is a signed permutation and inner products are exact.
 """
 

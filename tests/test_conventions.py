@@ -42,11 +42,15 @@ def test_flow_matching_noisy_input_target_and_weights_follow_the_conventions():
     torch.testing.assert_close(target, noise - x0)
     torch.testing.assert_close(plain.model_timesteps(t), sigma.flatten() * 1000, rtol=1e-5, atol=1e-3)
 
+    # Lumina 2: sigma = 1 is the clean image, so DMin's noisiest t takes the script's smallest sigma (index t):
+    # s = (N - t) / N before the shift
     lumina = Objective(scheduler, conventions=ObjectiveConventions(interpolation="data_at_one", timestep_scale=1e-3))
     noisy, target = lumina.noisy_and_target(x0, noise, t)
-    torch.testing.assert_close(noisy, (1 - sigma) * noise + sigma * x0)
+    s_rev = _script_sigmas({"shift": 3.0}, None, 999 - t).view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - s_rev) * noise + s_rev * x0)
     torch.testing.assert_close(target, x0 - noise)
-    torch.testing.assert_close(lumina.model_timesteps(t), sigma.flatten(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lumina.model_timesteps(t), s_rev.flatten(), rtol=1e-5, atol=1e-6)
+    assert lumina._sigmas(torch.tensor([999]))[0] < 0.01  # the noisiest timestep is (almost) pure noise
 
     s = sigma.flatten()
     cosmap = Objective(scheduler, conventions=ObjectiveConventions(weighting="cosmap"))

@@ -40,7 +40,9 @@ def lumina2_reference_loss(weighting_scheme="none"):
                 [prompt], max_sequence_length=256, system_prompt=None, device="cpu"
             )
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        index = scheduler.config.num_train_timesteps - 1 - t  # DMin's t -> the script's `indices`
+        # DMin's t (larger is noisier) -> the script's `indices`: sigma = 1 is the clean image under Lumina 2's reversed
+        # lerp, so the noisiest t takes the smallest sigma, index t itself
+        index = t
         timesteps = scheduler.timesteps[[index]]
         step = [(scheduler.timesteps == s).nonzero().item() for s in timesteps]  # the script's get_sigmas
         sigmas = scheduler.sigmas[step].view(-1, 1, 1, 1)

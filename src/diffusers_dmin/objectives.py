@@ -211,16 +211,23 @@ class Objective:
         # resolved name: "epsilon" (the noise), "v_prediction", "sample" or "flow" (noise - x0)
         self.target_name = default if target is None else {"noise": "epsilon"}.get(target, target)
 
+    def _schedule_index(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Index into the flow-matching scheduler's `sigmas`/`timesteps` of DMin's training timesteps t (larger is
+        noisier): `N - 1 - t`, so that t = N - 1 is sigma = 1, pure noise. Under the reversed interpolation (Lumina 2,
+        where sigma = 1 is the clean image) the index is t itself, so that larger t is noisier there too."""
+        timesteps = timesteps.cpu().long()
+        if self.conventions.interpolation == "data_at_one":
+            return timesteps
+        return self.num_train_timesteps - 1 - timesteps
+
     def _sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
-        index = self.num_train_timesteps - 1 - timesteps.cpu().long()
-        return self.scheduler.sigmas[index].to(torch.float32)
+        return self.scheduler.sigmas[self._schedule_index(timesteps)].to(torch.float32)
 
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The timestep values the denoiser is called with: the integer t, or for flow matching
         `scheduler.timesteps` (`sigma * N`) times the family's `timestep_scale`."""
         if self.flow_matching:
-            index = self.num_train_timesteps - 1 - timesteps.cpu().long()
-            values = self.scheduler.timesteps[index].to(torch.float32)
+            values = self.scheduler.timesteps[self._schedule_index(timesteps)].to(torch.float32)
             scale = self.conventions.timestep_scale
             return values * scale if scale != 1.0 else values
         return timesteps.long()
