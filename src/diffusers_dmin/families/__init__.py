@@ -12,6 +12,7 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
@@ -19,6 +20,7 @@ from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 __all__ = [
     "ADAPTERS",
     "DenoiserAdapter",
+    "FluxAdapter",
     "LatentAdapter",
     "SD3Adapter",
     "SDXLAdapter",
@@ -34,6 +36,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     SDXLAdapter,
     UNet2DConditionAdapter,
     SD3Adapter,
+    FluxAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -41,6 +44,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline 1.x/2.x (UNet2DConditionModel)",
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
+    "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
 )
 
 
