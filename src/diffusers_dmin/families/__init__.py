@@ -12,6 +12,7 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
@@ -19,6 +20,7 @@ from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
 __all__ = [
     "ADAPTERS",
+    "ChromaAdapter",
     "DenoiserAdapter",
     "FluxAdapter",
     "LatentAdapter",
@@ -37,6 +39,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     UNet2DConditionAdapter,
     SD3Adapter,
     FluxAdapter,
+    ChromaAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -45,6 +48,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
+    "ChromaPipeline / ChromaImg2ImgPipeline / ChromaInpaintPipeline (ChromaTransformer2DModel)",
 )
 
 

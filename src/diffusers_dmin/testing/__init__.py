@@ -33,6 +33,7 @@ __all__ = [
     "tiny_t5_tokenizer",
     "tiny_t5_encoder",
     "tiny_flux_pipeline",
+    "tiny_chroma_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -315,4 +316,5 @@ def add_tiny_lora(
     return denoiser
 
 
+from .chroma import tiny_chroma_pipeline  # noqa: E402
 from .flux import tiny_flux_pipeline, tiny_t5_encoder, tiny_t5_tokenizer  # noqa: E402
