@@ -156,3 +156,37 @@ def test_chroma_bfloat16_lora_agrees_with_float32(config, min_cosine):
         _lora_pipe, structured_images(2), PROMPTS[:2], dtype=torch.bfloat16, min_cosine=min_cosine, **config
     )
     print(f"bfloat16 vs float32 min cosine: {cosine:.4f}")
+
+
+def test_chroma_lora_dmin_build_and_search(tmp_path, capsys):
+    """`dmin build` / `dmin search` on a saved ChromaPipeline with a LoRA loaded by `load_lora_weights`."""
+    from diffusers import ChromaPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers_dmin.cli import main
+    from diffusers_dmin.data import load_digits
+
+    pipe = tiny_chroma_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    add_tiny_lora(pipe.transformer, target_modules=FLUX_LORA_TARGETS, seed=1)
+    ChromaPipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    digits = load_digits(16, split="train[:6]")
+    digits.save_to_disk(str(tmp_path / "data"))
+    digits[2]["image"].save(tmp_path / "query.png")
+    common = ["--lora-weights", tmp_path / "lora"]
+    build = [
+        "build", tmp_path / "pipe", *common, "--dataset", tmp_path / "data", "--num-timesteps", "2",
+        "--sketch-dim", "256", "--resolution", "16", "--output-dir", tmp_path / "index", "-q",
+    ]  # fmt: skip
+    code, captured = main([str(a) for a in build]), capsys.readouterr()
+    assert code == 0, captured.err
+    search = [
+        "search", tmp_path / "index", "--pipeline", tmp_path / "pipe", *common, "--image", tmp_path / "query.png",
+        "--prompt", digits[2]["text"], "--top-k", "2", "--output", tmp_path / "grid.png",
+    ]  # fmt: skip
+    code, captured = main([str(a) for a in search]), capsys.readouterr()
+    assert code == 0, captured.err
+    table = [line.split() for line in captured.out.splitlines()[2:4]]
+    assert table[0][:2] == ["1", "2"]  # the query is training row 2: it ranks itself first
