@@ -186,8 +186,8 @@ def _same_components(cls, pipe):
     return other
 
 
-def test_flux_img2img_and_inpaint_share_the_family_and_kontext_fill_are_refused():
-    from diffusers import FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline
+def test_flux_img2img_and_inpaint_share_the_family_fill_control_and_ip_adapters_are_refused():
+    from diffusers import FluxControlPipeline, FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline
 
     pipe = _lora_pipe()
     index = check_self_retrieval(pipe, structured_images(2), PROMPTS[:2])
@@ -197,9 +197,11 @@ def test_flux_img2img_and_inpaint_share_the_family_and_kontext_fill_are_refused(
     mask[..., 4:12, 4:12] = 1
     inpaint = _same_components(FluxInpaintPipeline, pipe)
     check_return_influence(inpaint, index, "a cat", image=image, mask_image=mask, strength=0.9)
-    for cls in (FluxKontextPipeline, FluxFillPipeline):
+    for cls in (FluxFillPipeline, FluxControlPipeline):  # image channels concatenated to the latents
         with pytest.raises(UnsupportedPipelineError, match="FluxPipeline"):
             InfluencePipeline(_same_components(cls, pipe), index)
+    with pytest.raises(ValueError, match="ip_adapter_image"):  # conditions the transformer beyond the prompt
+        InfluencePipeline(pipe, index)("a cat", return_influence=True, ip_adapter_image=image.numpy())
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .flux_kontext import FluxKontextAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
@@ -23,6 +24,7 @@ __all__ = [
     "ChromaAdapter",
     "DenoiserAdapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "LatentAdapter",
     "SD3Adapter",
     "SDXLAdapter",
@@ -39,6 +41,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     UNet2DConditionAdapter,
     SD3Adapter,
     FluxAdapter,
+    FluxKontextAdapter,
     ChromaAdapter,
 )
 
@@ -48,6 +51,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
+    "FluxKontextPipeline, text-to-image objective only (FluxTransformer2DModel)",
     "ChromaPipeline / ChromaImg2ImgPipeline / ChromaInpaintPipeline (ChromaTransformer2DModel)",
 )
 

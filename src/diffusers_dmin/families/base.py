@@ -40,6 +40,9 @@ class DenoiserAdapter:
     denoiser_attribute: ClassVar[str] = "unet"
     conditional: ClassVar[bool] = True
     conventions: ObjectiveConventions = ObjectiveConventions()
+    # arguments of the family's pipelines that condition the denoiser beyond the prompt (an IP-adapter image, an image
+    # to edit): `InfluencePipeline` refuses them with `return_influence=True`, since the gradient encodes the prompt only
+    conditioning_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):
         self.pipeline = pipeline
@@ -97,6 +100,11 @@ class DenoiserAdapter:
         size = self.denoiser.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (size[0] * self.scale_factor, size[1] * self.scale_factor)
+
+    def pipeline_defaults(self) -> dict[str, Any]:
+        """Arguments `InfluencePipeline` passes to the wrapped pipeline (unless given) so that it generates at
+        `resolution`, besides `height` and `width`."""
+        return {}
 
     # ---- conventions
 

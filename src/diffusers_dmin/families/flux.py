@@ -62,6 +62,7 @@ class FluxAdapter(LatentAdapter):
     # tokens appended to the sequence), Fill and Control (image channels concatenated), ControlNet (residuals).
     pipeline_names: tuple[str, ...] = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     transformer_name = "FluxTransformer2DModel"
+    conditioning_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

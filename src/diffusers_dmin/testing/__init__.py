@@ -33,6 +33,7 @@ __all__ = [
     "tiny_t5_tokenizer",
     "tiny_t5_encoder",
     "tiny_flux_pipeline",
+    "tiny_flux_kontext_pipeline",
     "tiny_chroma_pipeline",
 ]
 
@@ -318,3 +319,4 @@ def add_tiny_lora(
 
 from .chroma import tiny_chroma_pipeline  # noqa: E402
 from .flux import tiny_flux_pipeline, tiny_t5_encoder, tiny_t5_tokenizer  # noqa: E402
+from .flux_kontext import tiny_flux_kontext_pipeline  # noqa: E402
