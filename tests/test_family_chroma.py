@@ -10,7 +10,8 @@ import inspect
 import pytest
 import torch
 
-from diffusers_dmin import DMinConfig, GradientSketcher
+from diffusers_dmin import DMinConfig, GradientSketcher, InfluencePipeline
+from diffusers_dmin.errors import UnsupportedPipelineError
 from diffusers_dmin.testing import add_tiny_lora, tiny_chroma_pipeline
 from family_checks import (
     check_half_precision_agrees,
@@ -115,13 +116,21 @@ def test_chroma_self_retrieval_and_return_influence():
     pipe = _lora_pipe()
     index = check_self_retrieval(pipe, structured_images(4), PROMPTS + ["a blue circle"])
     check_return_influence(pipe, index, "a photo of a cat")
-    # image-to-image calls the transformer as text-to-image does
-    from diffusers import ChromaImg2ImgPipeline
+    # image-to-image calls the transformer as text-to-image does (ChromaInpaintPipeline is not matched: in diffusers
+    # 0.42 it reads `transformer.config.guidance_embeds`, which ChromaTransformer2DModel lacks, and cannot run)
+    from diffusers import ChromaImg2ImgPipeline, ChromaInpaintPipeline
 
-    accepted = inspect.signature(ChromaImg2ImgPipeline.__init__).parameters
-    img2img = ChromaImg2ImgPipeline(**{k: v for k, v in pipe.components.items() if k in accepted})
-    img2img.default_sample_size = pipe.default_sample_size
-    check_return_influence(img2img, index, "a cat", image=structured_images(1), strength=0.9)
+    def same_components(cls):
+        accepted = inspect.signature(cls.__init__).parameters
+        other = cls(**{k: v for k, v in pipe.components.items() if k in accepted})
+        other.default_sample_size = pipe.default_sample_size
+        return other
+
+    check_return_influence(
+        same_components(ChromaImg2ImgPipeline), index, "a cat", image=structured_images(1), strength=0.9
+    )
+    with pytest.raises(UnsupportedPipelineError, match="ChromaPipeline"):
+        InfluencePipeline(same_components(ChromaInpaintPipeline), index)
 
 
 def test_chroma_latents_from_pipeline_are_what_the_vae_decodes():

@@ -252,3 +252,15 @@ def test_flux_lora_dmin_build_and_search(tmp_path, capsys):
     assert code == 0, captured.err
     table = [line.split() for line in captured.out.splitlines()[2:4]]
     assert table[0][:2] == ["1", "2"]  # the query is training row 2: it ranks itself first
+
+
+def test_flux_lora_sketches_with_gradient_checkpointing():
+    # what a 12B FLUX.1 needs in memory; the sketcher then takes one backward pass per (sample, timestep)
+    images, prompts = structured_images(2), PROMPTS[:2]
+    config = DMinConfig(num_timesteps=2, sketch_dim=512)
+    plain = GradientSketcher.from_pipeline(_lora_pipe(), config)(images=images, prompts=prompts)
+    pipe = _lora_pipe()
+    pipe.transformer.enable_gradient_checkpointing()
+    sketcher = GradientSketcher.from_pipeline(pipe, config)
+    assert not sketcher._use_vmap()
+    torch.testing.assert_close(sketcher(images=images, prompts=prompts), plain, rtol=0, atol=1e-5)

@@ -52,7 +52,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
     "FluxKontextPipeline, text-to-image objective only (FluxTransformer2DModel)",
-    "ChromaPipeline / ChromaImg2ImgPipeline / ChromaInpaintPipeline (ChromaTransformer2DModel)",
+    "ChromaPipeline / ChromaImg2ImgPipeline (ChromaTransformer2DModel)",
 )
 
 

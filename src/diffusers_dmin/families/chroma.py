@@ -32,7 +32,9 @@ class ChromaAdapter(FluxAdapter):
         timestep_scale=1e-3,
         weighting="none",
     )
-    pipeline_names = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
+    # not ChromaInpaintPipeline: in diffusers 0.42 it reads `transformer.config.guidance_embeds`, which
+    # ChromaTransformer2DModel does not have, and fails before denoising
+    pipeline_names = ("ChromaPipeline", "ChromaImg2ImgPipeline")
     transformer_name = "ChromaTransformer2DModel"
 
     @torch.no_grad()
