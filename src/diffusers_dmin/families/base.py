@@ -167,6 +167,13 @@ class DenoiserAdapter:
         """`(B, C, H, W)` pixels in `[-1, 1]` -> clean denoiser inputs `x0` (identity for pixel-space models)."""
         return pixels.to(self.device, self.dtype)
 
+    def encode_condition_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`(B, C, H, W)` condition images in `[-1, 1]` (an image to edit) -> conditioning tensors merged with the
+        prompt's; only families whose training script conditions on an image take them."""
+        raise ConfigError(
+            f"This {self.family} pipeline is not trained with condition images; leave `condition_images` unset."
+        )
+
     def latents_from_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
         """The final latents of the pipeline's denoising loop (as its `callback_on_step_end` sees them) -> `x0` in the
         VAE layout. Identity unless the pipeline denoises in another layout (packed tokens)."""

@@ -123,12 +123,21 @@ class FluxAdapter(LatentAdapter):
             "guidance": guidance,
         }
 
+    def image_condition(self, cond: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Packed tokens of a condition image appended to the latent tokens, and their position ids (Kontext's image
+        to edit); `None` for text-only conditioning."""
+        return None
+
     def forward(self, call, noisy, timesteps, cond):
         from diffusers import FluxPipeline
 
         batch, _, height, width = noisy.shape
         tokens = pack_latents(noisy)
+        num_tokens = tokens.shape[1]
         img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype)
+        extra = self.image_condition(cond, batch)
+        if extra is not None:
+            tokens, img_ids = torch.cat([tokens, extra[0]], dim=1), torch.cat([img_ids, extra[1]], dim=0)
         txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         pred = call(
             hidden_states=tokens,
@@ -138,4 +147,4 @@ class FluxAdapter(LatentAdapter):
             return_dict=False,
             **self.conditioning(cond, batch, tokens.shape[1]),
         )[0]
-        return unpack_latents(pred, (height, width))
+        return unpack_latents(pred[:, :num_tokens], (height, width))
