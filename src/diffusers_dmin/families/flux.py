@@ -58,8 +58,8 @@ class FluxAdapter(LatentAdapter):
         script="dreambooth/train_dreambooth_lora_flux.py", timestep_scale=1e-3, guidance=3.5, weighting="none"
     )
     # Pipelines whose denoiser sees only the packed noisy latents and the text (image-to-image and inpainting start
-    # from or blend in an image, but call the transformer exactly as text-to-image does). Not matched: Kontext (image
-    # tokens appended to the sequence), Fill and Control (image channels concatenated), ControlNet (residuals).
+    # from or blend in an image, but call the transformer exactly as text-to-image does). Kontext is its own family
+    # (flux_kontext.py); not matched: Fill and Control (image channels concatenated), ControlNet (residuals).
     pipeline_names: tuple[str, ...] = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     transformer_name = "FluxTransformer2DModel"
     conditioning_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
