@@ -51,7 +51,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
-    "FluxKontextPipeline, text-to-image objective only (FluxTransformer2DModel)",
+    "FluxKontextPipeline (FluxTransformer2DModel; image editing only through GradientSketcher(condition_images=))",
     "ChromaPipeline / ChromaImg2ImgPipeline (ChromaTransformer2DModel)",
 )
 
