@@ -32,7 +32,7 @@ from .config import DMinConfig, SketchSpec
 from .errors import ConfigError, NonFiniteGradientError
 from .families import DenoiserAdapter, adapter_for_pipeline
 from .logging import ProgressBarMixin, get_logger
-from .objectives import Objective, fixed_noise, select_timesteps
+from .objectives import Objective, fixed_noise, images_to_tensor, select_timesteps
 from .sketch import OPORPSketch
 
 
@@ -248,7 +248,12 @@ class GradientSketcher(ProgressBarMixin):
     # ------------------------------------------------------------------ public entry points
 
     def __call__(
-        self, images: Any = None, prompts: str | Sequence[str] | None = None, *, latents: torch.Tensor | None = None
+        self,
+        images: Any = None,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        condition_images: Any = None,
     ) -> torch.Tensor:
         r"""
         Sketch the gradients of a batch.
@@ -262,18 +267,26 @@ class GradientSketcher(ProgressBarMixin):
             latents (`torch.Tensor` of shape `(B, C, h, w)` or `(B, C, F, h, w)` for videos, *optional*):
                 Clean denoiser inputs `x0` (for latent models: VAE latents times the scaling factor, as the pipeline's
                 denoising loop produces them).
+            condition_images (PIL images, `np.ndarray` or `torch.Tensor`, *optional*):
+                One image per sample that conditions the denoiser besides the prompt, for families trained with one
+                (FLUX.1 Kontext's image to edit, `--cond_image_column`); values in `[0, 1]`.
 
         Returns:
             `torch.Tensor` of shape `(B, T, K)`: float32 sketches on the CPU.
         """
-        x0, cond = self._inputs(images, prompts, latents)
+        x0, cond = self._inputs(images, prompts, latents, condition_images)
         return self._run(x0, cond, sink="sketch")
 
     def losses(
-        self, images: Any = None, prompts: str | Sequence[str] | None = None, *, latents: torch.Tensor | None = None
+        self,
+        images: Any = None,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        condition_images: Any = None,
     ) -> torch.Tensor:
         """Per-sample training losses at the sketcher's timesteps and noise: `(B, T)` float32 (mean over draws)."""
-        x0, cond = self._inputs(images, prompts, latents)
+        x0, cond = self._inputs(images, prompts, latents, condition_images)
         batch = x0.shape[0]
         losses = []
         with torch.no_grad(), self._eval_mode():
@@ -283,18 +296,23 @@ class GradientSketcher(ProgressBarMixin):
         return torch.cat(losses).view(batch, len(self.timesteps), -1).mean(-1)
 
     def full_gradients(
-        self, images: Any = None, prompts: str | Sequence[str] | None = None, *, latents: torch.Tensor | None = None
+        self,
+        images: Any = None,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        condition_images: Any = None,
     ) -> torch.Tensor:
         """The uncompressed per-timestep gradients `(B, T, D)` (float32, CPU), normalised as the config says.
 
         Meant for evaluation and tests on small models: it materialises B * T * D numbers.
         """
-        x0, cond = self._inputs(images, prompts, latents)
+        x0, cond = self._inputs(images, prompts, latents, condition_images)
         return self._run(x0, cond, sink="dense")
 
     # ------------------------------------------------------------------ inputs
 
-    def _inputs(self, images, prompts, latents) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _inputs(self, images, prompts, latents, condition_images=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if (images is None) == (latents is None):
             raise ConfigError("Pass exactly one of `images` (pixels in [0, 1]) and `latents` (clean denoiser inputs).")
         adapter = self.adapter
@@ -316,6 +334,8 @@ class GradientSketcher(ProgressBarMixin):
             x0 = adapter.encode_images(adapter.preprocess(images))
         batch = x0.shape[0]
         if not adapter.conditional:
+            if condition_images is not None:
+                adapter.encode_condition_images(condition_images)  # raises: no family without prompts takes them
             return x0, {}
         if prompts is None:
             raise ConfigError(
@@ -324,7 +344,15 @@ class GradientSketcher(ProgressBarMixin):
         prompts = [prompts] * batch if isinstance(prompts, str) else list(prompts)
         if len(prompts) != batch:
             raise ConfigError(f"Got {len(prompts)} prompts for {batch} samples; pass one prompt per sample.")
-        return x0, adapter.encode_prompts(prompts)
+        cond = adapter.encode_prompts(prompts)
+        if condition_images is not None:
+            pixels = images_to_tensor(condition_images, adapter.image_channels)
+            if pixels.shape[0] != batch:
+                raise ConfigError(
+                    f"Got {pixels.shape[0]} `condition_images` for {batch} samples; pass one condition image per sample."
+                )
+            cond.update(adapter.encode_condition_images(pixels * 2.0 - 1.0))
+        return x0, cond
 
     def _pair_batches(
         self, x0: torch.Tensor, cond: dict[str, torch.Tensor], size: int | None = None

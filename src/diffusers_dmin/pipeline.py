@@ -262,10 +262,10 @@ class InfluencePipeline:
                     "taken with the pipeline's own prompt encoding."
                 )
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        for name in _CONDITIONING_ARGUMENTS:
+        for name in _CONDITIONING_ARGUMENTS + adapter.conditioning_arguments:
             value = kwargs.get(name)
             default = self._signature[name].default if name in self._signature else None
-            if value is not None and value != default:
+            if value is not None and (default is None or value != default):  # arrays: no elementwise ==
                 raise ConfigError(
                     f"`{name}={value!r}` changes how the images are conditioned, but the influence gradient encodes "
                     "`prompt` alone with the pipeline's defaults (as the index was built), so its scores would not "
@@ -290,6 +290,9 @@ class InfluencePipeline:
                     f"{kwargs['num_frames']}` was requested; gradients are only comparable at the index's length. "
                     "Leave num_frames unset."
                 )
+        for name, value in adapter.pipeline_defaults().items():
+            if name in self._signature:
+                kwargs.setdefault(name, value)
         return prompts
 
     def _generate(self, kwargs: dict[str, Any], output_type: str) -> tuple[torch.Tensor, Any]:

@@ -12,7 +12,10 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
+from .flux import FluxAdapter
+from .flux_kontext import FluxKontextAdapter
 from .hidream import HiDreamAdapter
 from .lumina2 import Lumina2Adapter
 from .qwenimage import QwenImageAdapter
@@ -26,6 +29,9 @@ __all__ = [
     "CogVideoXAdapter",
     "DenoiserAdapter",
     "HiDreamAdapter",
+    "ChromaAdapter",
+    "FluxAdapter",
+    "FluxKontextAdapter",
     "LatentAdapter",
     "QwenImageAdapter",
     "SanaAdapter",
@@ -49,6 +55,9 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     Lumina2Adapter,
     HiDreamAdapter,
     CogVideoXAdapter,
+    FluxAdapter,
+    FluxKontextAdapter,
+    ChromaAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -61,6 +70,9 @@ SUPPORTED_PIPELINES = (
     "Lumina2Pipeline (Lumina2Transformer2DModel)",
     "HiDreamImagePipeline (HiDreamImageTransformer2DModel)",
     "CogVideoXPipeline 2b/5b (CogVideoXTransformer3DModel, videos)",
+    "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
+    "FluxKontextPipeline (FluxTransformer2DModel; image editing only through GradientSketcher(condition_images=))",
+    "ChromaPipeline / ChromaImg2ImgPipeline (ChromaTransformer2DModel)",
 )
 
 

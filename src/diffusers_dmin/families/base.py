@@ -46,6 +46,9 @@ class DenoiserAdapter:
     # on a mask, or NumPy calls): `mode="auto"` then goes straight to one backward pass per pair
     supports_vmap: ClassVar[bool] = True
     conventions: ObjectiveConventions = ObjectiveConventions()
+    # arguments of the family's pipelines that condition the denoiser beyond the prompt (an IP-adapter image, an image
+    # to edit): `InfluencePipeline` refuses them with `return_influence=True`, since the gradient encodes the prompt only
+    conditioning_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):
         self.pipeline = pipeline
@@ -110,6 +113,11 @@ class DenoiserAdapter:
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (size[0] * self.scale_factor, size[1] * self.scale_factor)
 
+    def pipeline_defaults(self) -> dict[str, Any]:
+        """Arguments `InfluencePipeline` passes to the wrapped pipeline (unless given) so that it generates at
+        `resolution`, besides `height` and `width`."""
+        return {}
+
     # ---- conventions
 
     @property
@@ -170,6 +178,13 @@ class DenoiserAdapter:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(B, C, H, W)` pixels in `[-1, 1]` -> clean denoiser inputs `x0` (identity for pixel-space models)."""
         return pixels.to(self.device, self.dtype)
+
+    def encode_condition_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`(B, C, H, W)` condition images in `[-1, 1]` (an image to edit) -> conditioning tensors merged with the
+        prompt's; only families whose training script conditions on an image take them."""
+        raise ConfigError(
+            f"This {self.family} pipeline is not trained with condition images; leave `condition_images` unset."
+        )
 
     def latents_from_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
         """The final latents of the pipeline's denoising loop (as its `callback_on_step_end` sees them) -> `x0` in the

@@ -37,6 +37,11 @@ __all__ = [
     "tiny_lumina2_pipeline",
     "tiny_hidream_pipeline",
     "tiny_cogvideox_pipeline",
+    "tiny_t5_tokenizer",
+    "tiny_t5_encoder",
+    "tiny_flux_pipeline",
+    "tiny_flux_kontext_pipeline",
+    "tiny_chroma_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -319,7 +324,10 @@ def add_tiny_lora(
     return denoiser
 
 
+from .chroma import tiny_chroma_pipeline  # noqa: E402
 from .cogvideox import tiny_cogvideox_pipeline  # noqa: E402
+from .flux import tiny_flux_pipeline, tiny_t5_encoder, tiny_t5_tokenizer  # noqa: E402
+from .flux_kontext import tiny_flux_kontext_pipeline  # noqa: E402
 from .hidream import tiny_hidream_pipeline  # noqa: E402
 from .lumina2 import tiny_lumina2_pipeline  # noqa: E402
 from .qwenimage import tiny_qwen2_tokenizer, tiny_qwenimage_pipeline  # noqa: E402
