@@ -12,6 +12,7 @@ from typing import Any
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
 from .base import DenoiserAdapter, LatentAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 
@@ -19,6 +20,8 @@ from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
 __all__ = [
     "ADAPTERS",
     "DenoiserAdapter",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "LatentAdapter",
     "SD3Adapter",
     "SDXLAdapter",
@@ -34,6 +37,8 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     SDXLAdapter,
     UNet2DConditionAdapter,
     SD3Adapter,
+    Flux2Adapter,
+    Flux2KleinAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -41,6 +46,8 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline 1.x/2.x (UNet2DConditionModel)",
     "StableDiffusionXLPipeline (UNet2DConditionModel with text_time embeddings)",
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
+    "Flux2Pipeline (FLUX.2-dev: Flux2Transformer2DModel, Mistral-Small-3 text encoder)",
+    "Flux2KleinPipeline (FLUX.2-klein: Flux2Transformer2DModel, Qwen3 text encoder)",
 )
 
 

@@ -30,6 +30,9 @@ __all__ = [
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
     "add_tiny_lora",
+    "tiny_word_tokenizer",
+    "tiny_flux2_pipeline",
+    "tiny_flux2_klein_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -310,3 +313,6 @@ def add_tiny_lora(
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     return denoiser
+
+
+from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline, tiny_word_tokenizer  # noqa: E402
