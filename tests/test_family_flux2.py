@@ -206,8 +206,10 @@ def test_flux2_self_retrieval_and_return_influence(make):
     prompts = PROMPTS + ["a blue circle"]
     index = check_self_retrieval(pipe, structured_images(4), prompts, num_timesteps=2)
     check_return_influence(pipe, index, "a photo of a cat")
-    # the query sketch is the gradient at the latents the denoising loop produced (seen through the callback)
     wrapped = InfluencePipeline(pipe, index)
+    with pytest.raises(ValueError, match="text_encoder_out_layers"):  # another prompt encoding than the index's
+        wrapped(prompt="a red square", return_influence=True, text_encoder_out_layers=(1, 2, 3))
+    # the query sketch is the gradient at the latents the denoising loop produced (seen through the callback)
     wrapped.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a red square", num_inference_steps=2)
     out = wrapped(**kwargs, return_influence=True, top_k=3, generator=torch.Generator().manual_seed(1))
