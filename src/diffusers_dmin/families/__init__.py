@@ -15,6 +15,7 @@ from .base import DenoiserAdapter, LatentAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
+from .z_image import ZImageAdapter
 
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SUPPORTED_PIPELINES",
     "UNet2DAdapter",
     "UNet2DConditionAdapter",
+    "ZImageAdapter",
     "adapter_for_pipeline",
 ]
 
@@ -39,6 +41,7 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     SD3Adapter,
     Flux2Adapter,
     Flux2KleinAdapter,
+    ZImageAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -48,6 +51,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusion3Pipeline 3/3.5 (SD3Transformer2DModel)",
     "Flux2Pipeline (FLUX.2-dev: Flux2Transformer2DModel, Mistral-Small-3 text encoder)",
     "Flux2KleinPipeline (FLUX.2-klein: Flux2Transformer2DModel, Qwen3 text encoder)",
+    "ZImagePipeline (ZImageTransformer2DModel)",
 )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "tiny_word_tokenizer",
     "tiny_flux2_pipeline",
     "tiny_flux2_klein_pipeline",
+    "tiny_z_image_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -316,3 +317,4 @@ def add_tiny_lora(
 
 
 from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline, tiny_word_tokenizer  # noqa: E402
+from .z_image import tiny_z_image_pipeline  # noqa: E402
