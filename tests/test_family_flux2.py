@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_dmin import DMinConfig, GradientSketcher, InfluencePipeline
+from diffusers_dmin import DMinConfig, GradientIndex, GradientSketcher, InfluencePipeline
 from diffusers_dmin.families import Flux2Adapter, Flux2KleinAdapter, adapter_for_pipeline
 from diffusers_dmin.testing import add_tiny_lora, tiny_flux2_klein_pipeline, tiny_flux2_pipeline
 from family_checks import (
@@ -242,3 +242,31 @@ def test_flux2_half_precision_lora_agrees_with_float32(make, dtype):
     make_pipe = lambda: _lora_pipe(make)  # noqa: E731
     cosine = check_half_precision_agrees(make_pipe, structured_images(2), PROMPTS[:2], dtype=dtype, **config)
     assert cosine > 0.995
+
+
+def test_flux2_dmin_build_and_search_with_lora_weights_loaded_by_diffusers(tmp_path, capsys):
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers_dmin.cli import main
+    from diffusers_dmin.data import load_digits
+
+    pipe = tiny_flux2_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    add_tiny_lora(pipe.transformer, target_modules=LORA_TARGETS, seed=1)
+    type(pipe).save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    digits = load_digits(16, split="train[:4]")
+    digits.save_to_disk(str(tmp_path / "data"))
+    digits[3]["image"].save(tmp_path / "query.png")
+    common = ["--lora-weights", tmp_path / "lora", "-q"]
+    build = ["build", tmp_path / "pipe", "--dataset", tmp_path / "data", "--num-timesteps", "2", "--sketch-dim", "64"]
+    build += ["--resolution", "16", "--output-dir", tmp_path / "index", *common]
+    assert main([str(a) for a in build]) == 0, capsys.readouterr().err
+    assert "Index of 4 rows (T=2, K=64, float16)" in capsys.readouterr().out
+    search = ["search", tmp_path / "index", "--pipeline", tmp_path / "pipe", "--image", tmp_path / "query.png"]
+    search += ["--prompt", "a handwritten digit 3", "--top-k", "2", "--output", tmp_path / "grid.png", *common]
+    assert main([str(a) for a in search]) == 0, capsys.readouterr().err
+    index = GradientIndex.from_pretrained(tmp_path / "index")
+    assert index.spec.family == "flux2" and index.spec.objective["guidance"] == 3.5
+    assert index.spec.param_names and all("lora_" in name for name in index.spec.param_names)  # params="auto"
