@@ -13,8 +13,8 @@ Two engines compute the per-pair gradients:
 - `"loop"`: one forward and `torch.autograd.grad` per pair; for huge parameter sets, gradient checkpointing, or
   modules without vmap support.
 
-`mode="auto"` picks vmap unless the denoiser uses gradient checkpointing or its family cannot be vmapped
-(`DenoiserAdapter.supports_vmap`), and falls back to the loop (with a warning) if vmap fails on the model.
+`mode="auto"` picks vmap unless the denoiser uses gradient checkpointing, and falls back to the loop (with a
+warning) if vmap fails on the model.
 """
 
 from __future__ import annotations
@@ -368,11 +368,7 @@ class GradientSketcher(ProgressBarMixin):
     def _use_vmap(self) -> bool:
         if self.mode != "auto":
             return self.mode == "vmap"
-        return (
-            self.adapter.supports_vmap
-            and not self._vmap_failed
-            and not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
-        )
+        return not self._vmap_failed and not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
 
     def _run(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], sink: str) -> torch.Tensor:
         if torch.is_inference_mode_enabled():

@@ -39,9 +39,6 @@ class DenoiserAdapter:
     family: ClassVar[str]
     denoiser_attribute: ClassVar[str] = "unet"
     conditional: ClassVar[bool] = True
-    #: False when `forward` cannot run under `torch.func.vmap` (e.g. prompts of per-sample lengths): `mode="auto"`
-    #: then computes one pair at a time without trying vmap first
-    supports_vmap: ClassVar[bool] = True
     conventions: ObjectiveConventions = ObjectiveConventions()
 
     def __init__(self, pipeline: Any, resolution: tuple[int, int] | None = None, config: DMinConfig | None = None):

@@ -33,6 +33,7 @@ class ZImageAdapter(LatentAdapter):
     #: `--max_sequence_length` default of the training script
     max_sequence_length: int = 512
     # prompt embeddings have one length per prompt (padding tokens are dropped), which vmap cannot batch
+    # (`DenoiserAdapter.supports_vmap` as on main; before that merge, vmap fails once and the loop takes over)
     supports_vmap = False
 
     @classmethod
