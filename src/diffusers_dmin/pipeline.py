@@ -34,6 +34,7 @@ _CONDITIONING_ARGUMENTS = (
     "prompt_3",
     "clip_skip",
     "max_sequence_length",
+    "text_encoder_out_layers",
     "original_size",
     "crops_coords_top_left",
     "target_size",

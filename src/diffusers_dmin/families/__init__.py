@@ -15,6 +15,7 @@ from .base import DenoiserAdapter, LatentAdapter
 from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .flux_kontext import FluxKontextAdapter
 from .hidream import HiDreamAdapter
 from .lumina2 import Lumina2Adapter
@@ -22,6 +23,7 @@ from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNet2DAdapter, UNet2DConditionAdapter
+from .z_image import ZImageAdapter
 
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "ChromaAdapter",
     "FluxAdapter",
     "FluxKontextAdapter",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "LatentAdapter",
     "QwenImageAdapter",
     "SanaAdapter",
@@ -41,6 +45,7 @@ __all__ = [
     "SUPPORTED_PIPELINES",
     "UNet2DAdapter",
     "UNet2DConditionAdapter",
+    "ZImageAdapter",
     "adapter_for_pipeline",
 ]
 
@@ -58,6 +63,9 @@ ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
     FluxAdapter,
     FluxKontextAdapter,
     ChromaAdapter,
+    Flux2Adapter,
+    Flux2KleinAdapter,
+    ZImageAdapter,
 )
 
 SUPPORTED_PIPELINES = (
@@ -73,6 +81,9 @@ SUPPORTED_PIPELINES = (
     "FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline: FLUX.1-dev and -schnell (FluxTransformer2DModel)",
     "FluxKontextPipeline (FluxTransformer2DModel; image editing only through GradientSketcher(condition_images=))",
     "ChromaPipeline / ChromaImg2ImgPipeline (ChromaTransformer2DModel)",
+    "Flux2Pipeline (FLUX.2-dev: Flux2Transformer2DModel, Mistral-Small-3 text encoder)",
+    "Flux2KleinPipeline (FLUX.2-klein: Flux2Transformer2DModel, Qwen3 text encoder)",
+    "ZImagePipeline (ZImageTransformer2DModel)",
 )
 
 

@@ -42,6 +42,10 @@ __all__ = [
     "tiny_flux_pipeline",
     "tiny_flux_kontext_pipeline",
     "tiny_chroma_pipeline",
+    "tiny_word_tokenizer",
+    "tiny_flux2_pipeline",
+    "tiny_flux2_klein_pipeline",
+    "tiny_z_image_pipeline",
 ]
 
 DEFAULT_WORDS = (
@@ -327,8 +331,10 @@ def add_tiny_lora(
 from .chroma import tiny_chroma_pipeline  # noqa: E402
 from .cogvideox import tiny_cogvideox_pipeline  # noqa: E402
 from .flux import tiny_flux_pipeline, tiny_t5_encoder, tiny_t5_tokenizer  # noqa: E402
+from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline, tiny_word_tokenizer  # noqa: E402
 from .flux_kontext import tiny_flux_kontext_pipeline  # noqa: E402
 from .hidream import tiny_hidream_pipeline  # noqa: E402
 from .lumina2 import tiny_lumina2_pipeline  # noqa: E402
 from .qwenimage import tiny_qwen2_tokenizer, tiny_qwenimage_pipeline  # noqa: E402
 from .sana import tiny_gemma_tokenizer, tiny_sana_pipeline  # noqa: E402
+from .z_image import tiny_z_image_pipeline  # noqa: E402
