@@ -270,3 +270,16 @@ def test_flux2_dmin_build_and_search_with_lora_weights_loaded_by_diffusers(tmp_p
     index = GradientIndex.from_pretrained(tmp_path / "index")
     assert index.spec.family == "flux2" and index.spec.objective["guidance"] == 3.5
     assert index.spec.param_names and all("lora_" in name for name in index.spec.param_names)  # params="auto"
+
+
+def test_flux2_reference_images_are_refused_with_return_influence():
+    from diffusers_dmin import ConfigError
+
+    pipe = tiny_flux2_pipeline()
+    sketcher = GradientSketcher.from_pipeline(pipe, DMinConfig(num_timesteps=1, sketch_dim=64))
+    index = GradientIndex.from_sketches(
+        sketcher(images=torch.rand(1, 3, 16, 16), prompts=PROMPTS[:1]), spec=sketcher.spec
+    )
+    reference = np.zeros((16, 16, 3), dtype=np.float32)
+    with pytest.raises(ConfigError, match="image="):
+        InfluencePipeline(pipe, index)(PROMPTS[0], image=[reference], return_influence=True, num_inference_steps=1)

@@ -117,3 +117,22 @@ def test_z_image_latents_are_the_pipelines_and_self_retrieval_and_return_influen
 def test_z_image_bfloat16_lora_agrees_with_float32():
     cosine = check_half_precision_agrees(_lora_pipe, structured_images(2), PROMPTS[:2], resolution=16)
     assert cosine > 0.98
+
+
+def test_z_image_omni_pipeline_is_not_matched():
+    import diffusers
+
+    from diffusers_dmin import UnsupportedPipelineError
+
+    pipe = tiny_z_image_pipeline()
+    assert isinstance(adapter_for_pipeline(pipe), ZImageAdapter)
+    img2img = diffusers.ZImageImg2ImgPipeline(**pipe.components)
+    assert isinstance(adapter_for_pipeline(img2img), ZImageAdapter)
+    omni = diffusers.ZImageOmniPipeline.__new__(diffusers.ZImageOmniPipeline)  # only the class decides
+    omni.transformer = pipe.transformer
+    try:
+        adapter_for_pipeline(omni)
+    except UnsupportedPipelineError as err:
+        assert "ZImageOmniPipeline" in str(err)
+    else:
+        raise AssertionError("ZImageOmniPipeline must not be matched: its images condition the transformer")

@@ -61,6 +61,8 @@ class Flux2Adapter(LatentAdapter):
     max_sequence_length: int = 512
     text_encoder_out_layers: tuple[int, ...] = (10, 20, 30)
     _prompt_encoder = "_get_mistral_3_small_prompt_embeds"
+    # reference images for editing enter the transformer as extra tokens, which the index's gradient does not see
+    conditioning_arguments = ("image",)
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

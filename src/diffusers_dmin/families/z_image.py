@@ -33,12 +33,17 @@ class ZImageAdapter(LatentAdapter):
     #: `--max_sequence_length` default of the training script
     max_sequence_length: int = 512
     # prompt embeddings have one length per prompt (padding tokens are dropped), which vmap cannot batch
-    # (`DenoiserAdapter.supports_vmap` as on main; before that merge, vmap fails once and the loop takes over)
     supports_vmap = False
+    # text-to-image and image-to-image (which starts from a noised image but calls the transformer as text-to-image
+    # does); not the Omni/edit pipelines, whose reference images enter the transformer as extra conditioning
+    pipeline_names: tuple[str, ...] = ("ZImagePipeline", "ZImageImg2ImgPipeline")
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:
-        return type(getattr(pipeline, "transformer", None)).__name__ == "ZImageTransformer2DModel"
+        return (
+            type(getattr(pipeline, "transformer", None)).__name__ == "ZImageTransformer2DModel"
+            and type(pipeline).__name__ in cls.pipeline_names
+        )
 
     @property
     def patch_size(self) -> int:
