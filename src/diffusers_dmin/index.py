@@ -1113,8 +1113,15 @@ class GradientIndex(ProgressBarMixin):
                 self.build_hnsw(sketch_dim=info.sketch_dim)
             else:
                 verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
+                # validated completely against the manifest before hnswlib reads a byte of it
                 graph = HNSWSearch.load(
-                    source, self.num_timesteps * info.sketch_dim, max_elements=len(self), ef=info.ef
+                    source,
+                    self.num_timesteps * info.sketch_dim,
+                    max_elements=len(self),
+                    ef=info.ef,
+                    num_rows=info.num_rows,
+                    M=info.M,
+                    ef_construction=info.ef_construction,
                 )
                 if graph.num_rows != info.num_rows:
                     raise IndexCorruptError(
