@@ -497,21 +497,31 @@ class HNSWSearch(SearchBackend):
             scores = -scores
         return labels.astype(np.int64), scores
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Save the graph atomically (temp file in the same folder, fsync, rename)."""
+    def save(self, path: str | os.PathLike, *, atomic: bool = True) -> None:
+        """Save the graph; atomically (temp file in the same folder, fsync, rename) unless `atomic=False`.
+
+        hnswlib does not report write errors (a full disk gives a truncated file): callers that keep the file should
+        check it with [`~diffusers_dmin.hnsw_file.validate_hnsw_file`] before trusting it, as `GradientIndex` does.
+        """
         import tempfile
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the file records the capacity; store the exact row count (what a validated file must hold)
+        if self._index.max_elements != max(1, self.num_rows):
+            self._index.resize_index(max(1, self.num_rows))
+        if not atomic:
+            self._index.save_index(str(path))
+            return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            # the file records the capacity; store the exact row count (what a validated file must hold)
-            if self._index.max_elements != max(1, self.num_rows):
-                self._index.resize_index(max(1, self.num_rows))
             self._index.save_index(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
