@@ -62,15 +62,16 @@ print("DONE", flush=True)
 
 
 def build_bases(folder: Path) -> list[dict]:
-    from diffusers_dmin.search import HNSWSearch
+    import hnswlib  # directly: importing diffusers_dmin.search would import torch (slow)
 
     bases = []
     for number, (n, m, dim, efc) in enumerate(BASES):
-        graph = HNSWSearch(dim, max_elements=n, M=m, ef_construction=efc, num_threads=1, seed=number)
-        rows = np.random.default_rng(number).standard_normal((n, dim)).astype(np.float32)
-        graph.add(rows, np.arange(n))
+        graph = hnswlib.Index(space="ip", dim=dim)
+        graph.init_index(max_elements=n, M=m, ef_construction=efc, random_seed=number)
+        graph.set_num_threads(1)
+        graph.add_items(np.random.default_rng(number).standard_normal((n, dim)).astype(np.float32), np.arange(n))
         path = folder / f"base{number}.bin"
-        graph.save(path)
+        graph.save_index(str(path))
         bases.append({"n": n, "M": m, "dim": dim, "efc": efc, "data": path.read_bytes()})
     return bases
 

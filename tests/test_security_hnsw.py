@@ -228,6 +228,21 @@ def test_validator_never_allocates_what_a_header_claims(tmp_path):
         validate_hnsw_file(path, dim=T * K)
 
 
+def test_fuzzed_graphs_never_crash_hnswlib():
+    """A few hundred random header/body mutations (benchmarks/fuzz_hnsw.py; run `--cases 20000` for more): the
+    validator raises only IndexCorruptError, and hnswlib loads, searches and extends every file it accepts without
+    ending by a signal."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_hnsw.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--cases", "300", "--seed", "0"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["cases"] == 300 and result["accepted_and_loaded_by_hnswlib"] > 20 and result["rejected_by_validator"] > 150
+    assert result["children_ended_by_signal_or_hung"] == [] and result["validator_exceptions_other_than_IndexCorruptError"] == []
+
+
 if __name__ == "__main__":  # one child per case: `PYTHONPATH=src python tests/test_security_hnsw.py` prints the table
     import tempfile
 
