@@ -255,6 +255,9 @@ class SketchSpec:
         param_names (`tuple[str, ...]`): Names of the selected denoiser parameters, in sketch order.
         input_dim (`int`): D, the number of selected scalar parameters.
         param_fingerprint (`str`): Hash of the selected parameters' names, shapes and values.
+        model_fingerprint (`str`, *optional*): Hash of every parameter of the denoiser, text encoders and VAE
+            ([`~gradients.fingerprint_modules`]); `None` in indices written before it existed (then only the selected
+            parameters are compared).
     """
 
     config: DMinConfig
@@ -265,6 +268,7 @@ class SketchSpec:
     param_names: tuple[str, ...]
     input_dim: int
     param_fingerprint: str
+    model_fingerprint: str | None = None
 
     def __post_init__(self):
         for name in ("timesteps", "latent_shape", "param_names"):
@@ -289,6 +293,7 @@ class SketchSpec:
             "param_names": list(self.param_names),
             "input_dim": self.input_dim,
             "param_fingerprint": self.param_fingerprint,
+            "model_fingerprint": self.model_fingerprint,
         }
 
     @classmethod
@@ -303,6 +308,7 @@ class SketchSpec:
                 param_names=tuple(str(n) for n in data["param_names"]),
                 input_dim=int(data["input_dim"]),
                 param_fingerprint=str(data["param_fingerprint"]),
+                model_fingerprint=None if data.get("model_fingerprint") is None else str(data["model_fingerprint"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
@@ -319,6 +325,11 @@ class SketchSpec:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 diffs[name] = (mine, theirs)
+        # the rest of the model (unselected weights, base under an adapter, text encoders, VAE); not repeated when the
+        # selected parameters already differ
+        if None not in (self.model_fingerprint, other.model_fingerprint) and "param_fingerprint" not in diffs:
+            if self.model_fingerprint != other.model_fingerprint:
+                diffs["model_fingerprint"] = (self.model_fingerprint, other.model_fingerprint)
         if self.param_names != other.param_names:
             diffs["param_names"] = (
                 f"{len(self.param_names)} names (hash {self.param_names_hash})",

@@ -193,6 +193,7 @@ class GradientIndex(ProgressBarMixin):
         if noise is not None:
             self._noise = _as_noise(noise)
         self._hnsw: HNSWSearch | None = None
+        self._warned_weak_fingerprint = False
         self._hnsw_dirty = False
         self._hnsw_info: HNSWInfo | None = None
         self._hnsw_folder: Path | None = None
@@ -561,6 +562,14 @@ class GradientIndex(ProgressBarMixin):
         if isinstance(spec, SketchSpec):
             if self._spec is not None:
                 differences = self._spec.differences(spec)
+                if self._spec.model_fingerprint is None and not self._warned_weak_fingerprint:
+                    logger.warning(
+                        "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only "
+                        "the selected parameters are compared with the queries' model, so a different base model "
+                        "under the same adapter, or changed unselected weights, go unnoticed. Rebuild the index to "
+                        "get the full check."
+                    )
+                    self._warned_weak_fingerprint = True
             else:
                 self._warn_unspecified()
                 differences = {
