@@ -101,3 +101,112 @@ def test_real_full_disk_keeps_the_old_index(tmp_path):
         assert _temp_files(folder) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # lazy: memory maps may still be open
+
+
+# ------------------------------------------------------------------------------------------------ finding 6
+
+
+def _rewrite_shard_with_nan(folder: Path) -> None:
+    """Put a NaN into row 2 of the first shard and recompute the manifest's sha256, as a crafted index would."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    info = manifest["shards"][0]
+    tensors = load_file(folder / info["name"])
+    tensors["sketches"][2, 0, 3] = float("nan")
+    save_file(tensors, folder / info["name"], metadata={"format": "pt"})
+    data = (folder / info["name"]).read_bytes()
+    info["sha256"], info["num_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_nan_rows_are_refused_on_load(tmp_path):
+    from diffusers_dmin.errors import IndexCorruptError
+
+    _index(20).save_pretrained(tmp_path / "idx")
+    _rewrite_shard_with_nan(tmp_path / "idx")
+    with pytest.raises(IndexCorruptError, match=r"NaN or infinite values in rows \[2\]"):
+        GradientIndex.from_pretrained(tmp_path / "idx")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("noise", [1, 2]), ("hnsw", "hnsw.bin"), ("shards", {"a": 1}), ("spec", 3), ("config", [])],
+)
+def test_malformed_manifest_fields_are_index_corrupt_errors(tmp_path, field, value):
+    from diffusers_dmin.errors import IndexCorruptError
+
+    _index(5, noise_seed=1, hnsw=True).save_pretrained(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / MANIFEST_NAME).read_text())
+    manifest[field] = value
+    (tmp_path / "idx" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match="not a valid DMin manifest"):
+        GradientIndex.from_pretrained(tmp_path / "idx")
+
+
+def test_deeply_nested_and_oversized_manifests_are_index_corrupt_errors(tmp_path, monkeypatch):
+    import diffusers_dmin.storage as storage
+    from diffusers_dmin.errors import IndexCorruptError
+
+    folder = tmp_path / "idx"
+    _index(5).save_pretrained(folder)
+    text = (folder / MANIFEST_NAME).read_text()
+    (folder / MANIFEST_NAME).write_text(text[:-2] + ', "extra_nest": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(IndexCorruptError, match="nests JSON too deeply"):
+        GradientIndex.from_pretrained(folder)
+    (folder / MANIFEST_NAME).write_text(text + " " * 20_000)  # valid JSON, but bigger than the limit below
+    monkeypatch.setattr(storage, "MAX_MANIFEST_BYTES", 10_000, raising=False)
+    with pytest.raises(IndexCorruptError, match="more than the 10000"):
+        GradientIndex.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        _index(10, noise_seed=1, hnsw=True).save_pretrained(tmp_path / "idx")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "idx").rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_next_save_removes_orphans_of_a_killed_save(tmp_path):
+    folder = tmp_path / "idx"
+    index = _index(10)
+    index.save_pretrained(folder)
+    (folder / "shards" / "sketches-00007.safetensors").write_bytes(b"half a shard")  # killed mid-save
+    (folder / "shards" / ".sketches-00008.safetensors.a1b2c3d4.tmp").write_bytes(b"temp")
+    (folder / ".dmin_index.json.Zx9_Qw12.tmp").write_bytes(b"{")
+    (folder / "shards" / "sketches-from-r0-00000.safetensors").write_bytes(b"a build's, not ours")
+    index.add(torch.randn(3, T, K))
+    index.save_pretrained(folder)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    listed = [s["name"] for s in json.loads((folder / MANIFEST_NAME).read_text())["shards"]]
+    assert names == sorted([MANIFEST_NAME, "README.md", *listed, "shards/sketches-from-r0-00000.safetensors"])
+    assert len(GradientIndex.from_pretrained(folder)) == 13
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 100])
+@pytest.mark.parametrize("reload", [False, True])
+def test_approximate_search_on_small_indices(tmp_path, n, reload):
+    index = _index(n)
+    exact = index.search(torch.randn(3, T, K, generator=torch.Generator().manual_seed(1)), top_k=10)
+    if reload:
+        index.build_hnsw(num_threads=1)
+        index.save_pretrained(tmp_path / "idx")
+        index = GradientIndex.from_pretrained(tmp_path / "idx", load_hnsw=True)
+    queries = torch.randn(3, T, K, generator=torch.Generator().manual_seed(1))
+    _same(index.search(queries, top_k=10, exact=False), exact)  # every row is a candidate: exact results
+    for kwargs in ({"rescore": False}, {"largest": False}, {"top_k": 64, "rescore": False}):
+        results = index.search(queries, exact=False, **{"top_k": 10, **kwargs})
+        assert all(len(r.sample_ids) == min(n, kwargs.get("top_k", 10)) for r in results)
+
+
+def test_zero_queries_is_a_config_error():
+    from diffusers_dmin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds no sketches"):
+        _index(5).search(torch.zeros(0, T, K))

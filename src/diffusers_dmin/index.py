@@ -674,6 +674,9 @@ class GradientIndex(ProgressBarMixin):
         num_queries, _, k_search = folded.shape
         if ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
             raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
+        if rescore and max(int(top_k), ef or self._hnsw_params["ef"]) >= len(self):
+            # the candidates would be every row (small indices): re-scoring them all is exact search
+            return exact_search.search(full, top_k, largest=largest)
         graph = self._get_hnsw(k_search)
         k_graph = graph.dim // self.num_timesteps
         if k_search % k_graph:
@@ -1220,6 +1223,10 @@ class GradientIndex(ProgressBarMixin):
             raise ConfigError(
                 f"`queries` must have shape (num_queries, T, K), but has shape {tuple(queries.shape)}. For a single "
                 "(T, K) sketch pass `queries[None]`."
+            )
+        if len(queries) == 0:
+            raise ConfigError(
+                f"`queries` holds no sketches (shape {tuple(queries.shape)}); pass at least one (num_queries >= 1)."
             )
         queries = queries.detach().to("cpu", torch.float32)
         finite = torch.isfinite(queries.reshape(len(queries), -1)).all(dim=1)

@@ -487,7 +487,14 @@ class HNSWSearch(SearchBackend):
         k = _check_top_k(top_k, self.num_rows)
         self._index.set_ef(max(self.ef, k))
         try:
-            labels, distances = self._index.knn_query(q, k=k)
+            try:
+                labels, distances = self._index.knn_query(q, k=k)
+            except RuntimeError:
+                if self.num_rows > 4096 or max(self.ef, k) >= self.num_rows:
+                    raise
+                # few rows (k close to all of them): explore the whole graph before giving up
+                self._index.set_ef(max(self.ef, k, self.num_rows))
+                labels, distances = self._index.knn_query(q, k=k)
         except RuntimeError as err:
             raise DMinError(
                 f"hnswlib could not return {k} neighbours ({err}); raise `ef` or search with `exact=True`."

@@ -99,6 +99,8 @@ _SAFETENSORS_DTYPES: dict[str, tuple[str, np.dtype]] = {
 _STORAGE_TAGS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MAX_HEADER_BYTES = 100 * 2**20
+# a manifest lists ~250 bytes per shard: 64 MiB is far beyond any real index, and bounds what parsing may cost
+MAX_MANIFEST_BYTES = 64 * 2**20
 _SAFETENSORS_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int64": 8}
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 2**22
@@ -413,14 +415,16 @@ class Manifest:
         version = _check_int(data["format_version"], "format_version", minimum=1)
         if version > FORMAT_VERSION:
             raise _NewerFormat(version)
-        config = DMinConfig.from_dict(data["config"])
-        spec = None if data.get("spec") is None else SketchSpec.from_dict(data["spec"])
+        config = DMinConfig.from_dict(_check_mapping(data["config"], "config"))
+        spec = None if data.get("spec") is None else SketchSpec.from_dict(_check_mapping(data["spec"], "spec"))
+        if not isinstance(data["shards"], list):
+            raise TypeError(f"`shards` must be a list, got {type(data['shards']).__name__}")
         manifest = cls(
             config=config,
             spec=spec,
-            shards=[ShardInfo.from_dict(s) for s in data["shards"]],
-            noise=None if data.get("noise") is None else FileInfo.from_dict(data["noise"]),
-            hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(data["hnsw"]),
+            shards=[ShardInfo.from_dict(_check_mapping(s, "shards[]")) for s in data["shards"]],
+            noise=None if data.get("noise") is None else FileInfo.from_dict(_check_mapping(data["noise"], "noise")),
+            hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(_check_mapping(data["hnsw"], "hnsw")),
             metadata=IndexMetadata.from_dict(data),
             format_version=version,
             library_version=data.get("library_version"),
@@ -445,6 +449,12 @@ class _NewerFormat(Exception):
     def __init__(self, version: int):
         super().__init__(version)
         self.version = version
+
+
+def _check_mapping(value: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_int(value: Any, name: str, minimum: int = 0) -> int:
@@ -495,6 +505,12 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             f"{str(folder)!r} is not a DMin index: it has no {MANIFEST_NAME}. Create an index with "
             "`GradientIndex.from_sketches(...)` and `save_pretrained(folder)`."
         )
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise IndexCorruptError(
+            f"{path} has {size} bytes, more than the {MAX_MANIFEST_BYTES} a DMin manifest may have; it is not one. "
+            "Re-download the index with `force_download=True`, or save it again."
+        )
     try:
         text = path.read_text(encoding="utf-8")
         return Manifest.from_json(text)
@@ -508,7 +524,12 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             f"{path} is not valid JSON ({err}); the file is truncated or damaged. Re-download the index with "
             "`force_download=True`, or save it again."
         ) from err
-    except (KeyError, TypeError, ValueError, ConfigError) as err:
+    except RecursionError as err:
+        raise IndexCorruptError(
+            f"{path} nests JSON too deeply to be a DMin manifest. Re-download the index with `force_download=True`, "
+            "or save it again."
+        ) from err
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as err:
         detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
         raise IndexCorruptError(
             f"{path} is not a valid DMin manifest ({detail}). Re-download the index with `force_download=True`, "
@@ -604,6 +625,19 @@ def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
+    """`safetensors.torch.save_file`, with its write errors (a full disk) as `OSError`s that name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        # one metadata key: safetensors writes several in a per-process hash order, and shard files must be
+        # byte-reproducible (the manifest carries the format version)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except SafetensorError as err:
+        raise OSError(f"Writing {final} failed ({err}). Is the disk full? Nothing was replaced.") from err
+
+
 def _check_written_tensors(
     tmp: Path, expected: Mapping[str, tuple[str, Sequence[int]]], what: str, final: Path
 ) -> None:
@@ -648,6 +682,10 @@ def commit_temp(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 def _commit_temp(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+        try:  # writers may have replaced the temp file (safetensors does): set the mode here, not only at creation
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+        except (AttributeError, OSError):
+            pass
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -862,7 +900,6 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     4
     ```
     """
-    from safetensors.torch import save_file
 
     _check_relative_name(name, "name")
     if isinstance(sketches, np.ndarray) and dtype == "bfloat16" and sketches.dtype == np.uint16:
@@ -876,12 +913,8 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        save_file(
-            {SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)},
-            str(tmp),
-            # one metadata key: safetensors writes several in a per-process hash order, and shard files must be
-            # byte-reproducible (the manifest carries the format version)
-            metadata={"format": "pt"},
+        _save_tensors(
+            {SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)}, tmp, path
         )
         _check_written_tensors(
             tmp, {SKETCHES_KEY: (dtype, array.shape), IDS_KEY: ("int64", ids_array.shape)}, "shard", path
@@ -952,7 +985,7 @@ def _parse_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise IndexCorruptError(f"The {what} {path} has an unreadable safetensors header ({err}).") from err
     if not isinstance(header, dict):
         raise IndexCorruptError(f"The {what} {path} has a safetensors header that is not a JSON object.")
@@ -1033,7 +1066,35 @@ def open_shard(
         )
     sketches = np.memmap(path, dtype=s_np, mode="c", offset=s_offset, shape=s_shape)
     ids = np.array(np.memmap(path, dtype=i_np, mode="r", offset=i_offset, shape=i_shape))
+    _check_finite_rows(path, info.sha256, sketches, dtype)
     return ShardData(info=info, sketches=sketches, ids=ids)
+
+
+_finite_checked: set[tuple[str, str]] = set()
+
+
+def _check_finite_rows(path: Path, sha256: str, sketches: np.ndarray, dtype: str) -> None:
+    """NaN/inf rows would rank first (or last) for every query: refuse the shard (checked once per file content)."""
+    key = (os.path.realpath(path), sha256)
+    if key in _finite_checked:
+        return
+    rows_per_chunk = max(1, _HASH_CHUNK // max(1, sketches[0].nbytes if len(sketches) else 1))
+    for start in range(0, len(sketches), rows_per_chunk):
+        block = sketches[start : start + rows_per_chunk]
+        chunk = block.reshape(len(block), -1)
+        if dtype == "bfloat16":  # raw bits: exponent all ones is inf or NaN
+            finite = ((chunk & 0x7F80) != 0x7F80).all(axis=1)
+        else:
+            finite = np.isfinite(chunk).all(axis=1)
+        if not finite.all():
+            bad = (start + np.flatnonzero(~finite)).tolist()
+            raise IndexCorruptError(
+                f"The shard {path} holds NaN or infinite values in rows {bad[:10]}{'...' if len(bad) > 10 else ''}: "
+                "they would rank first for every query. Rebuild those rows (a NaN gradient), or re-download the "
+                "index with `force_download=True`."
+            )
+    with _hash_lock:
+        _finite_checked.add(key)
 
 
 def describe_shard(folder: str | os.PathLike, name: str) -> ShardInfo:
@@ -1081,14 +1142,12 @@ def write_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -
 
 def stage_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -> Path:
     """Write the noise to a checked temp file next to `folder/name` (renamed into place by the caller)."""
-    from safetensors.torch import save_file
-
     tensor = _as_float_tensor(noise, "noise").detach().to("cpu", torch.float32).contiguous()
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        save_file({NOISE_KEY: tensor}, str(tmp), metadata={"format": "pt"})
+        _save_tensors({NOISE_KEY: tensor}, tmp, path)
         _check_written_tensors(tmp, {NOISE_KEY: ("float32", tuple(tensor.shape))}, "noise file", path)
     except BaseException:
         tmp.unlink(missing_ok=True)
