@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,7 +32,7 @@ FIELDS = (
     "enterpoint_node_ maxM_ maxM0_ M_ mult_ ef_construction_"
 ).split()
 OFFSETS = dict(zip(FIELDS, (0, 8, 16, 24, 32, 40, 48, 52, 56, 64, 72, 80, 88)))
-FORMATS = {name: "<Q" for name in FIELDS} | {"maxlevel_": "<i", "enterpoint_node_": "<I", "mult_": "<d"}
+FORMATS = dict.fromkeys(FIELDS, "<Q") | {"maxlevel_": "<i", "enterpoint_node_": "<I", "mult_": "<d"}
 
 CHILD = r"""
 import json, sys, numpy as np, torch
@@ -44,17 +43,17 @@ for case, folder in json.loads(sys.argv[1]).items():
     print("case", case, flush=True)
     try:
         index = GradientIndex.from_pretrained(folder, load_hnsw=True)
-        index.search(torch.ones(1, %(T)d, %(K)d), top_k=5, exact=False, rescore=False)
-        extra = torch.randn(40, %(T)d, %(K)d, generator=torch.Generator().manual_seed(1))
+        index.search(torch.ones(1, @T@, @K@), top_k=5, exact=False, rescore=False)
+        extra = torch.randn(40, @T@, @K@, generator=torch.Generator().manual_seed(1))
         index.add(extra, ids=np.arange(10**6, 10**6 + 40))  # extends the loaded graph (hnswlib add_items)
-        index.search(torch.ones(1, %(T)d, %(K)d), top_k=5, exact=False, rescore=False)
+        index.search(torch.ones(1, @T@, @K@), top_k=5, exact=False, rescore=False)
         results[case] = ["ok", ""]
     except IndexCorruptError as err:
         results[case] = ["IndexCorruptError", str(err)]
     except Exception as err:
         results[case] = [type(err).__name__, str(err)]
 print("RESULTS " + json.dumps(results), flush=True)
-""" % {"T": T, "K": K}
+""".replace("@T@", str(T)).replace("@K@", str(K))
 
 
 def _parse(data: bytes) -> dict:
@@ -207,8 +206,8 @@ def test_crafted_graph_is_refused_before_hnswlib_reads_it(crafted, case, field):
 
 def test_validator_never_allocates_what_a_header_claims(tmp_path):
     """A 6 KB graph claiming 3e7 elements is refused by reading 96 bytes, without hnswlib allocating anything."""
-    from diffusers_dmin.hnsw_file import validate_hnsw_file
     from diffusers_dmin.errors import IndexCorruptError
+    from diffusers_dmin.hnsw_file import validate_hnsw_file
 
     sketches = torch.randn(20, T, K, generator=torch.Generator().manual_seed(0))
     index = GradientIndex.from_sketches(sketches, config=DMinConfig(num_timesteps=T, sketch_dim=K))
@@ -235,12 +234,23 @@ def test_fuzzed_graphs_never_crash_hnswlib():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_hnsw.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(script), "--cases", "300", "--seed", "0"], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), "--cases", "300", "--seed", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert result["cases"] == 300 and result["accepted_and_loaded_by_hnswlib"] > 20 and result["rejected_by_validator"] > 150
-    assert result["children_ended_by_signal_or_hung"] == [] and result["validator_exceptions_other_than_IndexCorruptError"] == []
+    assert (
+        result["cases"] == 300
+        and result["accepted_and_loaded_by_hnswlib"] > 20
+        and result["rejected_by_validator"] > 150
+    )
+    assert (
+        result["children_ended_by_signal_or_hung"] == []
+        and result["validator_exceptions_other_than_IndexCorruptError"] == []
+    )
 
 
 if __name__ == "__main__":  # one child per case: `PYTHONPATH=src python tests/test_security_hnsw.py` prints the table

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffusers_dmin.config import DMinConfig
-from diffusers_dmin.constants import HNSW_NAME, MANIFEST_NAME
+from diffusers_dmin.constants import MANIFEST_NAME
 from diffusers_dmin.index import GradientIndex
 from diffusers_dmin.search import HNSWSearch
 
@@ -78,7 +78,12 @@ def _tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_real_full_disk_keeps_the_old_index(tmp_path):
@@ -169,7 +174,11 @@ def test_files_follow_the_umask(tmp_path, umask):
         _index(10, noise_seed=1, hnsw=True).save_pretrained(tmp_path / "idx")
     finally:
         os.umask(old)
-    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "idx").rglob("*") if p.is_file()}
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "idx").rglob("*")
+        if p.is_file()
+    }
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 

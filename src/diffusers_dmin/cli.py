@@ -530,7 +530,10 @@ class SearchCommand(BaseDMinCommand):
             # a manifest is someone else's file: never scan a local path or fetch a URL it names without being asked
             recorded = meta.dataset_id
             if recorded is None:
-                print("The index records no dataset and --dataset is not given: the grid shows ids only.", file=sys.stderr)
+                print(
+                    "The index records no dataset and --dataset is not given: the grid shows ids only.",
+                    file=sys.stderr,
+                )
                 return None, None, args.image_column
             if not args.dataset_from_index:
                 print(

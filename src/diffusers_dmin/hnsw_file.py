@@ -125,9 +125,7 @@ def validate_hnsw_file(
     size = path.stat().st_size
 
     def fail(field: str, found, expected) -> IndexCorruptError:
-        return IndexCorruptError(
-            f"The HNSW graph {path} is invalid: `{field}` is {found!r}, but {expected}. {_FIX}"
-        )
+        return IndexCorruptError(f"The HNSW graph {path} is invalid: `{field}` is {found!r}, but {expected}. {_FIX}")
 
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
@@ -249,7 +247,9 @@ def _check_level0(mapped, header: HNSWHeader, n: int, m: int, dim: int, fail) ->
                 int(links[row, col + 1]),
                 f"neighbour ids must be below the row count {n}",
             )
-        labels = np.ndarray((rows,), dtype="<u8", buffer=mapped, offset=offset + header.label_offset_, strides=(record,))
+        labels = np.ndarray(
+            (rows,), dtype="<u8", buffer=mapped, offset=offset + header.label_offset_, strides=(record,)
+        )
         bad = np.flatnonzero(labels >= n)
         if len(bad):
             raise fail(f"label of element {begin + int(bad[0])}", int(labels[bad[0]]), f"labels must be below {n}")
@@ -257,7 +257,9 @@ def _check_level0(mapped, header: HNSWHeader, n: int, m: int, dim: int, fail) ->
         if seen[index].any() or len(np.unique(index)) != len(index):
             raise fail("labels", "a repeated label", f"the labels must be the row positions 0 .. {n - 1}, once each")
         seen[index] = True
-        vectors = np.ndarray((rows, dim), dtype="<f4", buffer=mapped, offset=offset + header.offsetData_, strides=(record, 4))
+        vectors = np.ndarray(
+            (rows, dim), dtype="<f4", buffer=mapped, offset=offset + header.offsetData_, strides=(record, 4)
+        )
         finite = np.isfinite(vectors).all(axis=1)
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])

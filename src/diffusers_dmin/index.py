@@ -37,6 +37,7 @@ from .errors import (
     IndexNotFoundError,
     NonFiniteGradientError,
 )
+from .hnsw_file import validate_hnsw_file
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
 from .search import ExactSearch, HNSWSearch, expand_queries, single_threaded_torch
@@ -54,19 +55,18 @@ from .storage import (
     iter_shards,
     read_manifest,
     read_noise,
-    sha256_file,
-    to_ids_array,
-    to_storage_array,
-    verify_file,
     remove_temp_files,
+    sha256_file,
     stage_bytes,
     stage_copy,
     stage_manifest,
     stage_noise,
+    to_ids_array,
+    to_storage_array,
+    verify_file,
     write_manifest,
     write_shards,
 )
-from .hnsw_file import validate_hnsw_file
 
 
 logger = get_logger(__name__)
@@ -1040,9 +1040,7 @@ class GradientIndex(ProgressBarMixin):
             staged[MANIFEST_NAME] = staged_manifest
 
             # commit: renames only (plus, at most, one small manifest without the graph)
-            replaced = [
-                name for name in staged if name not in (MANIFEST_NAME, README_NAME) and _lists(current, name)
-            ]
+            replaced = [name for name in staged if name not in (MANIFEST_NAME, README_NAME) and _lists(current, name)]
             committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
             if replaced:
                 if manifest.noise is None or (manifest.noise.name not in staged):

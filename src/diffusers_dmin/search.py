@@ -426,9 +426,7 @@ class HNSWSearch(SearchBackend):
         header = validate_hnsw_file(path, dim=int(dim), num_rows=num_rows, M=M, ef_construction=ef_construction)
         # hnswlib allocates max(max_elements, cur_element_count) rows; never let the file's own count decide
         max_elements = max(int(max_elements), header.cur_element_count, 1)
-        return cls(
-            dim, max_elements=max_elements, M=header.M_, ef=ef, num_threads=num_threads, _load_from=path
-        )
+        return cls(dim, max_elements=max_elements, M=header.M_, ef=ef, num_threads=num_threads, _load_from=path)
 
     @property
     def num_rows(self) -> int:

@@ -702,7 +702,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy `src` to `dst` through a temp file and an atomic rename (follows symlinks, e.g. in the Hub cache)."""
-    import shutil
 
     dst = Path(dst)
     tmp = stage_copy(src, dst)
@@ -913,9 +912,7 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        _save_tensors(
-            {SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)}, tmp, path
-        )
+        _save_tensors({SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)}, tmp, path)
         _check_written_tensors(
             tmp, {SKETCHES_KEY: (dtype, array.shape), IDS_KEY: ("int64", ids_array.shape)}, "shard", path
         )
