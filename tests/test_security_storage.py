@@ -219,3 +219,15 @@ def test_zero_queries_is_a_config_error():
 
     with pytest.raises(ConfigError, match="holds no sketches"):
         _index(5).search(torch.zeros(0, T, K))
+
+
+def test_saving_over_an_unreadable_manifest_keeps_its_shards(tmp_path):
+    """A manifest this version cannot read (newer format, damage) may list shards: the orphan cleanup spares them."""
+    folder = tmp_path / "idx"
+    _index(10).save_pretrained(folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["format_version"] = 999
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    _index(4, seed=2).save_pretrained(folder)
+    assert (folder / manifest["shards"][0]["name"]).is_file()
+    assert len(GradientIndex.from_pretrained(folder)) == 4

@@ -972,7 +972,9 @@ class GradientIndex(ProgressBarMixin):
         current = _current_manifest(folder)
         listed = {} if current is None else {info.name: info for info in current.shards}
         mine = {b.shard.name for b in self._blocks if b.shard is not None and _same_path(b.folder, folder)}
-        _remove_orphans(folder, set(listed) | mine)
+        # an unreadable manifest (damaged, or a newer format) may still list shards: then only temp files go
+        unreadable = current is None and (folder / MANIFEST_NAME).exists()
+        _remove_orphans(folder, set(listed) | mine, shards=not unreadable)
         used = [b.shard.name for b in self._blocks if b.shard is not None]
         on_disk = (
             [p.name for p in (folder / SHARDS_DIR).glob("*.safetensors")] if (folder / SHARDS_DIR).is_dir() else []
@@ -1332,14 +1334,16 @@ def _temp_file(path: Path) -> Path:
     return _temp_path(path)
 
 
-def _remove_orphans(folder: Path, keep: set[str]) -> None:
-    """Remove temp files and unlisted `shards/sketches-NNNNN.safetensors` left by interrupted saves."""
+def _remove_orphans(folder: Path, keep: set[str], *, shards: bool = True) -> None:
+    """Remove temp files and (with `shards`) unlisted `shards/sketches-NNNNN.safetensors` of interrupted saves."""
     for path in remove_temp_files(folder):
         logger.info(f"Removed {path}, left by an interrupted write.")
-    shards = folder / SHARDS_DIR
-    if not shards.is_dir():
+    if not shards:
         return
-    for path in shards.glob("sketches-*.safetensors"):
+    directory = folder / SHARDS_DIR
+    if not directory.is_dir():
+        return
+    for path in directory.glob("sketches-*.safetensors"):
         name = f"{SHARDS_DIR}/{path.name}"
         if _CANONICAL_SHARD.fullmatch(path.name) and name not in keep:
             path.unlink(missing_ok=True)
