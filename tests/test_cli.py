@@ -79,7 +79,7 @@ def test_build_info_search_push_pull(artifacts, tmp_path, capsys, fake_hub):
     search = ["search", index_dir, "--pipeline", artifacts / "pipe", "--lora-weights", artifacts / "lora"]
     code, out, err = _run(
         capsys, *search, "--image", artifacts / "query.png", "--prompt", "a handwritten digit 3", "--top-k", "3",
-        "--output", grid, "--thumb-size", "32",
+        "--output", grid, "--thumb-size", "32", "--dataset", artifacts / "data",
     )  # fmt: skip
     assert code == 0, err
     lines = out.splitlines()
@@ -164,3 +164,38 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "dmin build" in out.stdout
     out = subprocess.run([dmin], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "usage: dmin" in out.stderr
+
+
+def test_search_never_opens_a_dataset_location_written_in_the_index(artifacts, tmp_path, capsys):
+    """Issue 11, finding 6: the manifest's dataset path is someone else's word; only --dataset opens data."""
+    index_dir = tmp_path / "index"
+    build = [
+        "build", artifacts / "pipe", "--dataset", artifacts / "data", "--num-timesteps", "1", "--sketch-dim", "16",
+        "--batch-size", "6", "--output-dir", index_dir, "-q",
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *build)
+    assert code == 0, err
+    search = ["search", index_dir, "--pipeline", artifacts / "pipe", "--image", artifacts / "query.png"]
+    search += ["--prompt", "a digit", "--top-k", "2", "--output", tmp_path / "g.png"]
+    code, out, err = _run(capsys, *search)
+    assert code == 0, err
+    assert "pass --dataset" in err and "handwritten" not in out  # ids only: the recorded local folder is not read
+    code, out, err = _run(capsys, *search, "--dataset-from-index")
+    assert code == 2 and err.count("\n") == 1 and "not a Hub dataset id" in err
+
+
+def test_full_disk_while_writing_a_shard_is_one_line(artifacts, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    build = [
+        "build", artifacts / "pipe", "--dataset", artifacts / "data", "--num-timesteps", "1", "--sketch-dim", "16",
+        "--batch-size", "6", "--output-dir", tmp_path / "index", "-q",
+    ]  # fmt: skip
+    code, _, err = _run(capsys, *build)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("dmin build: error: Writing") and "Is the disk full?" in err

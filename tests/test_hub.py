@@ -168,3 +168,26 @@ def test_damaged_cache_is_detected_and_force_download_repairs_it(fake_hub):
         GradientIndex.from_pretrained(REPO)
     repaired = GradientIndex.from_pretrained(REPO, force_download=True)
     _same(repaired.search(_sketches(2, seed=5)), index.search(_sketches(2, seed=5)))
+
+
+def test_pull_downloads_only_the_files_the_manifest_lists(fake_hub, tmp_path):
+    """Issue 11, finding 3: a file an attacker adds under shards/ (or anywhere) is never downloaded."""
+    from huggingface_hub import HfApi
+
+    index = _index(n=30, hnsw=True)
+    index.push_to_hub(REPO)
+    extra = tmp_path / "extra"
+    (extra / "shards").mkdir(parents=True)
+    (extra / "shards" / "sketches-99999.safetensors").write_bytes(b"\0" * 4096)
+    (extra / "shards" / "notes.txt").write_text("not listed")
+    (extra / "noise-2.safetensors").write_bytes(b"\0" * 64)
+    HfApi().upload_folder(repo_id=REPO, repo_type="dataset", folder_path=str(extra))
+
+    pulled = GradientIndex.from_pretrained(REPO, load_hnsw=True)
+    assert len(pulled) == 30
+    for name in ("shards/sketches-99999", "shards/notes.txt", "noise-2"):
+        assert fake_hub.count("GET", rf"/resolve/[^/]+/{name}") == 0, name
+        assert fake_hub.count("HEAD", rf"/resolve/[^/]+/{name}") == 0, name
+    folder = pulled._blocks[0].folder
+    assert sorted(p.name for p in (folder / "shards").iterdir()) == ["sketches-00000.safetensors"]
+    assert _downloads(fake_hub, HNSW_NAME) == 1 and _downloads(fake_hub, README_NAME) == 1

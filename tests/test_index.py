@@ -198,10 +198,10 @@ def _crash_on_manifest_write(monkeypatch, when):
 
     real = index_module.write_manifest
 
-    def write_or_crash(folder, manifest):
+    def write_or_crash(folder, manifest, **kwargs):
         if when(manifest):
             raise KeyboardInterrupt("killed")
-        return real(folder, manifest)
+        return real(folder, manifest, **kwargs)
 
     monkeypatch.setattr(index_module, "write_manifest", write_or_crash)
 
@@ -214,8 +214,15 @@ def test_saving_another_index_over_a_folder_never_leaves_a_stale_manifest(tmp_pa
         _crash_on_manifest_write(patch, lambda manifest: True)
         with pytest.raises(KeyboardInterrupt):
             other.save_pretrained(folder)
-    with pytest.raises(IndexNotFoundError):  # no manifest listing replaced files: no index rather than a corrupt one
-        GradientIndex.from_pretrained(folder)
+    # killed before the new manifest: the old index is untouched and loadable (issue 11, finding 4; this used to
+    # assert that the folder had no index at all, because the old manifest was deleted first)
+    old = GradientIndex.from_pretrained(folder)
+    assert len(old) == 50
+    assert not list(folder.glob(".*.tmp")) and not list((folder / "shards").glob(".*.tmp"))
+    other.save_pretrained(folder)  # the next save replaces it and removes the orphan shards of the killed one
+    listed = {s["name"] for s in json.loads((folder / MANIFEST_NAME).read_text())["shards"]}
+    assert {f"shards/{p.name}" for p in (folder / "shards").iterdir()} == listed
+    assert len(GradientIndex.from_pretrained(folder)) == 80
     GradientIndex.from_sketches(_sketches(50), config=_config()).save_pretrained(tmp_path / "idx2")
     other.save_pretrained(tmp_path / "idx2", max_shard_rows=40)  # replaces the index there and removes its shards
     loaded = GradientIndex.from_pretrained(tmp_path / "idx2")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from .errors import ConfigError, DatasetError, DMinError
 __all__ = ["main", "BaseDMinCommand"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name, nothing else
 
 
 # ---------------------------------------------------------------------------------------------- base class
@@ -428,8 +430,8 @@ class SearchCommand(BaseDMinCommand):
     description = (
         "Compute the gradient sketch of an image (with its prompt for text-to-image models), search the index, print "
         "the top-k training samples and write a grid PNG: the query, then the training images with ids and scores. "
-        "The training images come from --dataset, or from the dataset recorded in the index when it can be loaded; "
-        "otherwise the grid shows ids and scores only."
+        "The training images come from --dataset, or with --dataset-from-index from the Hub dataset the index "
+        "records (never a local path or URL written in an index); otherwise the grid shows ids and scores only."
     )
     short_example = "dmin search my-index --pipeline ./my-pipeline --image generated.png --prompt 'a cat'"
     examples = (
@@ -451,6 +453,11 @@ class SearchCommand(BaseDMinCommand):
         parser.add_argument("--caption-column", default="text", help="Column shown in the table (default: text).")
         parser.add_argument(
             "--no-dataset", action="store_true", help="Do not load training images (the grid shows ids and scores)."
+        )
+        parser.add_argument(
+            "--dataset-from-index",
+            action="store_true",
+            help="Without --dataset, load the Hub dataset id recorded in the index (local paths and URLs are refused).",
         )
         parser.add_argument("--thumb-size", type=int, default=96, help="Thumbnail size in the grid (default 96).")
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
@@ -518,10 +525,29 @@ class SearchCommand(BaseDMinCommand):
         meta = index.metadata
         if args.no_dataset:
             return None, None, args.image_column
-        source = args.dataset or meta.dataset_id
+        source = args.dataset
         if source is None:
-            print("The index records no dataset and --dataset is not given: the grid shows ids only.", file=sys.stderr)
-            return None, None, args.image_column
+            # a manifest is someone else's file: never scan a local path or fetch a URL it names without being asked
+            recorded = meta.dataset_id
+            if recorded is None:
+                print(
+                    "The index records no dataset and --dataset is not given: the grid shows ids only.",
+                    file=sys.stderr,
+                )
+                return None, None, args.image_column
+            if not args.dataset_from_index:
+                print(
+                    f"The index records the dataset {recorded!r}; pass --dataset (or --dataset-from-index for a Hub "
+                    "dataset) to show training images. The grid shows ids only.",
+                    file=sys.stderr,
+                )
+                return None, None, args.image_column
+            if not _HUB_DATASET_ID.fullmatch(recorded) or Path(recorded).expanduser().exists():
+                raise ConfigError(
+                    f"The index records the dataset {recorded!r}, which is not a Hub dataset id (a local path or URL "
+                    "is never opened from an index). Pass --dataset explicitly."
+                )
+            source = recorded
         split = args.split if args.dataset else (meta.dataset_split or args.split)
         revision = args.dataset_revision if args.dataset else meta.dataset_revision
         try:

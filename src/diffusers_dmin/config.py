@@ -299,6 +299,9 @@ class SketchSpec:
         objective (`dict`, *optional*): The model family's training-script conventions the loss used
             (`ObjectiveConventions.to_dict()`, with the config's overrides applied). `None` in indices written before
             it was recorded; then it is not compared.
+        model_fingerprint (`str`, *optional*): Hash of every parameter of the denoiser, text encoders and VAE
+            ([`~gradients.fingerprint_modules`]); `None` in indices written before it existed (then only the selected
+            parameters are compared).
     """
 
     config: DMinConfig
@@ -310,6 +313,7 @@ class SketchSpec:
     input_dim: int
     param_fingerprint: str
     objective: Mapping[str, Any] | None = None
+    model_fingerprint: str | None = None
 
     def __post_init__(self):
         for name in ("timesteps", "latent_shape", "param_names"):
@@ -335,6 +339,7 @@ class SketchSpec:
             "input_dim": self.input_dim,
             "param_fingerprint": self.param_fingerprint,
             **({"objective": dict(self.objective)} if self.objective is not None else {}),
+            "model_fingerprint": self.model_fingerprint,
         }
 
     @classmethod
@@ -350,6 +355,7 @@ class SketchSpec:
                 input_dim=int(data["input_dim"]),
                 param_fingerprint=str(data["param_fingerprint"]),
                 objective=_objective_dict(data.get("objective")),
+                model_fingerprint=None if data.get("model_fingerprint") is None else str(data["model_fingerprint"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
@@ -371,6 +377,11 @@ class SketchSpec:
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key) != theirs.get(key):
                     diffs[f"objective.{key}"] = (mine.get(key), theirs.get(key))
+        # the rest of the model (unselected weights, base under an adapter, text encoders, VAE); not repeated when the
+        # selected parameters already differ
+        if None not in (self.model_fingerprint, other.model_fingerprint) and "param_fingerprint" not in diffs:
+            if self.model_fingerprint != other.model_fingerprint:
+                diffs["model_fingerprint"] = (self.model_fingerprint, other.model_fingerprint)
         if self.param_names != other.param_names:
             diffs["param_names"] = (
                 f"{len(self.param_names)} names (hash {self.param_names_hash})",

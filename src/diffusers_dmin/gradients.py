@@ -23,7 +23,7 @@ import contextlib
 import fnmatch
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -38,7 +38,7 @@ from .sketch import OPORPSketch
 
 logger = get_logger(__name__)
 
-__all__ = ["GradientSketcher", "select_parameters", "fingerprint_parameters"]
+__all__ = ["GradientSketcher", "select_parameters", "fingerprint_parameters", "fingerprint_modules"]
 
 # normalize="layer": tensors whose gradient norm is below this fraction of the largest one count as zero
 _LAYER_NORM_FLOOR = 1e-5
@@ -133,6 +133,41 @@ def fingerprint_parameters(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def fingerprint_modules(modules: Mapping[str, torch.nn.Module], samples: int = 64) -> str:
+    """16 hex characters identifying EVERY parameter of the given modules (names, shapes, dtypes and `samples` evenly
+    spaced values per tensor): the whole denoiser, text encoders and VAE, i.e. everything that conditions the
+    gradient, not only the sketched parameters. Costs one small gather per tensor (no pass over all values), so it is
+    cheap for billions of parameters; a different base model, a merged adapter or any training step changes it.
+    Parameters on the `meta` device (sequential offloading) enter by name and shape only.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for key in sorted(modules):
+            picked = []
+            for name, param in modules[key].named_parameters():
+                digest.update(f"{key}.{name}|{tuple(param.shape)}|{param.dtype}\n".encode())
+                flat = param.detach().reshape(-1)
+                if flat.numel() and flat.device.type != "meta":
+                    stride = max(1, flat.numel() // samples)
+                    picked.append(flat[::stride][:samples].to(torch.float64))
+            if picked:
+                digest.update(torch.cat([p.cpu() for p in picked]).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _conditioning_modules(adapter: DenoiserAdapter) -> dict[str, torch.nn.Module]:
+    """The pipeline's modules that shape a gradient: the denoiser (with any adapter), text encoders, VAE."""
+    modules = {"denoiser": adapter.denoiser}
+    components = getattr(getattr(adapter, "pipeline", None), "components", None) or {}
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module) and module is not adapter.denoiser:
+            modules[name] = module
+    vae = getattr(adapter, "vae", None)
+    if isinstance(vae, torch.nn.Module) and all(m is not vae for m in modules.values()):
+        modules["vae"] = vae
+    return modules
+
+
 # ---------------------------------------------------------------------------------------------- the sketcher
 
 
@@ -208,6 +243,7 @@ class GradientSketcher(ProgressBarMixin):
             input_dim=self.input_dim,
             param_fingerprint=fingerprint_parameters(self.parameters),
             objective=adapter.conventions.to_dict(),
+            model_fingerprint=fingerprint_modules(_conditioning_modules(adapter)),
         )
         self.mode = mode
         self.max_pairs_per_batch = max_pairs_per_batch

@@ -24,6 +24,7 @@ from .constants import (
     DEFAULT_REPO_TYPE,
     HNSW_NAME,
     MANIFEST_NAME,
+    NOISE_NAME,
     README_NAME,
     SHARDS_DIR,
 )
@@ -36,6 +37,7 @@ from .errors import (
     IndexNotFoundError,
     NonFiniteGradientError,
 )
+from .hnsw_file import validate_hnsw_file
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
 from .search import ExactSearch, HNSWSearch, expand_queries, single_threaded_torch
@@ -48,17 +50,21 @@ from .storage import (
     Manifest,
     ShardInfo,
     atomic_copy,
-    atomic_write_bytes,
+    commit_temp,
     fsync_dir,
     iter_shards,
     read_manifest,
     read_noise,
+    remove_temp_files,
     sha256_file,
+    stage_bytes,
+    stage_copy,
+    stage_manifest,
+    stage_noise,
     to_ids_array,
     to_storage_array,
     verify_file,
     write_manifest,
-    write_noise,
     write_shards,
 )
 
@@ -68,6 +74,7 @@ logger = get_logger(__name__)
 __all__ = ["GradientIndex"]
 
 _SHARD_NUMBER = re.compile(r"sketches-(\d+)\.safetensors$")
+_CANONICAL_SHARD = re.compile(r"sketches-\d{5,}\.safetensors")  # what `save_pretrained` writes (builds use others)
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _QUERY_FIX = (
     "Compute the queries with the index's spec: a `GradientSketcher` on the same model and adapter, with "
@@ -186,6 +193,7 @@ class GradientIndex(ProgressBarMixin):
         if noise is not None:
             self._noise = _as_noise(noise)
         self._hnsw: HNSWSearch | None = None
+        self._warned_weak_fingerprint = False
         self._hnsw_dirty = False
         self._hnsw_info: HNSWInfo | None = None
         self._hnsw_folder: Path | None = None
@@ -554,6 +562,14 @@ class GradientIndex(ProgressBarMixin):
         if isinstance(spec, SketchSpec):
             if self._spec is not None:
                 differences = self._spec.differences(spec)
+                if self._spec.model_fingerprint is None and not self._warned_weak_fingerprint:
+                    logger.warning(
+                        "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only "
+                        "the selected parameters are compared with the queries' model, so a different base model "
+                        "under the same adapter, or changed unselected weights, go unnoticed. Rebuild the index to "
+                        "get the full check."
+                    )
+                    self._warned_weak_fingerprint = True
             else:
                 self._warn_unspecified()
                 differences = {
@@ -658,6 +674,9 @@ class GradientIndex(ProgressBarMixin):
         num_queries, _, k_search = folded.shape
         if ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
             raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
+        if rescore and max(int(top_k), ef or self._hnsw_params["ef"]) >= len(self):
+            # the candidates would be every row (small indices): re-scoring them all is exact search
+            return exact_search.search(full, top_k, largest=largest)
         graph = self._get_hnsw(k_search)
         k_graph = graph.dim // self.num_timesteps
         if k_search % k_graph:
@@ -941,66 +960,120 @@ class GradientIndex(ProgressBarMixin):
     ) -> Manifest:
         """Write the index to `folder`; `adopt` makes the written shards back this index, `link` symlinks files.
 
-        A crash at any point leaves `folder` either as it was or without a manifest, never with a manifest that lists
-        files this call replaced: a different index saved over an existing one first removes the old manifest, and a
-        changed graph is written between a manifest without it and the final one.
+        Two phases. First every file is written under a name the folder's current manifest does not use (new shards
+        get new numbers; noise, graph, card and manifest go to temp files), and each is checked after writing (size
+        and contents or structure; hnswlib does not report write errors). A full disk or a crash in this phase
+        leaves the folder's index as it was. Then only renames: when they replace a file the current manifest
+        lists, that manifest is first replaced by one without the graph (when the noise is unchanged) or removed,
+        so a crash there leaves a loadable index or no manifest, never a manifest listing replaced files. Temp files
+        and unlisted `sketches-NNNNN` shards of interrupted saves are removed.
         """
         folder.mkdir(parents=True, exist_ok=True)
-        previous = self._retract_foreign_manifest(folder)
+        current = _current_manifest(folder)
+        listed = {} if current is None else {info.name: info for info in current.shards}
+        mine = {b.shard.name for b in self._blocks if b.shard is not None and _same_path(b.folder, folder)}
+        # an unreadable manifest (damaged, or a newer format) may still list shards: then only temp files go
+        unreadable = current is None and (folder / MANIFEST_NAME).exists()
+        _remove_orphans(folder, set(listed) | mine, shards=not unreadable)
         used = [b.shard.name for b in self._blocks if b.shard is not None]
         on_disk = (
             [p.name for p in (folder / SHARDS_DIR).glob("*.safetensors")] if (folder / SHARDS_DIR).is_dir() else []
         )
-        numbers = [int(m.group(1)) for name in used + on_disk if (m := _SHARD_NUMBER.search(name))]
+        numbers = [int(m.group(1)) for name in used + on_disk + list(listed) if (m := _SHARD_NUMBER.search(name))]
         next_number = max(numbers, default=-1) + 1  # new shards never overwrite a file that is already there
-        shards: list[ShardInfo] = []
-        blocks: list[_Block] = []
-        for block in self._blocks:
-            if block.shard is not None:
-                if not _same_path(block.folder, folder):
-                    source = verify_file(
-                        block.folder, block.shard.name, block.shard.sha256, block.shard.num_bytes, "shard"
-                    )
-                    _place(source, folder / block.shard.name, link)
-                shards.append(block.shard)
-                blocks.append(block)
-                continue
-            infos = write_shards(
-                folder, block.sketches, block.ids, self.dtype, start_index=next_number, max_shard_rows=max_shard_rows
+        staged: dict[str, Path] = {}  # final name -> checked temp file, renamed in the commit phase
+        written: list[str] = []  # shards this call added: removed again when it fails before the commit
+        committed = False
+        try:
+            shards: list[ShardInfo] = []
+            blocks: list[_Block] = []
+            for block in self._blocks:
+                if block.shard is not None:
+                    info = block.shard
+                    if not _same_path(block.folder, folder):
+                        source = verify_file(block.folder, info.name, info.sha256, info.num_bytes, "shard")
+                        other = listed.get(info.name)
+                        if other is not None and other.sha256 != info.sha256:  # the current index's shard
+                            info = dataclasses.replace(info, name=_numbered_shard(next_number))
+                            next_number += 1
+                        if not (folder / info.name).exists():
+                            written.append(info.name)
+                        _place(source, folder / info.name, link)
+                    shards.append(info)
+                    blocks.append(block)
+                    continue
+                infos = write_shards(
+                    folder,
+                    block.sketches,
+                    block.ids,
+                    self.dtype,
+                    start_index=next_number,
+                    max_shard_rows=max_shard_rows,
+                )
+                next_number += len(infos)
+                written += [info.name for info in infos]
+                shards += infos
+                start = 0
+                for info in infos:
+                    end = start + info.num_rows
+                    blocks.append(_Block(block.sketches[start:end], block.ids[start:end], info, folder))
+                    start = end
+            noise_info = self._stage_noise(folder, link, staged)
+            hnsw_info = self._stage_hnsw(folder, link, staged)
+            manifest = Manifest(
+                config=self._config,
+                spec=self._spec,
+                shards=shards,
+                noise=noise_info,
+                hnsw=hnsw_info,
+                metadata=self._metadata,
             )
-            next_number += len(infos)
-            shards += infos
-            start = 0
-            for info in infos:
-                end = start + info.num_rows
-                blocks.append(_Block(block.sketches[start:end], block.ids[start:end], info, folder))
-                start = end
-        noise_info = self._write_noise(folder, link, adopt)
-        manifest = Manifest(
-            config=self._config, spec=self._spec, shards=shards, noise=noise_info, hnsw=None, metadata=self._metadata
-        )
-        if self._graph_changes(folder) and (folder / MANIFEST_NAME).exists():
-            write_manifest(folder, manifest)  # the old graph's sha256 must not outlive its file
-        hnsw_info = self._write_hnsw(folder, link, adopt)
-        manifest = dataclasses.replace(manifest, hnsw=hnsw_info)
-        card = folder / README_NAME
-        source_card = None if self._source_folder is None else self._source_folder / README_NAME
-        if hub.is_generated_card(card):
-            if source_card is not None and not hub.is_generated_card(source_card) and not card.exists():
-                _place(source_card, card, link)  # keep a card the user wrote
+            card = folder / README_NAME
+            source_card = None if self._source_folder is None else self._source_folder / README_NAME
+            if hub.is_generated_card(card):
+                if source_card is not None and not hub.is_generated_card(source_card) and not card.exists():
+                    _place(source_card, card, link)  # keep a card the user wrote
+                else:
+                    text = hub.dataset_card(manifest, repo_id=repo_id).encode("utf-8")
+                    staged[README_NAME] = stage_bytes(card, text)
             else:
-                atomic_write_bytes(card, hub.dataset_card(manifest, repo_id=repo_id).encode("utf-8"))
-        else:
-            logger.info(f"Keeping the existing {card} (it has no diffusers_dmin marker).")
-        write_manifest(folder, manifest)
-        if previous is not None:  # shards of the index this one replaced
-            kept = {info.name for info in shards}
-            for info in previous.shards:
-                if info.name not in kept:
-                    (folder / info.name).unlink(missing_ok=True)
+                logger.info(f"Keeping the existing {card} (it has no diffusers_dmin marker).")
+            staged_manifest = stage_manifest(folder, manifest)
+            staged[MANIFEST_NAME] = staged_manifest
+
+            # commit: renames only (plus, at most, one small manifest without the graph)
+            replaced = [name for name in staged if name not in (MANIFEST_NAME, README_NAME) and _lists(current, name)]
+            committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
+            if replaced:
+                if manifest.noise is None or (manifest.noise.name not in staged):
+                    write_manifest(folder, dataclasses.replace(manifest, hnsw=None))  # loadable while the graph moves
+                else:
+                    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+                    fsync_dir(folder)
+            for name in [n for n in staged if n != MANIFEST_NAME]:
+                commit_temp(staged.pop(name), folder / name)
+            write_manifest(folder, manifest, staged=staged_manifest)
+            staged.pop(MANIFEST_NAME)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+            if not committed:
+                for name in written:
+                    (folder / name).unlink(missing_ok=True)
+        if current is not None:  # files of the index this one replaced
+            kept = {info.name for info in shards} | {f.name for f in (manifest.noise, manifest.hnsw) if f is not None}
+            for name in [info.name for info in current.shards] + [
+                f.name for f in (current.noise, current.hnsw) if f is not None
+            ]:
+                if name not in kept and name not in mine:
+                    (folder / name).unlink(missing_ok=True)
         if adopt:
             self._blocks = blocks
             self._exact = None
+            if self._noise is not None and self._noise_info is None and noise_info is not None:
+                self._noise_info, self._noise_folder = noise_info, folder
+            if self._hnsw is not None and hnsw_info is not None and (self._hnsw_dirty or self._hnsw_info is None):
+                self._hnsw_info, self._hnsw_folder, self._hnsw_dirty = hnsw_info, folder, False
         logger.info(f"Saved {len(self)} rows in {len(shards)} shards to {folder}.")
         return manifest
 
@@ -1010,57 +1083,51 @@ class GradientIndex(ProgressBarMixin):
         folders += [self._noise_folder, self._hnsw_folder]
         return any(_same_path(f, folder) for f in folders)
 
-    def _retract_foreign_manifest(self, folder: Path) -> Manifest | None:
-        """Remove the manifest of another index in `folder` before any of its files is replaced; return it."""
-        path = folder / MANIFEST_NAME
-        if not path.exists() or self._backed_by(folder):
-            return None
-        try:
-            previous = read_manifest(folder)
-        except DMinError:
-            previous = None
-        logger.info(f"Replacing the index in {folder}.")
-        path.unlink()
-        fsync_dir(folder)
-        return previous
-
-    def _graph_changes(self, folder: Path) -> bool:
-        """Whether saving to `folder` replaces its `hnsw.bin`."""
-        return (
-            self._hnsw is not None and (self._hnsw_dirty or self._hnsw_info is None) and (folder / HNSW_NAME).exists()
-        )
-
-    def _write_noise(self, folder: Path, link: bool, adopt: bool) -> FileInfo | None:
+    def _stage_noise(self, folder: Path, link: bool, staged: dict[str, Path]) -> FileInfo | None:
         if self._noise_info is not None and self._noise_folder is not None:
+            info = self._noise_info
             if not _same_path(self._noise_folder, folder):
-                info = self._noise_info
                 source = verify_file(self._noise_folder, info.name, info.sha256, info.num_bytes, "noise file")
-                _place(source, folder / info.name, link)
-            return self._noise_info
+                if link:
+                    _place(source, folder / info.name, link)
+                elif not _same_file(folder / info.name, info):
+                    staged[info.name] = stage_copy(source, folder / info.name)
+            return info
         if self._noise is None:
             return None
-        info = write_noise(folder, self._noise)
-        if adopt:
-            self._noise_info, self._noise_folder = info, folder
+        tmp = stage_noise(folder, self._noise)
+        staged[NOISE_NAME] = tmp
+        shape = tuple(self._noise.shape)
+        info = FileInfo(name=NOISE_NAME, sha256=sha256_file(tmp), num_bytes=tmp.stat().st_size, shape=shape)
+        if _same_file(folder / NOISE_NAME, info):
+            staged.pop(NOISE_NAME).unlink(missing_ok=True)
         return info
 
-    def _write_hnsw(self, folder: Path, link: bool, adopt: bool) -> HNSWInfo | None:
-        if self._hnsw is not None and (self._hnsw_dirty or self._hnsw_info is None):
-            path = folder / HNSW_NAME
-            self._hnsw.save(path)
-            info = HNSWInfo(
+    def _stage_hnsw(self, folder: Path, link: bool, staged: dict[str, Path]) -> HNSWInfo | None:
+        graph = self._hnsw
+        if graph is not None and (self._hnsw_dirty or self._hnsw_info is None):
+            tmp = _temp_file(folder / HNSW_NAME)
+            staged[HNSW_NAME] = tmp
+            graph.save(tmp, atomic=False)
+            try:  # hnswlib reports no write error: a full disk gives a truncated file
+                validate_hnsw_file(
+                    tmp, dim=graph.dim, num_rows=graph.num_rows, M=graph.M, ef_construction=graph.ef_construction
+                )
+            except IndexCorruptError as err:
+                raise OSError(
+                    f"Writing {folder / HNSW_NAME} failed: the written graph is incomplete ({err}). Is the disk full? "
+                    "Nothing was replaced; free space and save again."
+                ) from err
+            return HNSWInfo(
                 name=HNSW_NAME,
-                sha256=sha256_file(path),
-                num_bytes=path.stat().st_size,
-                num_rows=self._hnsw.num_rows,
-                sketch_dim=self._hnsw.dim // self.num_timesteps,
-                M=self._hnsw.M,
-                ef_construction=self._hnsw.ef_construction,
-                ef=self._hnsw.ef,
+                sha256=sha256_file(tmp),
+                num_bytes=tmp.stat().st_size,
+                num_rows=graph.num_rows,
+                sketch_dim=graph.dim // self.num_timesteps,
+                M=graph.M,
+                ef_construction=graph.ef_construction,
+                ef=graph.ef,
             )
-            if adopt:
-                self._hnsw_info, self._hnsw_folder, self._hnsw_dirty = info, folder, False
-            return info
         info = self._hnsw_info
         if info is None:
             return None
@@ -1074,7 +1141,10 @@ class GradientIndex(ProgressBarMixin):
             )
             return None
         verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
-        _place(source, folder / HNSW_NAME, link)
+        if link:
+            _place(source, folder / HNSW_NAME, link)
+        elif not _same_file(folder / HNSW_NAME, info):
+            staged[HNSW_NAME] = stage_copy(source, folder / HNSW_NAME)
         return info
 
     def _hnsw_source(self, *, download: bool) -> Path | None:
@@ -1113,8 +1183,15 @@ class GradientIndex(ProgressBarMixin):
                 self.build_hnsw(sketch_dim=info.sketch_dim)
             else:
                 verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
+                # validated completely against the manifest before hnswlib reads a byte of it
                 graph = HNSWSearch.load(
-                    source, self.num_timesteps * info.sketch_dim, max_elements=len(self), ef=info.ef
+                    source,
+                    self.num_timesteps * info.sketch_dim,
+                    max_elements=len(self),
+                    ef=info.ef,
+                    num_rows=info.num_rows,
+                    M=info.M,
+                    ef_construction=info.ef_construction,
                 )
                 if graph.num_rows != info.num_rows:
                     raise IndexCorruptError(
@@ -1146,6 +1223,10 @@ class GradientIndex(ProgressBarMixin):
             raise ConfigError(
                 f"`queries` must have shape (num_queries, T, K), but has shape {tuple(queries.shape)}. For a single "
                 "(T, K) sketch pass `queries[None]`."
+            )
+        if len(queries) == 0:
+            raise ConfigError(
+                f"`queries` holds no sketches (shape {tuple(queries.shape)}); pass at least one (num_queries >= 1)."
             )
         queries = queries.detach().to("cpu", torch.float32)
         finite = torch.isfinite(queries.reshape(len(queries), -1)).all(dim=1)
@@ -1212,3 +1293,58 @@ def _place(source: Path, target: Path, link: bool) -> None:
         os.symlink(os.path.realpath(source), target)
     else:
         atomic_copy(source, target)
+
+
+def _numbered_shard(number: int) -> str:
+    from .storage import shard_name
+
+    return shard_name(number)
+
+
+def _current_manifest(folder: Path) -> Manifest | None:
+    """The manifest of the index in `folder`, or None when there is none (or it is unreadable)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(folder)
+    except DMinError:
+        logger.warning(f"Replacing the unreadable {folder / MANIFEST_NAME}.")
+        return None
+
+
+def _lists(manifest: Manifest | None, name: str) -> bool:
+    if manifest is None:
+        return False
+    return name in {f.name for f in (manifest.noise, manifest.hnsw) if f is not None} | {
+        s.name for s in manifest.shards
+    }
+
+
+def _same_file(path: Path, info: FileInfo | HNSWInfo) -> bool:
+    """Whether `path` already holds exactly the file `info` describes."""
+    try:
+        return path.is_file() and path.stat().st_size == info.num_bytes and sha256_file(path) == info.sha256
+    except OSError:
+        return False
+
+
+def _temp_file(path: Path) -> Path:
+    from .storage import _temp_path
+
+    return _temp_path(path)
+
+
+def _remove_orphans(folder: Path, keep: set[str], *, shards: bool = True) -> None:
+    """Remove temp files and (with `shards`) unlisted `shards/sketches-NNNNN.safetensors` of interrupted saves."""
+    for path in remove_temp_files(folder):
+        logger.info(f"Removed {path}, left by an interrupted write.")
+    if not shards:
+        return
+    directory = folder / SHARDS_DIR
+    if not directory.is_dir():
+        return
+    for path in directory.glob("sketches-*.safetensors"):
+        name = f"{SHARDS_DIR}/{path.name}"
+        if _CANONICAL_SHARD.fullmatch(path.name) and name not in keep:
+            path.unlink(missing_ok=True)
+            logger.info(f"Removed {path}, a shard no manifest lists (left by an interrupted save).")

@@ -27,6 +27,7 @@ import torch
 
 from .constants import DEFAULT_HNSW_EF, DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
 from .errors import ConfigError, DMinError, IndexCorruptError, require
+from .hnsw_file import MAX_M, validate_hnsw_file
 from .logging import get_logger, tqdm
 from .sketch import fold_sketch
 
@@ -381,6 +382,8 @@ class HNSWSearch(SearchBackend):
         for name, value, minimum in (("M", M, 2), ("ef_construction", ef_construction, 1), ("ef", ef, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"`{name}` must be an integer >= {minimum}, but is {value!r}.")
+        if M > MAX_M:
+            raise ConfigError(f"`M` must be at most {MAX_M} (hnswlib stores 2 M in 16 bits), but is {M}.")
         self._index = hnswlib.Index(space="ip", dim=int(dim))
         if _load_from is not None:
             try:
@@ -399,10 +402,31 @@ class HNSWSearch(SearchBackend):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, dim: int, *, max_elements: int, ef: int = DEFAULT_HNSW_EF, num_threads: int = -1
+        cls,
+        path: str | os.PathLike,
+        dim: int,
+        *,
+        max_elements: int,
+        ef: int = DEFAULT_HNSW_EF,
+        num_threads: int = -1,
+        num_rows: int | None = None,
+        M: int | None = None,
+        ef_construction: int | None = None,
     ) -> HNSWSearch:
-        """Load a graph saved by [`save`]. Verify the file's sha256 first: hnswlib trusts its input."""
-        return cls(dim, max_elements=max_elements, ef=ef, num_threads=num_threads, _load_from=path)
+        r"""
+        Load a graph saved by [`save`] after validating the whole file.
+
+        hnswlib trusts its input (a crafted file makes it read and write out of bounds), so the file is first checked
+        with [`~diffusers_dmin.hnsw_file.validate_hnsw_file`] against `dim` and, when given, the expected row count,
+        `M` and `ef_construction` (pass the manifest's values). Verify the file's sha256 too.
+
+        Raises:
+            [`IndexCorruptError`]: The file fails a check, or hnswlib cannot read it.
+        """
+        header = validate_hnsw_file(path, dim=int(dim), num_rows=num_rows, M=M, ef_construction=ef_construction)
+        # hnswlib allocates max(max_elements, cur_element_count) rows; never let the file's own count decide
+        max_elements = max(int(max_elements), header.cur_element_count, 1)
+        return cls(dim, max_elements=max_elements, M=header.M_, ef=ef, num_threads=num_threads, _load_from=path)
 
     @property
     def num_rows(self) -> int:
@@ -461,7 +485,14 @@ class HNSWSearch(SearchBackend):
         k = _check_top_k(top_k, self.num_rows)
         self._index.set_ef(max(self.ef, k))
         try:
-            labels, distances = self._index.knn_query(q, k=k)
+            try:
+                labels, distances = self._index.knn_query(q, k=k)
+            except RuntimeError:
+                if self.num_rows > 4096 or max(self.ef, k) >= self.num_rows:
+                    raise
+                # few rows (k close to all of them): explore the whole graph before giving up
+                self._index.set_ef(max(self.ef, k, self.num_rows))
+                labels, distances = self._index.knn_query(q, k=k)
         except RuntimeError as err:
             raise DMinError(
                 f"hnswlib could not return {k} neighbours ({err}); raise `ef` or search with `exact=True`."
@@ -471,18 +502,31 @@ class HNSWSearch(SearchBackend):
             scores = -scores
         return labels.astype(np.int64), scores
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Save the graph atomically (temp file in the same folder, fsync, rename)."""
+    def save(self, path: str | os.PathLike, *, atomic: bool = True) -> None:
+        """Save the graph; atomically (temp file in the same folder, fsync, rename) unless `atomic=False`.
+
+        hnswlib does not report write errors (a full disk gives a truncated file): callers that keep the file should
+        check it with [`~diffusers_dmin.hnsw_file.validate_hnsw_file`] before trusting it, as `GradientIndex` does.
+        """
         import tempfile
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the file records the capacity; store the exact row count (what a validated file must hold)
+        if self._index.max_elements != max(1, self.num_rows):
+            self._index.resize_index(max(1, self.num_rows))
+        if not atomic:
+            self._index.save_index(str(path))
+            return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
             self._index.save_index(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

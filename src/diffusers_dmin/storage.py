@@ -81,6 +81,12 @@ __all__ = [
     "to_ids_array",
     "atomic_write_bytes",
     "atomic_copy",
+    "stage_bytes",
+    "stage_copy",
+    "stage_noise",
+    "stage_manifest",
+    "commit_temp",
+    "remove_temp_files",
 ]
 
 # safetensors dtype tag -> (our dtype name, numpy dtype used to hold the raw values)
@@ -93,6 +99,9 @@ _SAFETENSORS_DTYPES: dict[str, tuple[str, np.dtype]] = {
 _STORAGE_TAGS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MAX_HEADER_BYTES = 100 * 2**20
+# a manifest lists ~250 bytes per shard: 64 MiB is far beyond any real index, and bounds what parsing may cost
+MAX_MANIFEST_BYTES = 64 * 2**20
+_SAFETENSORS_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int64": 8}
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 2**22
 
@@ -406,14 +415,16 @@ class Manifest:
         version = _check_int(data["format_version"], "format_version", minimum=1)
         if version > FORMAT_VERSION:
             raise _NewerFormat(version)
-        config = DMinConfig.from_dict(data["config"])
-        spec = None if data.get("spec") is None else SketchSpec.from_dict(data["spec"])
+        config = DMinConfig.from_dict(_check_mapping(data["config"], "config"))
+        spec = None if data.get("spec") is None else SketchSpec.from_dict(_check_mapping(data["spec"], "spec"))
+        if not isinstance(data["shards"], list):
+            raise TypeError(f"`shards` must be a list, got {type(data['shards']).__name__}")
         manifest = cls(
             config=config,
             spec=spec,
-            shards=[ShardInfo.from_dict(s) for s in data["shards"]],
-            noise=None if data.get("noise") is None else FileInfo.from_dict(data["noise"]),
-            hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(data["hnsw"]),
+            shards=[ShardInfo.from_dict(_check_mapping(s, "shards[]")) for s in data["shards"]],
+            noise=None if data.get("noise") is None else FileInfo.from_dict(_check_mapping(data["noise"], "noise")),
+            hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(_check_mapping(data["hnsw"], "hnsw")),
             metadata=IndexMetadata.from_dict(data),
             format_version=version,
             library_version=data.get("library_version"),
@@ -438,6 +449,12 @@ class _NewerFormat(Exception):
     def __init__(self, version: int):
         super().__init__(version)
         self.version = version
+
+
+def _check_mapping(value: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_int(value: Any, name: str, minimum: int = 0) -> int:
@@ -488,6 +505,12 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             f"{str(folder)!r} is not a DMin index: it has no {MANIFEST_NAME}. Create an index with "
             "`GradientIndex.from_sketches(...)` and `save_pretrained(folder)`."
         )
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise IndexCorruptError(
+            f"{path} has {size} bytes, more than the {MAX_MANIFEST_BYTES} a DMin manifest may have; it is not one. "
+            "Re-download the index with `force_download=True`, or save it again."
+        )
     try:
         text = path.read_text(encoding="utf-8")
         return Manifest.from_json(text)
@@ -501,7 +524,12 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             f"{path} is not valid JSON ({err}); the file is truncated or damaged. Re-download the index with "
             "`force_download=True`, or save it again."
         ) from err
-    except (KeyError, TypeError, ValueError, ConfigError) as err:
+    except RecursionError as err:
+        raise IndexCorruptError(
+            f"{path} nests JSON too deeply to be a DMin manifest. Re-download the index with `force_download=True`, "
+            "or save it again."
+        ) from err
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as err:
         detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
         raise IndexCorruptError(
             f"{path} is not a valid DMin manifest ({detail}). Re-download the index with `force_download=True`, "
@@ -509,20 +537,34 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         ) from err
 
 
-def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
+def write_manifest(folder: str | os.PathLike, manifest: Manifest, *, staged: str | os.PathLike | None = None) -> Path:
     r"""
     Validate `manifest` and write it atomically as `folder/dmin_index.json`. Call it after every file it lists.
+
+    With `staged` (a temp file from [`stage_manifest`] for this same manifest), only renames it into place: nothing
+    is written, so a full disk cannot fail the commit.
 
     Returns:
         `Path`: The manifest path.
     """
+    path = Path(folder) / MANIFEST_NAME
+    if staged is not None:
+        _commit_temp(Path(staged), path)
+        return path
+    atomic_write_bytes(path, _manifest_bytes(manifest))
+    return path
+
+
+def stage_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
+    """Validate `manifest` and write it to a checked temp file; `write_manifest(..., staged=tmp)` renames it."""
+    return stage_bytes(Path(folder) / MANIFEST_NAME, _manifest_bytes(manifest))
+
+
+def _manifest_bytes(manifest: Manifest) -> bytes:
     try:
-        text = manifest.to_json()
+        return manifest.to_json().encode("utf-8")
     except ValueError as err:
         raise ConfigError(f"Refusing to write an inconsistent manifest: {err}.") from err
-    path = Path(folder) / MANIFEST_NAME
-    atomic_write_bytes(path, text.encode("utf-8"))
-    return path
 
 
 # --------------------------------------------------------------------------------------------------- atomic writes
@@ -541,15 +583,109 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # `.{name}.{mkstemp's 8 characters}.tmp`
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temp_path(path: Path) -> Path:
+    """An empty temp file next to `path`, with the permissions a plain `open(path, "w")` would give (not 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except (AttributeError, OSError):  # no fchmod (Windows)
+        pass
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that interrupted writes left in `folder` and `folder/shards`; return them."""
+    removed = []
+    for directory in (Path(folder), Path(folder) / SHARDS_DIR):
+        if not directory.is_dir():
+            continue
+        for item in directory.iterdir():
+            if _TEMP_RE.match(item.name) and item.is_file() and not item.is_symlink():
+                item.unlink(missing_ok=True)
+                removed.append(item)
+    return removed
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], tmp: Path, final: Path) -> None:
+    """`safetensors.torch.save_file`, with its write errors (a full disk) as `OSError`s that name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        # one metadata key: safetensors writes several in a per-process hash order, and shard files must be
+        # byte-reproducible (the manifest carries the format version)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except SafetensorError as err:
+        raise OSError(f"Writing {final} failed ({err}). Is the disk full? Nothing was replaced.") from err
+
+
+def _check_written_tensors(
+    tmp: Path, expected: Mapping[str, tuple[str, Sequence[int]]], what: str, final: Path
+) -> None:
+    """A freshly written safetensors file must hold exactly `expected` and end where its header says (full disk)."""
+    try:
+        header, data_start, size = _parse_header(tmp, what)
+        end = data_start
+        for key, (dtype, shape) in expected.items():
+            got_dtype, _, got_shape, offset = _tensor_entry(header, key, tmp, data_start, size, what)
+            if got_dtype != dtype or got_shape != tuple(shape):
+                raise IndexCorruptError(f"{key!r} is {got_dtype} {got_shape}, not {dtype} {tuple(shape)}")
+            end = max(end, offset + int(np.prod(got_shape, dtype=np.int64)) * _SAFETENSORS_ITEMSIZE[dtype])
+        if size != end:
+            raise IndexCorruptError(f"{size} bytes instead of {end}")
+    except IndexCorruptError as err:
+        raise OSError(
+            f"Writing {final} failed: the written file is incomplete or wrong ({err}). Is the disk full? Nothing was "
+            "replaced; free space and save again."
+        ) from err
+
+
+def stage_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to a temp file next to `path` and check it (size and content); the caller renames it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_bytes(data)
+        if tmp.stat().st_size != len(data) or tmp.read_bytes() != data:
+            raise OSError(f"Writing {path} failed: the written file differs from the data. Is the disk full?")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def commit_temp(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync a checked temp file and rename it over `path` (then fsync the folder)."""
+    _commit_temp(Path(tmp), Path(path))
 
 
 def _commit_temp(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+        try:  # writers may have replaced the temp file (safetensors does): set the mode here, not only at creation
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+        except (AttributeError, OSError):
+            pass
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -557,10 +693,8 @@ def _commit_temp(tmp: Path, path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temp file next to `path`, fsync it and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = stage_bytes(path, data)
     try:
-        tmp.write_bytes(data)
         _commit_temp(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -568,6 +702,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy `src` to `dst` through a temp file and an atomic rename (follows symlinks, e.g. in the Hub cache)."""
+
+    dst = Path(dst)
+    tmp = stage_copy(src, dst)
+    try:
+        _commit_temp(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy `src` to a temp file next to `dst` and check it (size and sha256); the caller renames it."""
     import shutil
 
     dst = Path(dst)
@@ -575,9 +720,12 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     tmp = _temp_path(dst)
     try:
         shutil.copyfile(src, tmp)
-        _commit_temp(tmp, dst)
-    finally:
+        if tmp.stat().st_size != os.stat(src).st_size or sha256_file(tmp) != sha256_file(src):
+            raise OSError(f"Copying {src} to {dst} failed: the copy differs from the source. Is the disk full?")
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 # --------------------------------------------------------------------------------------------------- hashing
@@ -604,6 +752,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     with _hash_lock:
         _hash_cache[key] = value
     return value
+
+
+def _remember_hash(path: str | os.PathLike, value: str) -> None:
+    """Record the sha256 of a file just renamed into place from a hashed temp file (same inode, size, mtime)."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    with _hash_lock:
+        _hash_cache[(real, stat.st_size, stat.st_mtime_ns, stat.st_ino)] = value
 
 
 def verify_file(folder: str | os.PathLike, name: str, sha256: str, num_bytes: int | None, what: str) -> Path:
@@ -743,7 +899,6 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     4
     ```
     """
-    from safetensors.torch import save_file
 
     _check_relative_name(name, "name")
     if isinstance(sketches, np.ndarray) and dtype == "bfloat16" and sketches.dtype == np.uint16:
@@ -757,17 +912,15 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        save_file(
-            {SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)},
-            str(tmp),
-            # one metadata key: safetensors writes several in a per-process hash order, and shard files must be
-            # byte-reproducible (the manifest carries the format version)
-            metadata={"format": "pt"},
+        _save_tensors({SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)}, tmp, path)
+        _check_written_tensors(
+            tmp, {SKETCHES_KEY: (dtype, array.shape), IDS_KEY: ("int64", ids_array.shape)}, "shard", path
         )
+        info = ShardInfo(name=name, num_rows=len(array), sha256=sha256_file(tmp), num_bytes=tmp.stat().st_size)
         _commit_temp(tmp, path)
+        _remember_hash(path, info.sha256)
     finally:
         tmp.unlink(missing_ok=True)
-    info = ShardInfo(name=name, num_rows=len(array), sha256=sha256_file(path), num_bytes=path.stat().st_size)
     logger.debug(f"Wrote {info.num_rows} rows to {path} (sha256 {info.sha256[:12]}...).")
     return info
 
@@ -829,7 +982,7 @@ def _parse_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise IndexCorruptError(f"The {what} {path} has an unreadable safetensors header ({err}).") from err
     if not isinstance(header, dict):
         raise IndexCorruptError(f"The {what} {path} has a safetensors header that is not a JSON object.")
@@ -910,7 +1063,35 @@ def open_shard(
         )
     sketches = np.memmap(path, dtype=s_np, mode="c", offset=s_offset, shape=s_shape)
     ids = np.array(np.memmap(path, dtype=i_np, mode="r", offset=i_offset, shape=i_shape))
+    _check_finite_rows(path, info.sha256, sketches, dtype)
     return ShardData(info=info, sketches=sketches, ids=ids)
+
+
+_finite_checked: set[tuple[str, str]] = set()
+
+
+def _check_finite_rows(path: Path, sha256: str, sketches: np.ndarray, dtype: str) -> None:
+    """NaN/inf rows would rank first (or last) for every query: refuse the shard (checked once per file content)."""
+    key = (os.path.realpath(path), sha256)
+    if key in _finite_checked:
+        return
+    rows_per_chunk = max(1, _HASH_CHUNK // max(1, sketches[0].nbytes if len(sketches) else 1))
+    for start in range(0, len(sketches), rows_per_chunk):
+        block = sketches[start : start + rows_per_chunk]
+        chunk = block.reshape(len(block), -1)
+        if dtype == "bfloat16":  # raw bits: exponent all ones is inf or NaN
+            finite = ((chunk & 0x7F80) != 0x7F80).all(axis=1)
+        else:
+            finite = np.isfinite(chunk).all(axis=1)
+        if not finite.all():
+            bad = (start + np.flatnonzero(~finite)).tolist()
+            raise IndexCorruptError(
+                f"The shard {path} holds NaN or infinite values in rows {bad[:10]}{'...' if len(bad) > 10 else ''}: "
+                "they would rank first for every query. Rebuild those rows (a NaN gradient), or re-download the "
+                "index with `force_download=True`."
+            )
+    with _hash_lock:
+        _finite_checked.add(key)
 
 
 def describe_shard(folder: str | os.PathLike, name: str) -> ShardInfo:
@@ -945,18 +1126,30 @@ def iter_shards(folder: str | os.PathLike, manifest: Manifest) -> Iterator[Shard
 
 def write_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -> FileInfo:
     """Write the fixed noise tensor (stored as float32) atomically to `folder/name` and return its record."""
-    from safetensors.torch import save_file
+    path = Path(folder) / name
+    tmp = stage_noise(folder, noise, name)
+    try:
+        info = FileInfo(name=name, sha256=sha256_file(tmp), num_bytes=tmp.stat().st_size, shape=tuple(noise.shape))
+        _commit_temp(tmp, path)
+        _remember_hash(path, info.sha256)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return info
 
+
+def stage_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -> Path:
+    """Write the noise to a checked temp file next to `folder/name` (renamed into place by the caller)."""
     tensor = _as_float_tensor(noise, "noise").detach().to("cpu", torch.float32).contiguous()
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        save_file({NOISE_KEY: tensor}, str(tmp), metadata={"format": "pt"})
-        _commit_temp(tmp, path)
-    finally:
+        _save_tensors({NOISE_KEY: tensor}, tmp, path)
+        _check_written_tensors(tmp, {NOISE_KEY: ("float32", tuple(tensor.shape))}, "noise file", path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-    return FileInfo(name=name, sha256=sha256_file(path), num_bytes=path.stat().st_size, shape=tuple(tensor.shape))
+        raise
+    return tmp
 
 
 def read_noise(folder: str | os.PathLike, info: FileInfo) -> torch.Tensor:
