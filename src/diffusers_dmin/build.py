@@ -942,6 +942,7 @@ def _metadata(
             setattr(values, key, value)
     if skipped:
         values.extra["skipped"] = [{"id": i, "reason": skipped[i]} for i in sorted(skipped)]
+    values.extra["columns"] = {"image": table.image_column, "prompt": table.prompt_column}  # for `dmin search`
     return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
 
 
