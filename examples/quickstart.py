@@ -29,7 +29,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 
 from diffusers_dmin import DMinConfig, GradientIndex, InfluencePipeline
 from diffusers_dmin.data import load_digits
-from diffusers_dmin.viz import make_grid
+from diffusers_dmin.viz import influence_grid
 
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ddpm-digits"
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     built = time.perf_counter()
 
     influence_pipe = InfluencePipeline(pipe, index)
+    pipe.set_progress_bar_config(desc=f"Generating ({args.num_inference_steps} DDIM steps)")
     out = influence_pipe(
         batch_size=args.num_images,
         generator=torch.Generator().manual_seed(args.seed),
@@ -102,10 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     generated = time.perf_counter()
 
-    rows = [result.to_grid(image_column="image") for result in out.influence]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     png = args.output_dir / "quickstart_influence.png"
-    make_grid(rows).save(png)
+    influence_grid(out.influence, image_column="image", query_caption="generated").save(png)
 
     train_images = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in dataset["image"]])
     train_labels = np.asarray(dataset["label"])

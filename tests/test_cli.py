@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -336,3 +337,28 @@ def test_help_does_not_import_heavy_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_no_third_party_noise_on_a_tiny_sd_build_from_an_image_folder(artifacts, tmp_path):
+    """transformers' torchvision fallback notices (printed on every SD load) and datasets' "Downloading data" bars
+    (for a local folder: nothing is downloaded) are not shown; our own progress bar still is."""
+    from datasets import load_from_disk
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = []
+    for row in load_from_disk(str(artifacts / "data")).select(range(4)):
+        row["image"].save(folder / f"{row['id']}.png")
+        lines.append(json.dumps({"file_name": f"{row['id']}.png", "text": row["text"]}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusers_dmin.cli", "build", str(artifacts / "pipe"), "--dataset", str(folder),
+         "--num-timesteps", "2", "--sketch-dim", "32", "--output-dir", str(tmp_path / "index")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Gradient sketches" in out.stderr  # bars are on
+    assert "torchvision" not in out.stderr and "Downloading data" not in out.stderr, out.stderr
+    assert "Generating train split" not in out.stderr

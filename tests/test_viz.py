@@ -43,7 +43,7 @@ def test_without_a_dataset_the_grid_draws_grey_boxes_that_say_so():
 
 def test_legend_states_the_first_tile_and_the_score_range():
     legend = influence_legend(10, query_caption="generated")
-    assert "the generated image (left of the red line)" in legend
+    assert "Left of the red line: the generated image" in legend
     assert "sum over the T = 10 timesteps" in legend and "at most about 10" in legend
     assert "T timesteps" in influence_legend(None)
 

@@ -55,7 +55,7 @@ from .errors import (
     IndexMismatchError,
     NonFiniteGradientError,
 )
-from .logging import get_logger, tqdm
+from .logging import get_logger, quiet_local_dataset_loading, tqdm
 from .objectives import prepare_images
 from .storage import (
     IndexMetadata,
@@ -946,6 +946,7 @@ def _metadata(
     return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
 
 
+@quiet_local_dataset_loading
 def load_training_dataset(
     source: str,
     *,

@@ -37,7 +37,8 @@ def _font() -> PIL.ImageFont.ImageFont:
 
 
 def _line_height() -> int:
-    return _font().getbbox("Ag#(")[3] + 2
+    left, top, right, bottom = _font().getbbox("Ag#(")
+    return bottom - top + 2
 
 
 def _fit(draw: PIL.ImageDraw.ImageDraw, text: str, width: int) -> str:
@@ -145,12 +146,15 @@ def make_row(
         )
     if labels is not None and len(labels) != len(images):
         raise ConfigError(f"`labels` must have one label per image ({len(images)}), but has {len(labels)}.")
-    num_lines = 3 if labels is not None else 2
+    captions = [[f"#{sample_id}", f"{float(score):.3f}"] for score, sample_id in zip(scores, sample_ids)]
+    measure = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+    if all(measure.textlength(" ".join(lines), font=_font()) <= thumb_size - 2 for lines in captions):
+        captions = [[" ".join(lines)] for lines in captions]  # "#12 4.567" on one line when every one fits
+    if labels is not None:
+        captions = [lines + [f"label {label}"] for lines, label in zip(captions, labels)]
+    num_lines = max([len(lines) for lines in captions] + [1])
     tiles = [] if query is None else [_tile(to_pil(query), query_caption.split("\n"), thumb_size, num_lines)]
-    for number, (image, score, sample_id) in enumerate(zip(images, scores, sample_ids)):
-        lines = [f"#{sample_id}", f"{float(score):.3f}"]
-        if labels is not None:
-            lines.append(f"label {labels[number]}")
+    for image, lines in zip(images, captions):
         tiles.append(_tile(None if image is None else to_pil(image), lines, thumb_size, num_lines))
     if not tiles:
         raise ConfigError("Nothing to draw: give a query or at least one training image.")
@@ -192,13 +196,12 @@ def influence_legend(num_timesteps: int | None, *, query_caption: str = "query",
     t = f"T = {num_timesteps}" if num_timesteps else "T"
     most = f"{num_timesteps}" if num_timesteps else "T"
     text = (
-        f"Each row: the {query_caption} image (left of the red line), then the training samples that influenced it "
-        f"most, most influential first. Under each: #sample id, then the influence score: the sum over the {t} "
-        f"timesteps of the cosine-like similarity of the two gradients, so at most about {most} (a sample with "
-        "itself); near 0: unrelated; negative: opposed."
+        f"Left of the red line: the {query_caption} image; then the training samples that influenced it most, "
+        f"with #sample id and score = sum over the {t} timesteps of gradient cosine similarities: at most about "
+        f"{most} (a sample with itself), near 0 unrelated."
     )
     if missing:
-        text += " Grey boxes: the training images are not shown because the dataset is not attached."
+        text += " Grey boxes: dataset not attached."
     return text
 
 
