@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from diffusers import DiffusionPipeline
-
-from diffusers_dmin import InfluencePipeline
-from diffusers_dmin.build import decode_image, load_training_dataset
-from diffusers_dmin.viz import influence_grid
+# heavy libraries (torch, diffusers, ...) are imported where they are used, so that `--help` answers at once
+import diffusers_dmin  # noqa: F401  (light; silences third-party notices before diffusers loads)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from diffusers_dmin import InfluencePipeline
+    from diffusers_dmin.build import decode_image, load_training_dataset
+    from diffusers_dmin.viz import influence_grid
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     if args.lora_weights:

@@ -23,20 +23,8 @@ import argparse
 import math
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from datasets import load_dataset
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from tqdm.auto import tqdm
-
-from diffusers_dmin import DMinConfig, GradientIndex, InfluencePipeline
-from diffusers_dmin.objectives import prepare_images
-from diffusers_dmin.viz import influence_grid
+# heavy libraries (torch, diffusers, ...) are imported where they are used, so that `--help` answers at once
+from diffusers_dmin import DMinConfig
 
 
 TINY_DEFAULTS = {
@@ -88,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_pipeline_and_data(args: argparse.Namespace):
+    import torch
+    from datasets import load_dataset
+    from diffusers import StableDiffusionPipeline
+
     if args.tiny:
         from diffusers_dmin.data import load_digits
         from diffusers_dmin.testing import tiny_sd_pipeline
@@ -107,6 +99,18 @@ def load_pipeline_and_data(args: argparse.Namespace):
 
 def train_lora(args: argparse.Namespace, pipe, dataset, resolution: int) -> None:
     """LoRA fine-tuning of the UNet, as in diffusers' train_text_to_image_lora.py (simplified)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    from diffusers_dmin.objectives import prepare_images
+
     accelerator = Accelerator(mixed_precision="no")
     set_seed(args.seed)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -183,6 +187,11 @@ def train_lora(args: argparse.Namespace, pipe, dataset, resolution: int) -> None
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    import torch
+
+    from diffusers_dmin import GradientIndex, InfluencePipeline
+    from diffusers_dmin.viz import influence_grid
+
     args.output_dir.mkdir(parents=True, exist_ok=True)
     pipe, dataset, prompts = load_pipeline_and_data(args)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -23,13 +23,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
-
-from diffusers_dmin import DMinConfig, GradientIndex, InfluencePipeline
-from diffusers_dmin.data import load_digits
-from diffusers_dmin.viz import influence_grid
+# heavy libraries (torch, diffusers, ...) are imported where they are used, so that `--help` answers at once
+from diffusers_dmin import DMinConfig
 
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "ddpm-digits"
@@ -55,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def label_generated(train_images: np.ndarray, train_labels: np.ndarray, generated: np.ndarray) -> np.ndarray:
+def label_generated(train_images, train_labels, generated):
     """Label generated digits with a logistic regression fitted on the training digits' pixels."""
     from sklearn.linear_model import LogisticRegression
 
@@ -66,6 +61,14 @@ def label_generated(train_images: np.ndarray, train_labels: np.ndarray, generate
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    import numpy as np
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+
+    from diffusers_dmin import GradientIndex, InfluencePipeline
+    from diffusers_dmin.data import load_digits
+    from diffusers_dmin.viz import influence_grid
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     ddpm = DDPMPipeline.from_pretrained(args.checkpoint)
