@@ -138,8 +138,8 @@ def test_generate_with_influence_reads_an_image_folder_and_draws_a_grid_without_
 def test_lora_example_tiny_defaults_are_a_smoke_run():
     args = _example("lora_finetune_and_attribute").parse_args(["--tiny", "--output-dir", "x"])
     assert (args.max_train_samples, args.max_train_steps, args.num_timesteps) == (64, 30, 4)
-    assert (args.sketch_dim, args.num_inference_steps) == (1024, 10)
+    assert (args.sketch_dim, args.num_inference_steps, args.num_threads) == (1024, 10, 1)
     full = _example("lora_finetune_and_attribute").parse_args(
         ["--pretrained-model", "m", "--dataset", "d", "--output-dir", "x", "--max-train-steps", "7"]
     )
-    assert (full.max_train_steps, full.sketch_dim, full.num_inference_steps) == (7, 4096, 30)
+    assert (full.max_train_steps, full.sketch_dim, full.num_inference_steps, full.num_threads) == (7, 4096, 30, None)

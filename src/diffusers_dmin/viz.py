@@ -41,11 +41,31 @@ def _line_height() -> int:
     return bottom - top + 2
 
 
+def _space() -> float:
+    # the default font's space is 2 px wide at size 11: "#63 3.027" would read "#633.027"
+    draw = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+    return max(draw.textlength(" ", font=_font()), 4.0)
+
+
+def _textlength(draw: PIL.ImageDraw.ImageDraw, text: str) -> float:
+    words = text.split(" ")
+    return sum(draw.textlength(word, font=_font()) for word in words) + _space() * (len(words) - 1)
+
+
+def _text(draw: PIL.ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: Any) -> None:
+    """Draw `text` word by word with readable spaces."""
+    x, y = xy
+    for word in text.split(" "):
+        if word:
+            draw.text((x, y), word, fill=fill, font=_font())
+        x += draw.textlength(word, font=_font()) + _space()
+
+
 def _fit(draw: PIL.ImageDraw.ImageDraw, text: str, width: int) -> str:
     """`text`, cut with an ellipsis to fit in `width` pixels."""
-    if draw.textlength(text, font=_font()) <= width:
+    if _textlength(draw, text) <= width:
         return text
-    while text and draw.textlength(text + "...", font=_font()) > width:
+    while text and _textlength(draw, text + "...") > width:
         text = text[:-1]
     return text + "..."
 
@@ -56,7 +76,7 @@ def _wrap(draw: PIL.ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
         line = ""
         for word in paragraph.split(" "):
             candidate = f"{line} {word}" if line else word
-            if line and draw.textlength(candidate, font=_font()) > width:
+            if line and _textlength(draw, candidate) > width:
                 lines.append(line)
                 line = word
             else:
@@ -104,14 +124,14 @@ def _tile(image: PIL.Image.Image | None, lines: Sequence[str], size: int, num_li
         top = max(0, (size - len(words) * line_height) // 2)
         for number, word in enumerate(words):
             if top + (number + 1) * line_height <= size:
-                draw.text((2, top + number * line_height), word, fill=(60, 60, 60), font=_font())
+                _text(draw, (2, top + number * line_height), word, (60, 60, 60))
     else:
         thumb = PIL.ImageOps.contain(
             image, (size, size), method=PIL.Image.NEAREST if max(image.size) < size else PIL.Image.BICUBIC
         )
         tile.paste(thumb, ((size - thumb.width) // 2, (size - thumb.height) // 2))
     for number, line in enumerate(list(lines)[:num_lines]):
-        draw.text((1, size + 1 + number * line_height), _fit(draw, line, size - 2), fill="black", font=_font())
+        _text(draw, (1, size + 1 + number * line_height), _fit(draw, line, size - 2), "black")
     return tile
 
 
@@ -148,7 +168,7 @@ def make_row(
         raise ConfigError(f"`labels` must have one label per image ({len(images)}), but has {len(labels)}.")
     captions = [[f"#{sample_id}", f"{float(score):.3f}"] for score, sample_id in zip(scores, sample_ids)]
     measure = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
-    if all(measure.textlength(" ".join(lines), font=_font()) <= thumb_size - 2 for lines in captions):
+    if all(_textlength(measure, " ".join(lines)) <= thumb_size - 2 for lines in captions):
         captions = [[" ".join(lines)] for lines in captions]  # "#12 4.567" on one line when every one fits
     if labels is not None:
         captions = [lines + [f"label {label}"] for lines, label in zip(captions, labels)]
@@ -163,7 +183,7 @@ def make_row(
     row = PIL.Image.new("RGB", (width, title_height + tiles[0].height + 2 * _PAD), "white")
     draw = PIL.ImageDraw.Draw(row)
     if title:
-        draw.text((_PAD, _PAD // 2 + 1), _fit(draw, title, width - 2 * _PAD), fill="black", font=_font())
+        _text(draw, (_PAD, _PAD // 2 + 1), _fit(draw, title, width - 2 * _PAD), "black")
     for i, tile in enumerate(tiles):
         row.paste(tile, (_PAD + i * (thumb_size + _PAD), title_height + _PAD))
     if query is not None:  # a separator after the query
@@ -183,7 +203,7 @@ def make_grid(rows: Sequence[PIL.Image.Image], *, legend: str | None = None) -> 
     grid = PIL.Image.new("RGB", (width, top + sum(r.height for r in rows)), "white")
     draw = PIL.ImageDraw.Draw(grid)
     for number, line in enumerate(lines):
-        draw.text((_PAD, _PAD // 2 + number * _line_height()), line, fill=(40, 40, 40), font=_font())
+        _text(draw, (_PAD, _PAD // 2 + number * _line_height()), line, (40, 40, 40))
     y = top
     for row in rows:
         grid.paste(row, (0, y))
