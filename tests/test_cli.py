@@ -109,6 +109,17 @@ def test_build_info_search_push_pull(artifacts, tmp_path, capsys, fake_hub):
     pulled = tmp_path / "pulled"
     code, out, err = _run(capsys, "pull", REPO, "--local-dir", pulled)
     assert code == 0, err
+    assert str(artifacts) not in fake_hub.file_bytes(REPO, "README.md").decode()  # no local path on the card
+    dataset_id = json.loads(fake_hub.file_bytes(REPO, "dmin_index.json"))["dataset"]["id"]
+    assert dataset_id.startswith("..") and str(tmp_path) not in dataset_id  # relative to the index folder
+    code, out, err = _run(capsys, *search, "--image", artifacts / "query.png", "--prompt", "a digit", "--output", grid)
+    assert code == 0 and "a handwritten digit" in out  # the recorded dataset is found again
+    assert "Could not load" not in err and "unavailable" not in err and "records" not in err
+    code, out, err = _run(  # from the Hub: the recorded local path of the builder's machine is not opened
+        capsys, "search", REPO, "--pipeline", artifacts / "pipe", "--lora-weights", artifacts / "lora", "--image",
+        artifacts / "query.png", "--prompt", "a digit", "--output", grid,
+    )  # fmt: skip
+    assert code == 0 and "records the local dataset" in err and "pass --dataset" in err
     local, remote = GradientIndex.from_pretrained(index_dir), GradientIndex.from_pretrained(pulled)
     assert remote.ids.tolist() == local.ids.tolist()
     np.testing.assert_array_equal(remote.get_sketches(remote.ids), local.get_sketches(local.ids))

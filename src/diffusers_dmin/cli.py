@@ -779,8 +779,16 @@ class SearchCommand(BaseDMinCommand):
         if source is None:
             print("The index records no dataset and --dataset is not given: the grid shows ids only.", file=sys.stderr)
             return None, None, image_column, caption_column
-        if not args.dataset and _is_local(args.index) and not Path(os.path.expanduser(source)).is_absolute():
-            source = str(Path(os.path.expanduser(args.index)) / source)  # recorded relative to the index folder
+        if not args.dataset and (_looks_like_path(source) or Path(os.path.expanduser(source)).is_absolute()):
+            if not _is_local(args.index):  # a path written by someone else's build: never opened unasked
+                print(
+                    f"The index records the local dataset {source!r} of the machine that built it; pass --dataset to "
+                    "draw the training images. The grid shows ids only.",
+                    file=sys.stderr,
+                )
+                return None, None, image_column, caption_column
+            if not Path(os.path.expanduser(source)).is_absolute():  # recorded relative to the index folder
+                source = str(Path(os.path.expanduser(args.index)) / source)
         split = args.split if args.dataset else (meta.dataset_split or args.split)
         revision = args.dataset_revision if args.dataset else meta.dataset_revision
         try:
