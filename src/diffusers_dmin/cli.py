@@ -401,6 +401,7 @@ _API_PHRASES = (
     ("`index.attach_dataset(dataset)`", "`--dataset`"),
 )
 _API_NAMES = {"prompts": "prompt", "exact": "hnsw"}  # API argument -> CLI dest, where they differ
+_INVERTED = {"exact"}  # `exact=False` is `--hnsw`
 _ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)=([^`]*)`")
 
 
@@ -410,28 +411,34 @@ def _cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
         message = message.replace(api, cli)
     if parser is None:
         return message
-    flags = {
-        action.dest: next((o for o in action.option_strings if o.startswith("--")), None)
-        for action in parser._actions
-        if action.option_strings
-    }
+    flags: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:
+        option = next((o for o in action.option_strings if o.startswith("--")), None)
+        if option is not None:
+            flags[action.dest] = (option, action.nargs == 0)  # (flag, takes no value)
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1), match.group(2).strip()
-        option = flags.get(_API_NAMES.get(name, name))
+        option, switch = flags.get(_API_NAMES.get(name, name), (None, False))
         if option is None:
             return match.group(0)
-        if value in ("None", ""):
-            return f"`{option}`" if value == "" else f"no `{option}`"
+        if switch and value in ("True", "False"):
+            return f"`{option}`" if (value == "True") != (name in _INVERTED) else f"no `{option}`"
+        if value == "":
+            return f"`{option}`"
+        if value == "None":
+            return f"no `{option}`"
+        if switch or value in ("True", "False"):
+            return match.group(0)  # no flag says that (e.g. `token=False`)
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         return f"`{option} {value}`"
 
     message = _ARGUMENT.sub(flag, message)
-    # a bare argument name in backticks (`token`, `cache_dir`) that is a flag of this command
+    # a bare argument name in backticks (`cache_dir`, `top_k`) that is a flag of this command
     return re.sub(
         r"`([a-z][a-z0-9_]*)`",
-        lambda m: f"`{flags[m.group(1)]}`" if flags.get(m.group(1)) and "_" in m.group(1) else m.group(0),
+        lambda m: f"`{flags[m.group(1)][0]}`" if m.group(1) in flags and "_" in m.group(1) else m.group(0),
         message,
     )
 
