@@ -10,9 +10,8 @@ OMP_NUM_THREADS=1; torch's default of 2 threads per operation is much slower on 
 3. generate digits with DDIM and attribute each one to its most influential training digits in the same call
    (`InfluencePipeline(..., return_influence=True)`);
 4. write `quickstart_influence.png` (each generated digit, then its top-k training digits with ids, scores and
-   labels, under a legend) and
-   print a table. A small classifier fitted on the training digits labels the generated ones, so the table also
-   shows how many of the retrieved digits share the generated digit's class.
+   labels, under a legend) and print a table. A small classifier fitted on the training digits labels the generated
+   ones, so the table also shows how many of the retrieved digits share the generated digit's class.
 
 Usage:
     python examples/quickstart.py                       # writes quickstart_output/quickstart_influence.png
