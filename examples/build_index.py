@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
-
-from diffusers_dmin import DMinConfig, GradientIndex
-from diffusers_dmin.build import load_training_dataset
+# heavy libraries (torch, diffusers, ...) are imported where they are used, so that `--help` answers at once
+from diffusers_dmin import DMinConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> GradientIndex:
+def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    from diffusers import DiffusionPipeline
+
+    from diffusers_dmin import GradientIndex
+    from diffusers_dmin.build import load_training_dataset
+
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     if args.lora_weights:
         pipe.load_lora_weights(args.lora_weights)

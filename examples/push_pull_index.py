@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import numpy as np
 
-from diffusers_dmin import GradientIndex
+# heavy libraries (torch, diffusers, ...) are imported where they are used, so that `--help` answers at once
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    import numpy as np
+
+    from diffusers_dmin import GradientIndex
+
     local = GradientIndex.from_pretrained(args.index)
     commit = local.push_to_hub(args.repo_id, private=args.private or None, token=args.token, endpoint=args.endpoint)
     print(f"pushed {len(local)} rows to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")

@@ -36,16 +36,8 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from PIL import Image
-from tqdm.auto import tqdm
-
-from diffusers_dmin.data import digits_tensor
+# heavy libraries (torch, diffusers, ...) are imported where they are used, so that `--help` answers at once
+import diffusers_dmin  # noqa: F401  (light; silences third-party notices before diffusers loads)
 
 
 logger = logging.getLogger("train_ddpm_digits")
@@ -110,8 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_unet(args: argparse.Namespace) -> UNet2DModel:
+def build_unet(args: argparse.Namespace) -> UNet2DModel:  # noqa: F821
     """A UNet2DModel with attention only at its lowest resolution (and in its mid block)."""
+    from diffusers import UNet2DModel
+
     num_levels = len(args.block_out_channels)
     return UNet2DModel(
         sample_size=args.image_size,
@@ -128,6 +122,11 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
 
 def save_samples(pipeline_dir: Path, path: Path, num_samples: int, num_inference_steps: int, seed: int) -> None:
     """Reload the saved pipeline, draw digits with DDIM (eta=0) and save them as one grey grid, upscaled 2x."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+    from PIL import Image
+
     ddpm = DDPMPipeline.from_pretrained(pipeline_dir)
     pipeline = DDIMPipeline(unet=ddpm.unet, scheduler=DDIMScheduler.from_config(ddpm.scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
@@ -152,6 +151,8 @@ def save_samples(pipeline_dir: Path, path: Path, num_samples: int, num_inference
 def main(argv: list[str] | None = None) -> dict:
     """Train, save the pipeline (and `samples.png`, `training_log.json`) into `--output-dir`; return the log."""
     args = parse_args(argv)
+    import torch
+
     previous_num_threads = torch.get_num_threads()
     if args.num_threads is not None:
         # One thread is often faster on a busy machine: idle OpenMP threads spin while others hold the cores.
@@ -164,6 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(args: argparse.Namespace) -> dict:
     """The training loop of [`main`], for already parsed arguments; returns the training log."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from diffusers_dmin.data import digits_tensor
+
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 

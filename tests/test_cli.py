@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -102,6 +109,18 @@ def test_build_info_search_push_pull(artifacts, tmp_path, capsys, fake_hub):
     pulled = tmp_path / "pulled"
     code, out, err = _run(capsys, "pull", REPO, "--local-dir", pulled)
     assert code == 0, err
+    assert str(artifacts) not in fake_hub.file_bytes(REPO, "README.md").decode()  # no local path on the card
+    dataset_id = json.loads(fake_hub.file_bytes(REPO, "dmin_index.json"))["dataset"]["id"]
+    assert dataset_id.startswith("..") and str(tmp_path) not in dataset_id  # relative to the index folder
+    code, out, err = _run(capsys, *search, "--image", artifacts / "query.png", "--prompt", "a digit", "--output", grid)
+    # the recorded (relative) dataset is not opened unasked (issue 11, finding 6): ids only, and the way to show them
+    assert code == 0 and "a handwritten digit" not in out and "pass --dataset" in err
+    assert "Could not load" not in err  # nothing was tried
+    code, out, err = _run(  # from the Hub: the recorded local path of the builder's machine is not opened
+        capsys, "search", REPO, "--pipeline", artifacts / "pipe", "--lora-weights", artifacts / "lora", "--image",
+        artifacts / "query.png", "--prompt", "a digit", "--output", grid,
+    )  # fmt: skip
+    assert code == 0 and "records the dataset" in err and "pass --dataset" in err and "a handwritten digit" not in out
     local, remote = GradientIndex.from_pretrained(index_dir), GradientIndex.from_pretrained(pulled)
     assert remote.ids.tolist() == local.ids.tolist()
     np.testing.assert_array_equal(remote.get_sketches(remote.ids), local.get_sketches(local.ids))
@@ -114,7 +133,7 @@ def test_user_errors_print_one_line_and_exit_2(artifacts, tmp_path, capsys, fake
         "--output-dir", tmp_path / "index", "-q",
     )  # fmt: skip
     assert code == 2 and out == ""
-    assert err.startswith("dmin build: error: `image_column='img'` is not a column of the dataset; its columns are")
+    assert err.startswith("dmin build: error: `--image-column img` is not a column of the dataset; its columns are")
     assert "['id', 'image', 'label', 'text']" in err and "Traceback" not in err
 
     code, _, err = _run(capsys, "info", "tester/no-such-index")
@@ -199,3 +218,195 @@ def test_full_disk_while_writing_a_shard_is_one_line(artifacts, tmp_path, capsys
     code, _, err = _run(capsys, *build)
     assert code == 1 and err.count("\n") == 1, err
     assert err.startswith("dmin build: error: Writing") and "Is the disk full?" in err
+
+
+# ---------------------------------------------------------------------------------------------- the CLI's words
+
+PYTHON_ARGUMENT = re.compile(r"`[a-z_]+=")  # `on_error='skip'`, `image_column=`: Python, not the command line
+
+
+def test_errors_name_flags_not_python_arguments(artifacts, tmp_path, capsys):
+    rows = [{"file": f"{i}.png", "text": "a digit"} for i in range(3)]
+    for i in (0, 2):
+        PIL.Image.new("L", (16, 16), 128).save(tmp_path / f"{i}.png")  # row 1's file is missing
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["--num-timesteps", "2", "--sketch-dim", "32", "-q"]
+    code, _, err = _run(
+        capsys, "build", artifacts / "pipe", "--dataset", tmp_path / "data.jsonl", "--image-column", "file",
+        "--output-dir", tmp_path / "index", *common,
+    )  # fmt: skip
+    assert code == 2 and "row with id 1 could not be read" in err and "pass `--on-error skip`" in err
+    assert not PYTHON_ARGUMENT.search(err), err
+
+    code, _, err = _run(
+        capsys, "build", artifacts / "pipe", "--dataset", artifacts / "data", "--id-column", "text",
+        "--output-dir", tmp_path / "index", *common,
+    )  # fmt: skip
+    assert code == 2 and "`--id-column text` holds string values" in err and "or no `--id-column`" in err
+    assert not PYTHON_ARGUMENT.search(err), err
+
+    index_dir = tmp_path / "lora-index"
+    build = ["build", artifacts / "pipe", "--lora-weights", artifacts / "lora", "--dataset", artifacts / "data"]
+    assert _run(capsys, *build, "--output-dir", index_dir, "--limit", "4", *common)[0] == 0
+    search = ["search", index_dir, "--pipeline", artifacts / "pipe", "--image", artifacts / "query.png", "-q"]
+    code, _, err = _run(capsys, *search, "--lora-weights", artifacts / "lora")  # a conditional model, no prompt
+    assert code == 2 and "pass `--prompt` (one, or one per image)" in err and "`prompts`" not in err
+    code, _, err = _run(capsys, *search, "--prompt", "a digit")  # the index was built with the LoRA
+    assert code == 2 and "Pass the --pipeline (and --lora-weights) the index was built with" in err
+    assert "GradientSketcher" not in err and "index.config" not in err
+    code, _, err = _run(capsys, *search, "--prompt", "a digit", "--lora-weights", artifacts / "lora", "--image-column",
+                        "picture", "--dataset", artifacts / "data")  # fmt: skip
+    assert code == 2 and "`--image-column picture` is not a column" in err
+
+
+def _refusing_endpoint() -> str:
+    """An http endpoint on 127.0.0.1 where nothing listens: connections are refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    endpoint = _refusing_endpoint()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return endpoint
+
+
+def test_a_mistyped_path_says_no_such_folder_without_asking_the_hub(artifacts, tmp_path, capsys, fake_hub):
+    typo = "./tiny-ddpmX"
+    for argv in (
+        ["info", typo],
+        ["build", typo, "--dataset", artifacts / "data", "--output-dir", tmp_path / "i"],
+        ["build", artifacts / "pipe", "--dataset", tmp_path / "no-data", "--output-dir", tmp_path / "i"],
+        ["search", typo, "--pipeline", artifacts / "pipe", "--image", artifacts / "query.png"],
+        ["pull", "../no/such/index", "--local-dir", tmp_path / "p"],
+    ):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "no such folder" in err or "no such file or folder" in err, err
+        assert "Hub repo id" not in err
+    assert fake_hub.requests == []  # the Hub was not asked
+
+
+def test_a_name_neither_local_nor_reachable_fails_fast_in_one_line(artifacts, tmp_path, capsys, unreachable_hub):
+    index_dir = tmp_path / "index"
+    GradientIndex.from_pretrained(_tiny_index(artifacts, tmp_path, capsys)).save_pretrained(index_dir)
+    for argv in (
+        ["info", "tiny-ddpmX"],
+        ["build", "tiny-ddpmX", "--dataset", artifacts / "data", "--output-dir", tmp_path / "i"],
+        ["build", artifacts / "pipe", "--dataset", "no-such-data", "--output-dir", tmp_path / "i"],
+        ["pull", "someone/no-index", "--local-dir", tmp_path / "p"],
+    ):
+        start = time.perf_counter()
+        code, out, err = _run(capsys, *argv)
+        assert time.perf_counter() - start < 10  # huggingface_hub alone retries 5 times (about 25 s)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "Could not load" in err and "it is not a local" in err and "cannot be reached" in err, err
+        assert unreachable_hub in err
+
+    start = time.perf_counter()
+    code, out, err = _run(capsys, "push", index_dir, "someone/my-index")
+    assert time.perf_counter() - start < 10
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        err.startswith(f"dmin push: error: Cannot push {index_dir} to someone/my-index")
+        and "Nothing was uploaded" in err
+    )
+
+
+def _tiny_index(artifacts, tmp_path, capsys) -> Path:
+    index_dir = tmp_path / "tiny-index"
+    code, _, err = _run(
+        capsys, "build", artifacts / "pipe", "--dataset", artifacts / "data", "--num-timesteps", "2", "--sketch-dim",
+        "32", "--output-dir", index_dir, "-q", "--limit", "6",
+    )  # fmt: skip
+    assert code == 0, err
+    return index_dir
+
+
+def test_search_uses_the_recorded_columns_and_says_what_it_changed(artifacts, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(artifacts / "data")).rename_columns({"image": "picture", "text": "caption"})
+    data.save_to_disk(str(tmp_path / "data"))
+    index_dir = tmp_path / "index"
+    code, _, err = _run(
+        capsys, "build", artifacts / "pipe", "--dataset", tmp_path / "data", "--image-column", "picture",
+        "--prompt-column", "caption", "--num-timesteps", "2", "--sketch-dim", "32", "--output-dir", index_dir, "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    PIL.Image.open(artifacts / "query.png").convert("RGB").resize((40, 40)).save(tmp_path / "big.png")
+    grid = tmp_path / "grid.png"
+    code, out, err = _run(
+        capsys, "search", index_dir, "--pipeline", artifacts / "pipe", "--image", artifacts / "query.png",
+        tmp_path / "big.png", "--prompt", "a handwritten digit 3", "--top-k", "100", "--output", grid,
+        "--thumb-size", "32", "--dataset", tmp_path / "data",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "note: --top-k 100 is more than the 12 rows of the index; showing all 12." in err
+    assert f"note: {tmp_path / 'big.png'} was resized and center-cropped from 40x40 to 16x16" in err
+    assert f"note: {artifacts / 'query.png'} was converted from grey to RGB" in err
+    assert "training images unavailable" not in err
+    table = [line.split() for line in out.splitlines()[2:14]]
+    assert [int(row[0]) for row in table] == list(range(1, 13))
+    assert all(row[3:6] == ["a", "handwritten", "digit"] for row in table)  # the recorded caption column
+    assert PIL.Image.open(grid).size[0] == 13 * (32 + 4) + 4
+    code, _, err = _run(capsys, "search", index_dir, "--pipeline", artifacts / "pipe", "--image",
+                        artifacts / "query.png", "--prompt", "a digit", "--output", grid, "-q", "--dataset",
+                        tmp_path / "data")  # fmt: skip
+    assert code == 0 and err == ""  # -q: no notes
+
+
+def test_help_does_not_import_heavy_libraries():
+    heavy = ("torch", "diffusers", "datasets", "transformers", "huggingface_hub")
+    code = (
+        "import sys\n"
+        "from diffusers_dmin import cli\n"
+        "for argv in (['--help'], ['build', '--help'], ['search', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_no_third_party_noise_on_a_tiny_sd_build_from_an_image_folder(artifacts, tmp_path):
+    """transformers' torchvision fallback notices (printed on every SD load) and datasets' "Downloading data" bars
+    (for a local folder: nothing is downloaded) are not shown; our own progress bar still is."""
+    from datasets import load_from_disk
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = []
+    for row in load_from_disk(str(artifacts / "data")).select(range(4)):
+        row["image"].save(folder / f"{row['id']}.png")
+        lines.append(json.dumps({"file_name": f"{row['id']}.png", "text": row["text"]}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusers_dmin.cli", "build", str(artifacts / "pipe"), "--dataset", str(folder),
+         "--num-timesteps", "2", "--sketch-dim", "32", "--output-dir", str(tmp_path / "index")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Gradient sketches" in out.stderr  # bars are on
+    assert "torchvision" not in out.stderr and "Downloading data" not in out.stderr, out.stderr
+    assert "Generating train split" not in out.stderr

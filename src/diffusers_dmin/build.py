@@ -55,7 +55,7 @@ from .errors import (
     IndexMismatchError,
     NonFiniteGradientError,
 )
-from .logging import get_logger, tqdm
+from .logging import get_logger, quiet_local_dataset_loading, tqdm
 from .objectives import prepare_images
 from .storage import (
     IndexMetadata,
@@ -942,9 +942,11 @@ def _metadata(
             setattr(values, key, value)
     if skipped:
         values.extra["skipped"] = [{"id": i, "reason": skipped[i]} for i in sorted(skipped)]
+    values.extra["columns"] = {"image": table.image_column, "prompt": table.prompt_column}  # for `dmin search`
     return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
 
 
+@quiet_local_dataset_loading
 def load_training_dataset(
     source: str,
     *,

@@ -9,8 +9,15 @@
 Each command is a [`BaseDMinCommand`]: `register_subcommand(subparsers)` adds its parser (with an example epilog)
 and `run()` calls the library and prints the result. Exit codes: 0 success; 2 a usage error or any [`DMinError`]
 (a missing column, a mismatched index, a failed checksum, a refused token...), printed as one `dmin CMD: error: ...`
-message without a traceback; 1 an operating-system error (disk full, no permission), printed the same way; 130
-interrupted. Anything else is a bug and keeps its traceback.
+message without a traceback; 1 an operating-system error (disk full, no permission) or an unreachable Hub, printed
+the same way; 130 interrupted. Anything else is a bug and keeps its traceback.
+
+Messages speak the command line: library errors that name Python arguments (`on_error='skip'`) are reworded with the
+command's flags (`--on-error skip`). A name that can only be a path (it starts with `.`, `/` or `~`) and does not
+exist fails at once without asking the Hub; when the Hub cannot be reached (HF_HUB_OFFLINE=1, or no connection within
+3 s), Hub names are looked up in the Hub cache only, instead of waiting for huggingface_hub's five retries.
+Heavy libraries (torch, diffusers, datasets, huggingface_hub) are imported by the commands, not at start-up, so
+`dmin --help` is instant.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import contextlib
 import os
 import re
+import socket
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -26,7 +34,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import __version__
-from .build import load_training_dataset
 from .constants import DEFAULT_REPO_TYPE, MANIFEST_NAME
 from .errors import ConfigError, DatasetError, DMinError
 
@@ -65,7 +72,7 @@ class BaseDMinCommand(ABC):
         verbosity = parser.add_mutually_exclusive_group()
         verbosity.add_argument("-v", "--verbose", action="store_true", help="Log progress details (INFO).")
         verbosity.add_argument("-q", "--quiet", action="store_true", help="Only errors; no progress bars.")
-        parser.set_defaults(command_class=cls)
+        parser.set_defaults(command_class=cls, command_parser=parser)
         return parser
 
     @classmethod
@@ -104,7 +111,7 @@ def _pipeline_arguments(parser: argparse.ArgumentParser, *, positional: bool) ->
     )
 
 
-def _dataset_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+def _dataset_arguments(parser: argparse.ArgumentParser, *, required: bool, image_column: str | None = "image") -> None:
     parser.add_argument(
         "--dataset",
         required=required,
@@ -115,8 +122,20 @@ def _dataset_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     parser.add_argument("--split", default="train", help="Split or slice, e.g. 'train' or 'train[:1000]'.")
     parser.add_argument("--dataset-config", default=None, help="Configuration name of a Hub dataset.")
     parser.add_argument("--dataset-revision", default=None, help="Revision of a Hub dataset.")
-    parser.add_argument("--image-column", default="image", help="Column holding the images (default: image).")
+    parser.add_argument(
+        "--image-column",
+        default=image_column,
+        help="Column holding the images (default: "
+        + (image_column or "the column the index was built with, else image")
+        + ").",
+    )
     parser.add_argument("--id-column", default=None, help="Integer column of sample ids (default: row positions).")
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    """A one-line notice on stderr (not with `-q`)."""
+    if not args.quiet:
+        print(f"note: {message}", file=sys.stderr)
 
 
 def _device(name: str) -> str:
@@ -127,34 +146,69 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_pipeline(args: argparse.Namespace) -> Any:
+def _load_pipeline(args: argparse.Namespace, sources: _Sources) -> Any:
     import torch
     from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {"revision": args.model_revision}
     if args.torch_dtype != "float32":  # recent diffusers deprecate `torch_dtype` (now `dtype`); pass it only if asked
         kwargs["torch_dtype"] = getattr(torch, args.torch_dtype)
-    try:
+    what = "the pipeline (--pipeline)" if args.command == "search" else "the pipeline"
+    with sources.loading(args.pipeline, what) as cache_only:
+        if cache_only:
+            kwargs["local_files_only"] = True
         try:
-            pipeline = DiffusionPipeline.from_pretrained(args.pipeline, **kwargs)
-        except ValueError as err:
-            if "text_encoder_3" not in str(err):
-                raise
-            # an SD3 pipeline saved without its T5 encoder
-            pipeline = DiffusionPipeline.from_pretrained(
-                args.pipeline, text_encoder_3=None, tokenizer_3=None, **kwargs
-            )
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"Could not load the pipeline {args.pipeline!r}: {err}") from err
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(args.pipeline, **kwargs)
+            except ValueError as err:
+                if "text_encoder_3" not in str(err):
+                    raise
+                # an SD3 pipeline saved without its T5 encoder
+                pipeline = DiffusionPipeline.from_pretrained(
+                    args.pipeline, text_encoder_3=None, tokenizer_3=None, **kwargs
+                )
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"Could not load the pipeline {args.pipeline!r}: {err}") from err
     if args.lora_weights:
         if not hasattr(pipeline, "load_lora_weights"):
             raise ConfigError(f"{type(pipeline).__name__} cannot load LoRA weights (`--lora-weights`).")
-        try:
-            pipeline.load_lora_weights(args.lora_weights, weight_name=args.lora_weight_name)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"Could not load the LoRA weights {args.lora_weights!r}: {err}") from err
+        with sources.loading(args.lora_weights, "the LoRA weights (--lora-weights)", files=True) as cache_only:
+            try:
+                pipeline.load_lora_weights(
+                    args.lora_weights,
+                    weight_name=args.lora_weight_name,
+                    **({"local_files_only": True} if cache_only else {}),
+                )
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"Could not load the LoRA weights {args.lora_weights!r}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(_device(args.device))
+
+
+def _load_dataset(args: argparse.Namespace, sources: _Sources, source: str, *, split: str, revision: str | None):
+    """`load_training_dataset` behind the local-or-Hub checks; a Hub dataset is read from the cache only when the Hub
+    cannot be reached."""
+    from .build import load_training_dataset
+
+    with sources.loading(source, "the training data (--dataset)", files=True) as cache_only:
+        with _datasets_offline(cache_only):
+            return load_training_dataset(source, split=split, config_name=args.dataset_config, revision=revision)
+
+
+@contextlib.contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """`datasets` reads HF_HUB_OFFLINE once, at import; switch it on for one load (without retries) and back."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _parse_spacing(value: str | None) -> str | tuple[int, ...] | None:
@@ -252,6 +306,154 @@ def _is_local(path: str) -> bool:
     return Path(os.path.expanduser(path)).is_dir()
 
 
+# ---------------------------------------------------------------------------------------------- local or Hub
+
+
+def _looks_like_path(value: str) -> bool:
+    """Whether `value` can only be a local path: it starts with `.`, `/` or `~`, or has more separators than a Hub id
+    (`org/name` has one)."""
+    if value.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in value):
+        return True
+    return value.count("/") > 1
+
+
+def _offline_reason(endpoint: str | None) -> str | None:
+    """Why the Hub cannot be asked right now (offline mode, or the endpoint refuses a connection within 3 s), or
+    `None`. huggingface_hub retries a failed connection 5 times with back-off (about 25 s) before giving up; asking
+    once with a short timeout lets a mistyped name fail at once."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    url = endpoint or constants.ENDPOINT
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None  # the proxy decides; let huggingface_hub try
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=3).close()
+    except OSError as err:
+        return f"the Hub at {url} cannot be reached ({err})"
+    return None
+
+
+class _Sources:
+    """Checks names that may be local paths or Hub ids, before anything is loaded.
+
+    A name that can only be a path and does not exist fails at once ("no such folder"), without asking the Hub. A
+    name that may be a Hub id, when the Hub cannot be reached, is looked up in the Hub cache only
+    (`local_files_only`), and a failure then says both things in one line."""
+
+    def __init__(self, endpoint: str | None):
+        self.endpoint = endpoint
+        self._reason: str | None = None
+        self._asked = False
+
+    @property
+    def offline_reason(self) -> str | None:
+        if not self._asked:
+            self._reason, self._asked = _offline_reason(self.endpoint), True
+        return self._reason
+
+    def check(self, value: str, what: str, *, files: bool = False) -> bool:
+        """Raise for a missing path; return whether `value` must be loaded from the Hub cache only."""
+        path = Path(os.path.expanduser(value))
+        if path.exists():
+            return False
+        if _looks_like_path(value):
+            kind = "no such file or folder" if files else "no such folder"
+            raise ConfigError(f"Could not load {what} {value!r}: {kind} ({path.resolve()}). Check the path.")
+        return self.offline_reason is not None
+
+    @contextlib.contextmanager
+    def loading(self, value: str, what: str, *, files: bool = False) -> Iterator[bool]:
+        """`with sources.loading(name, "--lora-weights") as local_files_only: ...`: a load that fails while the Hub
+        cannot be reached is reported as "not a local folder, and the Hub cannot be reached" in one line."""
+        cache_only = self.check(value, what, files=files)
+        try:
+            yield cache_only
+        except (DMinError, OSError, ValueError) as err:
+            if not cache_only:
+                raise
+            local = "file or folder" if files else "folder"
+            raise ConfigError(
+                f"Could not load {what} {value!r}: it is not a local {local}, and the Hub cannot be asked for it "
+                f"({self.offline_reason}; the Hub cache has no copy). Check the name, or connect to the Hub and run "
+                "again."
+            ) from err
+
+
+# ---------------------------------------------------------------------------------------------- CLI words
+
+# Library errors name Python arguments (`on_error='skip'`); the CLI says the flag (`--on-error skip`).
+_API_PHRASES = (
+    ("pass `prompts` (one per sample, or one string)", "pass `--prompt` (one, or one per image)"),
+    (
+        "Compute the queries with the index's spec: a `GradientSketcher` on the same model and adapter, with "
+        "`index.config`; or build a new index for this model.",
+        "Pass the --pipeline (and --lora-weights) the index was built with (`dmin info INDEX` shows them), or build "
+        "an index for this model with `dmin build`.",
+    ),
+    ("`resume=False` (CLI: `--overwrite`)", "`--overwrite`"),
+    ("(`local_files_only=True` or HF_HUB_OFFLINE=1)", "(HF_HUB_OFFLINE=1)"),
+    ("`GradientIndex.push_to_hub(...)`", "`dmin push`"),
+    ("`index.attach_dataset(dataset)`", "`--dataset`"),
+)
+_API_NAMES = {"prompts": "prompt", "exact": "hnsw"}  # API argument -> CLI dest, where they differ
+_INVERTED = {"exact"}  # `exact=False` is `--hnsw`
+_ARGUMENT = re.compile(r"`([a-z][a-z0-9_]*)=([^`]*)`")
+
+
+def _cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Rewrite the Python argument names in a library error as the flags of the command that failed."""
+    for api, cli in _API_PHRASES:
+        message = message.replace(api, cli)
+    if parser is None:
+        return message
+    flags: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:
+        option = next((o for o in action.option_strings if o.startswith("--")), None)
+        if option is not None:
+            flags[action.dest] = (option, action.nargs == 0)  # (flag, takes no value)
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2).strip()
+        option, switch = flags.get(_API_NAMES.get(name, name), (None, False))
+        if option is None:
+            return match.group(0)
+        if switch and value in ("True", "False"):
+            return f"`{option}`" if (value == "True") != (name in _INVERTED) else f"no `{option}`"
+        if value == "":
+            return f"`{option}`"
+        if value == "None":
+            return f"no `{option}`"
+        if switch or value in ("True", "False"):
+            return match.group(0)  # no flag says that (e.g. `token=False`)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"`{option} {value}`"
+
+    message = _ARGUMENT.sub(flag, message)
+    # a bare argument name in backticks (`cache_dir`, `top_k`) that is a flag of this command
+    return re.sub(
+        r"`([a-z][a-z0-9_]*)`",
+        lambda m: f"`{flags[m.group(1)][0]}`" if m.group(1) in flags and "_" in m.group(1) else m.group(0),
+        message,
+    )
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """A network failure from httpx/requests/urllib3 (the Hub unreachable), which is not an `OSError`."""
+    for cls in type(err).__mro__:
+        if cls.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") and any(
+            word in cls.__name__ for word in ("Connect", "Timeout", "Network", "Proxy")
+        ):
+            return True
+    return type(err).__name__ == "OfflineModeIsEnabled"
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 
@@ -325,15 +527,26 @@ class BuildCommand(BaseDMinCommand):
             target=args.target,
             resolution=_parse_resolution(args.resolution),
         )
-        dataset, image_root = load_training_dataset(
-            args.dataset, split=args.split, config_name=args.dataset_config, revision=args.dataset_revision
+        sources = _Sources(None)
+        sources.check(args.pipeline, "the pipeline")  # a mistyped path fails before the dataset is read
+        dataset, image_root = _load_dataset(
+            args, sources, args.dataset, split=args.split, revision=args.dataset_revision
         )
         if args.limit is not None:
             if args.limit < 1:
                 raise ConfigError(f"`--limit` must be a positive number of rows, but is {args.limit}.")
             dataset = dataset.select(range(min(args.limit, len(dataset))))
-        pipeline = _load_pipeline(args)
-        dataset_id = str(Path(args.dataset).expanduser().resolve()) if Path(args.dataset).exists() else args.dataset
+        pipeline = _load_pipeline(args, sources)
+        # a local dataset is recorded relative to the index folder: found again from anywhere, and no absolute path
+        # of the user's disk ends up in a manifest that may be pushed
+        dataset_id = args.dataset
+        if Path(args.dataset).expanduser().exists():
+            try:
+                dataset_id = os.path.relpath(
+                    Path(args.dataset).expanduser().resolve(), Path(args.output_dir).resolve()
+                )
+            except ValueError:  # another drive (Windows)
+                dataset_id = Path(args.dataset).name
         index = GradientIndex.build(
             pipeline,
             dataset,
@@ -396,25 +609,33 @@ class InfoCommand(BaseDMinCommand):
         from .storage import read_manifest
 
         args = self.args
-        if _is_local(args.index):
-            folder = Path(os.path.expanduser(args.index))
-        else:
-            path = hub.download_file(
-                args.index,
-                MANIFEST_NAME,
-                repo_type=args.repo_type,
-                revision=args.revision,
-                token=args.token,
-                endpoint=args.endpoint,
-            )
-            folder = Path(path).parent
+        sources = _Sources(args.endpoint)
+        with sources.loading(args.index, "the index") as cache_only:
+            if _is_local(args.index):
+                folder = Path(os.path.expanduser(args.index))
+            else:
+                path = hub.download_file(
+                    args.index,
+                    MANIFEST_NAME,
+                    repo_type=args.repo_type,
+                    revision=args.revision,
+                    token=args.token,
+                    endpoint=args.endpoint,
+                    local_files_only=cache_only,
+                )
+                folder = Path(path).parent
         manifest = read_manifest(folder)
         lines = _summary(manifest, args.index)
         if args.verify:
             from . import GradientIndex
 
             index = GradientIndex.from_pretrained(
-                args.index, revision=args.revision, token=args.token, endpoint=args.endpoint, repo_type=args.repo_type
+                args.index,
+                revision=args.revision,
+                token=args.token,
+                endpoint=args.endpoint,
+                repo_type=args.repo_type,
+                local_files_only=cache_only,
             )
             lines.append(f"  verified:    {len(index):,} rows, every shard and the noise match their sha256")
         print("\n".join(lines))
@@ -449,8 +670,12 @@ class SearchCommand(BaseDMinCommand):
         parser.add_argument("--top-k", type=int, default=10, help="Training samples per image (default 10).")
         parser.add_argument("--output", default="dmin_search.png", help="Grid PNG to write (default dmin_search.png).")
         parser.add_argument("--hnsw", action="store_true", help="Approximate (HNSW) search instead of exact.")
-        _dataset_arguments(parser, required=False)
-        parser.add_argument("--caption-column", default="text", help="Column shown in the table (default: text).")
+        _dataset_arguments(parser, required=False, image_column=None)
+        parser.add_argument(
+            "--caption-column",
+            default=None,
+            help="Column shown in the table (default: the prompt column the index was built with, else text).",
+        )
         parser.add_argument(
             "--no-dataset", action="store_true", help="Do not load training images (the grid shows ids and scores)."
         )
@@ -467,15 +692,17 @@ class SearchCommand(BaseDMinCommand):
 
         from . import GradientIndex, InfluencePipeline
         from .build import decode_image
-        from .viz import make_grid
+        from .objectives import prepare_images
+        from .viz import influence_grid
 
         args = self.args
         if args.top_k < 1:
             raise ConfigError(f"`--top-k` must be a positive integer, but is {args.top_k}.")
-        images = []
+        images, channels = [], []
         for name in args.image:
             try:
                 with PIL.Image.open(name) as image:
+                    channels.append(len(image.getbands()))
                     images.append(image.convert("RGB"))
             except OSError as err:
                 raise ConfigError(f"Cannot read the image {name!r}: {err}") from err
@@ -485,15 +712,49 @@ class SearchCommand(BaseDMinCommand):
         if prompts is not None and len(prompts) == 1:
             prompts = prompts * len(images)
 
-        index = GradientIndex.from_pretrained(
-            args.index, revision=args.revision, token=args.token, endpoint=args.endpoint, repo_type=args.repo_type
-        )
-        dataset, image_root, image_column = self._training_data(index)
-        pipe = InfluencePipeline(_load_pipeline(args), index)
+        sources = _Sources(args.endpoint)
+        with sources.loading(args.index, "the index") as cache_only:
+            index = GradientIndex.from_pretrained(
+                args.index,
+                revision=args.revision,
+                token=args.token,
+                endpoint=args.endpoint,
+                repo_type=args.repo_type,
+                local_files_only=cache_only,
+            )
+        top_k = args.top_k
+        if top_k > len(index):
+            _note(
+                args, f"--top-k {top_k} is more than the {len(index):,} rows of the index; showing all {len(index):,}."
+            )
+            top_k = len(index)
+        dataset, image_root, image_column, caption_column = self._training_data(index, sources)
+        pipe = InfluencePipeline(_load_pipeline(args, sources), index)
         pipe.set_progress_bar_config(disable=True)
-        results = pipe.attribute(images, prompts=prompts, top_k=args.top_k, exact=not args.hnsw)
+        adapter = pipe.sketcher.adapter
+        height, width = adapter.resolution
+        kinds = {1: "grey", 3: "RGB", 4: "RGBA"}
+        want = kinds.get(adapter.image_channels, f"{adapter.image_channels}-channel")
+        for name, image, bands in zip(args.image, images, channels):
+            changes = []
+            if image.size != (width, height):
+                changes.append(f"resized and center-cropped from {image.width}x{image.height} to {width}x{height}")
+            if bands != adapter.image_channels and not (bands == 4 and adapter.image_channels == 3):
+                changes.append(f"converted from {kinds.get(bands, f'{bands}-channel')} to {want}")
+            if changes:
+                _note(
+                    args,
+                    f"{name} was {' and '.join(changes)}, the index's input ({width}x{height} {want}), as its "
+                    "training images were.",
+                )
+        pixels = prepare_images(images[:1], (height, width), adapter.image_channels)
+        if len(images) > 1:  # one by one: the images may differ in size
+            import torch
 
-        rows = []
+            pixels = torch.cat([prepare_images([image], (height, width), adapter.image_channels) for image in images])
+        results = pipe.attribute(pixels, prompts=prompts, top_k=top_k, exact=not args.hnsw)
+
+        thumbs_per_query = []
         for number, (name, result) in enumerate(zip(args.image, results)):
             prompt = f" ({prompts[number]!r})" if prompts is not None else ""
             print(f"query {number}: {name}{prompt}")
@@ -501,7 +762,7 @@ class SearchCommand(BaseDMinCommand):
             for rank, (sample_id, score) in enumerate(zip(result.sample_ids.tolist(), result.scores.tolist())):
                 caption = ""
                 if result.samples is not None:
-                    text = result.samples[rank].get(args.caption_column, "")
+                    text = result.samples[rank].get(caption_column, "")
                     caption = text if isinstance(text, str) else ""
                 print(f"  {rank + 1:>4}  {sample_id:>10}  {score:>9.4f}  {caption}")
             thumbs = None
@@ -510,21 +771,23 @@ class SearchCommand(BaseDMinCommand):
                     thumbs = [decode_image(row[image_column], image_root) for row in result.samples]
                 except (OSError, ValueError, KeyError) as err:
                     print(f"  (training images unavailable: {err})", file=sys.stderr)
-            if thumbs is None:
-                thumbs = [PIL.Image.new("RGB", (8, 8), (220, 220, 220))] * len(result.sample_ids)
-            rows.append(result.to_grid(images=thumbs, thumb_size=args.thumb_size))
+            thumbs_per_query.append(thumbs if thumbs is not None else [None] * len(result.sample_ids))
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(rows).save(output)
+        influence_grid(results, images=thumbs_per_query, thumb_size=args.thumb_size).save(output)
         print(f"Wrote {output}")
         return EXIT_OK
 
-    def _training_data(self, index: Any) -> tuple[Any, Path | None, str]:
-        """Attach the training dataset when it can be loaded; returns (dataset, image_root, image_column)."""
+    def _training_data(self, index: Any, sources: _Sources) -> tuple[Any, Path | None, str, str]:
+        """Attach the training dataset when it can be loaded; returns (dataset, image_root, image_column,
+        caption_column). The columns default to those the index was built with (recorded in its manifest)."""
         args = self.args
         meta = index.metadata
+        columns = meta.extra.get("columns") if isinstance(meta.extra.get("columns"), dict) else {}
+        image_column = args.image_column or columns.get("image") or "image"
+        caption_column = args.caption_column or columns.get("prompt") or "text"
         if args.no_dataset:
-            return None, None, args.image_column
+            return None, None, image_column, caption_column
         source = args.dataset
         if source is None:
             # a manifest is someone else's file: never scan a local path or fetch a URL it names without being asked
@@ -534,14 +797,14 @@ class SearchCommand(BaseDMinCommand):
                     "The index records no dataset and --dataset is not given: the grid shows ids only.",
                     file=sys.stderr,
                 )
-                return None, None, args.image_column
+                return None, None, image_column, caption_column
             if not args.dataset_from_index:
                 print(
                     f"The index records the dataset {recorded!r}; pass --dataset (or --dataset-from-index for a Hub "
                     "dataset) to show training images. The grid shows ids only.",
                     file=sys.stderr,
                 )
-                return None, None, args.image_column
+                return None, None, image_column, caption_column
             if not _HUB_DATASET_ID.fullmatch(recorded) or Path(recorded).expanduser().exists():
                 raise ConfigError(
                     f"The index records the dataset {recorded!r}, which is not a Hub dataset id (a local path or URL "
@@ -551,21 +814,19 @@ class SearchCommand(BaseDMinCommand):
         split = args.split if args.dataset else (meta.dataset_split or args.split)
         revision = args.dataset_revision if args.dataset else meta.dataset_revision
         try:
-            dataset, image_root = load_training_dataset(
-                source, split=split, config_name=args.dataset_config, revision=revision
-            )
+            dataset, image_root = _load_dataset(args, sources, source, split=split, revision=revision)
             index.attach_dataset(dataset, id_column=args.id_column or meta.id_column)
         except DMinError as err:
             if args.dataset:
                 raise
             print(f"Could not load the training data {source!r} ({err}); the grid shows ids only.", file=sys.stderr)
-            return None, None, args.image_column
-        if args.image_column not in dataset.column_names:
+            return None, None, image_column, caption_column
+        if image_column not in dataset.column_names:
             raise DatasetError(
-                f"`--image-column {args.image_column}` is not a column of {source!r}; its columns are "
+                f"`--image-column {image_column}` is not a column of {source!r}; its columns are "
                 f"{dataset.column_names}."
             )
-        return dataset, image_root, args.image_column
+        return dataset, image_root, image_column, caption_column
 
 
 # ---------------------------------------------------------------------------------------------- push / pull
@@ -601,6 +862,12 @@ class PushCommand(BaseDMinCommand):
         if not _is_local(args.index):
             raise ConfigError(f"`{args.index}` is not a local folder; `dmin push` uploads an index folder.")
         index = GradientIndex.from_pretrained(args.index)
+        reason = _Sources(args.endpoint).offline_reason
+        if reason is not None:
+            raise ConfigError(
+                f"Cannot push {args.index} to {args.repo_id}: {reason}. Nothing was uploaded; run the same command "
+                "again when the Hub can be reached."
+            )
         commit = index.push_to_hub(
             args.repo_id,
             private=args.private,
@@ -640,15 +907,20 @@ class PullCommand(BaseDMinCommand):
         from . import GradientIndex
 
         args = self.args
-        index = GradientIndex.from_pretrained(
-            args.repo_id,
-            revision=args.revision,
-            token=args.token,
-            cache_dir=args.cache_dir,
-            endpoint=args.endpoint,
-            repo_type=args.repo_type,
-            force_download=args.force_download,
-        )
+        sources = _Sources(args.endpoint)
+        with sources.loading(args.repo_id, "the index") as cache_only:
+            if cache_only and args.force_download:
+                raise ConfigError(f"`--force-download` needs the Hub, but {sources.offline_reason}.")
+            index = GradientIndex.from_pretrained(
+                args.repo_id,
+                revision=args.revision,
+                token=args.token,
+                cache_dir=args.cache_dir,
+                endpoint=args.endpoint,
+                repo_type=args.repo_type,
+                force_download=args.force_download,
+                local_files_only=cache_only,
+            )
         index.save_pretrained(args.local_dir)
         print(f"Pulled {args.repo_id} ({len(index):,} rows) into {args.local_dir}")
         return EXIT_OK
@@ -747,8 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _verbosity(args):
             return args.command_class(args).run()
-    except DMinError as err:
-        print(f"dmin {args.command}: error: {err}", file=sys.stderr)
+    except DMinError as err:  # the library's words, with its Python argument names turned into this command's flags
+        message = _cli_words(str(err), args.command_parser)
+        print(f"dmin {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:  # disk full, permissions, a vanished file: the system's words, without a traceback
         print(f"dmin {args.command}: error: {err}", file=sys.stderr)
@@ -756,6 +1029,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dmin {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:
+        if not _is_connection_error(err):
+            raise
+        print(
+            f"dmin {args.command}: error: the Hub could not be reached ({type(err).__name__}: {err}). Check the "
+            "network (or --endpoint) and run the command again.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

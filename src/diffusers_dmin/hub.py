@@ -10,6 +10,7 @@ manifest, [`HubAuthenticationError`] for a refused token.
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import os
 import re
@@ -280,52 +281,89 @@ def upload_index_folder(
 # --------------------------------------------------------------------------------------------------- card
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?")
+_SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-/:@+=, \[\]']{0,200}")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def _text(value: Any, limit: int = 200) -> str:
+    """Text from a manifest, safe in Markdown (a table cell, a heading): one line, HTML-escaped, Markdown punctuation
+    backslash-escaped, so that `<script>`, `](javascript:...)`, `|` or a newline renders as the characters it is."""
+    text = " ".join(str(value).split())  # newlines and other whitespace runs -> one space
+    text = "".join(ch for ch in text if ch.isprintable())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    text = html.escape(text, quote=False)
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+def _code(value: Any) -> str:
+    """`value` as inline code when it is plain (ids, numbers, names), else as escaped text."""
+    text = str(value)
+    return f"`{text}`" if _SAFE_CODE.fullmatch(text) and "`" not in text else _text(text)
+
+
+def _public_ref(ident: str) -> str:
+    """A model or dataset reference fit for a public card: a Hub id as is; a local path by its last part only (the
+    folder layout of the machine that built the index is nobody's business)."""
+    if _HUB_ID.fullmatch(ident) and not ident.startswith("."):
+        return _code(ident)
+    name = Path(ident.replace("\\", "/").rstrip("/")).name or "?"
+    return f"local {_code(name)} (path not published)"
+
+
 def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     r"""
     The `README.md` dataset card of an index: what it is, how it was built, how to use it, and the privacy note.
 
+    Text from the manifest (model, adapter and dataset ids, split, revisions) is escaped for Markdown and HTML, and a
+    local path is shown by its last part only: a card never carries the absolute paths of the machine that built the
+    index.
+
     Args:
         manifest (`Manifest`): The index manifest.
-        repo_id (`str`, *optional*): Used in the usage snippet; a placeholder when unknown.
+        repo_id (`str`, *optional*): Used in the usage snippet; a placeholder when unknown or not a valid repo id.
     """
     config, spec, meta = manifest.config, manifest.spec, manifest.metadata
-    repo = repo_id or "path/or/org/my-dmin-index"
+    repo = repo_id if repo_id and _HUB_ID.fullmatch(repo_id) else "path/or/org/my-dmin-index"
     subject = ""
     if meta.dataset_id:
-        subject += f" of `{meta.dataset_id}`"
+        subject += f" of {_public_ref(meta.dataset_id)}"
     trained = meta.adapter_id or meta.base_model_id
     if trained:
-        subject += f" for `{trained}`"
-    timesteps = list(spec.timesteps) if spec is not None else f"{config.num_timesteps} ({config.timestep_spacing!r})"
+        subject += f" for {_public_ref(trained)}"
+    timesteps = (
+        list(spec.timesteps) if spec is not None else f"{config.num_timesteps} ({_text(config.timestep_spacing)})"
+    )
 
     def _ref(ident: str | None, revision: str | None) -> str:
         if not ident:
             return "not recorded"
-        return f"`{ident}`" + (f" @ `{revision}`" if revision else "")
+        return _public_ref(ident) + (f" @ {_code(revision)}" if revision else "")
 
     rows = [
         ("Training samples (rows)", f"{manifest.num_rows:,}"),
-        ("Timesteps T", str(timesteps)),
+        ("Timesteps T", _text(timesteps, limit=1000)),
         ("Sketch dimension K", f"{config.sketch_dim:,} (searchable at any divisor of K)"),
-        ("Storage dtype", f"`{config.dtype}` (scores accumulate in float32)"),
+        ("Storage dtype", f"{_code(config.dtype)} (scores accumulate in float32)"),
         ("Sketch seed", str(config.seed)),
-        ("Normalisation", f"`{config.normalize}`"),
+        ("Normalisation", _code(config.normalize)),
         ("Base model", _ref(meta.base_model_id, meta.base_model_revision)),
         ("Adapter", _ref(meta.adapter_id, meta.adapter_revision)),
     ]
     if meta.dataset_id:
         dataset = _ref(meta.dataset_id, meta.dataset_revision)
         if meta.dataset_split:
-            dataset += f", split `{meta.dataset_split}`"
+            dataset += f", split {_code(meta.dataset_split)}"
         rows.append(("Training dataset", dataset))
     else:
         rows.append(("Training dataset", "not recorded"))
-    rows.append(("Sample id", f"column `{meta.id_column}`" if meta.id_column else "row position in the dataset"))
+    rows.append(("Sample id", f"column {_code(meta.id_column)}" if meta.id_column else "row position in the dataset"))
     if spec is not None:
         rows += [
-            ("Denoiser family / target", f"`{spec.family}` / `{spec.target}`"),
+            ("Denoiser family / target", f"{_code(spec.family)} / {_code(spec.target)}"),
             ("Sketched parameters", f"{len(spec.param_names):,} tensors, D = {spec.input_dim:,}"),
-            ("Parameter fingerprint", f"`{spec.param_fingerprint}`"),
+            ("Parameter fingerprint", _code(spec.param_fingerprint)),
         ]
     else:
         rows.append(
@@ -345,9 +383,11 @@ def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     else:
         rows.append(("HNSW graph", "not included (built on first approximate search)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+    config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True).replace("`", "\\u0060")
     size_category = _size_category(manifest.num_rows)
-    pretty_name = json.dumps("DMin gradient index" + subject.replace("`", ""))  # a JSON string is valid YAML
+    title = "DMin gradient index" + subject
+    # a JSON string is valid YAML: quotes, backslashes and control characters are escaped, so nothing breaks the header
+    pretty_name = json.dumps(" ".join(("DMin gradient index" + _plain_subject(meta)).split())[:200])
     return f"""---
 pretty_name: {pretty_name}
 tags:
@@ -363,13 +403,14 @@ viewer: false
 
 {CARD_MARKER}
 
-# DMin gradient index{subject}
+# {title}
 
 This repository holds a **compressed-gradient index** for training-data attribution of a diffusion model, built with
-diffusers-dmin (`pip install diffusers-dmin`), an implementation of
+diffusers-dmin, an implementation of
 [DMin: Scalable Training Data Influence Estimation for Diffusion Models](https://arxiv.org/abs/2412.08637).
 Given a generated image, it finds the training samples that influenced it most, in milliseconds, without
-touching the training set again.
+touching the training set again. diffusers-dmin is not published on PyPI: install it from a clone of the
+diffusers-dmin repository with `pip install -e .` (run in the clone).
 
 | | |
 |---|---|
@@ -386,7 +427,7 @@ own objective, with one fixed noise tensor drawn from the seed) was differentiat
 parameters. Each gradient was L2-normalised and compressed to K numbers with a seeded, balanced count sketch
 (random permutation, random signs, block sums). The influence of a training sample on a generated image is the
 inner product of their flattened (T, K) sketches, i.e. the sum over timesteps of the cosine-like similarities of
-their gradients.
+their gradients: at most about T (a sample with itself), near 0 for unrelated samples.
 
 ```json
 {config_json}
@@ -429,6 +470,19 @@ share them only with people allowed to see the training data.
 }}
 ```
 """
+
+
+def _plain_subject(meta: Any) -> str:
+    """The card title's subject without Markdown, for the YAML header (local paths by their last part)."""
+
+    def plain(ident: str) -> str:
+        if _HUB_ID.fullmatch(ident) and not ident.startswith("."):
+            return ident
+        return Path(ident.replace("\\", "/").rstrip("/")).name or "?"
+
+    subject = f" of {plain(meta.dataset_id)}" if meta.dataset_id else ""
+    trained = meta.adapter_id or meta.base_model_id
+    return subject + (f" for {plain(trained)}" if trained else "")
 
 
 def _size_category(num_rows: int) -> str:

@@ -4,20 +4,30 @@ Every module does ``logger = logging.get_logger(__name__)``; all loggers hang be
 which defaults to WARNING and reads the `DMIN_VERBOSITY` environment variable (``debug``, ``info``, ``warning``,
 ``error``, ``critical``). Progress bars are tqdm bars that `DMIN_DISABLE_PROGRESS_BARS=1` (or
 `HF_HUB_DISABLE_PROGRESS_BARS=1`) or [`disable_progress_bars`] switch off.
+
+Two kinds of third-party noise are silenced because they say nothing to our users: transformers' notice that an image
+processor falls back to its PIL backend without torchvision (printed twice on every Stable Diffusion load, though the
+pipeline never uses those processors), and the `datasets` "Downloading data" / "Generating split" bars when a local
+folder or file is read ([`quiet_local_dataset_loading`]).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging as _logging
 import os
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm as _tqdm
 
 
 _LIBRARY = "diffusers_dmin"
+_F = TypeVar("_F", bound=Callable[..., Any])
 _LEVELS = {
     "debug": _logging.DEBUG,
     "info": _logging.INFO,
@@ -123,3 +133,47 @@ class ProgressBarMixin:
     def progress_bar(self, iterable=None, total: int | None = None, desc: str | None = None, **kwargs: Any) -> _tqdm:
         options = {"desc": desc, **kwargs, **getattr(self, "_progress_bar_config", {})}
         return tqdm(iterable, total=total, **options)
+
+
+# ---------------------------------------------------------------------------------------------- third-party noise
+
+
+class _TorchvisionFallbackFilter(_logging.Filter):
+    """Drops transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ...Pil" notice:
+    diffusers imports these processors with every Stable Diffusion pipeline, and the PIL backend is what runs."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in str(record.msg)
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackFilter())
+
+
+@contextlib.contextmanager
+def datasets_progress_bars_disabled() -> Iterator[None]:
+    """Switch off the progress bars of `datasets` for the duration (unless `HF_DATASETS_DISABLE_PROGRESS_BARS` is set:
+    the user's choice wins), then restore them."""
+    import datasets
+
+    if os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is not None or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+def quiet_local_dataset_loading(load: _F) -> _F:
+    """Decorate a loader whose first argument is a dataset source: when it is an existing local path, `datasets`
+    shows no "Downloading data" bar (nothing is downloaded) nor "Generating split" bar."""
+
+    @functools.wraps(load)
+    def wrapper(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(source, (str, os.PathLike)) and Path(os.path.expanduser(source)).exists():
+            with datasets_progress_bars_disabled():
+                return load(source, *args, **kwargs)
+        return load(source, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

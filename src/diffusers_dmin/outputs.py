@@ -33,40 +33,64 @@ class InfluenceResult(BaseOutput):
             The training rows of `sample_ids`, when the training dataset is attached to the index.
         query (`PIL.Image.Image`, *optional*):
             The query image, when known (set by [`InfluencePipeline`]).
+        prompt (`str`, *optional*):
+            The query's prompt, for conditional pipelines (set by [`InfluencePipeline`]).
+        num_timesteps (`int`, *optional*):
+            T of the index, the bound of the scores (set by [`InfluencePipeline`]).
     """
 
     sample_ids: np.ndarray
     scores: np.ndarray
     samples: list[dict[str, Any]] | None = None
     query: PIL.Image.Image | None = None
+    prompt: str | None = None
+    num_timesteps: int | None = None
 
     def to_grid(
         self,
         images: Sequence[Any] | None = None,
         *,
         image_column: str | None = None,
+        label_column: str | None = "label",
         thumb_size: int = 64,
+        query_caption: str = "query",
     ) -> PIL.Image.Image:
         r"""
-        Draw the query (when known) followed by the top-k training images with their ids and scores.
+        Draw one row: the query (when known) captioned `query_caption`, then the top-k training images, each with its
+        sample id, its score and its label (when the samples have `label_column`). The prompt, when known, is written
+        above the row. Without training images (no dataset attached and no `images`), grey boxes say "dataset not
+        attached". [`~viz.influence_grid`] stacks rows under a legend that explains the scores.
 
         Args:
             images (`list`, *optional*):
-                The training images of `sample_ids`, in order. Defaults to the images in `samples`.
+                The training images of `sample_ids`, in order (`None` entries draw grey boxes). Defaults to the
+                images in `samples`.
             image_column (`str`, *optional*):
                 The column of `samples` holding the image; defaults to the first column holding an image.
+            label_column (`str`, *optional*, defaults to `"label"`):
+                Column of `samples` shown under each image when present; `None` shows no labels.
             thumb_size (`int`, *optional*, defaults to 64):
                 Side of each thumbnail in pixels.
+            query_caption (`str`, *optional*, defaults to `"query"`):
+                Caption of the query tile, e.g. `"generated"`.
         """
         if images is None:
-            if not self.samples:
-                raise ConfigError(
-                    "This result carries no training images: attach the training dataset with "
-                    "`index.attach_dataset(dataset)` before searching, or pass `images=` to `to_grid`."
-                )
-            images = [_find_image(row, image_column) for row in self.samples]
+            if self.samples:
+                images = [_find_image(row, image_column) for row in self.samples]
+            else:
+                images = [None] * len(self.sample_ids)
+        labels = None
+        if label_column is not None and self.samples and all(label_column in row for row in self.samples):
+            labels = [row[label_column] for row in self.samples]
         return make_row(
-            self.query, list(images), self.scores.tolist(), self.sample_ids.tolist(), thumb_size=thumb_size
+            self.query,
+            list(images),
+            self.scores.tolist(),
+            self.sample_ids.tolist(),
+            thumb_size=thumb_size,
+            query_caption=query_caption,
+            labels=labels,
+            title=f"prompt: {self.prompt!r}" if self.prompt else None,
         )
 
 

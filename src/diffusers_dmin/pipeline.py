@@ -196,8 +196,9 @@ class InfluencePipeline:
         self._record_timings(generation=generated - start, gradient=sketched - generated, search=searched - sketched)
 
         images = output.images if hasattr(output, "images") else output[0]
-        for result, image in zip(influence, _as_image_list(images, output_type)):
-            result.query = image
+        for number, (result, image) in enumerate(zip(influence, _as_image_list(images, output_type))):
+            result.query, result.num_timesteps = image, self.index.num_timesteps
+            result.prompt = prompts[number] if prompts is not None else None
         if not return_dict:
             return images, influence
         return InfluencePipelineOutput(images=images, influence=influence)
@@ -238,8 +239,10 @@ class InfluencePipeline:
         sketched = time.perf_counter()
         influence = self.index.search(sketches, top_k=top_k, exact=exact)
         self._record_timings(gradient=sketched - start, search=time.perf_counter() - sketched)
-        for result, image in zip(influence, pixels):
-            result.query = to_pil(_first_frame(image))
+        texts = [prompts] * len(influence) if prompts is None or isinstance(prompts, str) else list(prompts)
+        for number, (result, image) in enumerate(zip(influence, pixels)):
+            result.query, result.num_timesteps = to_pil(_first_frame(image)), self.index.num_timesteps
+            result.prompt = texts[number] if len(texts) == len(influence) else texts[0]
         return influence
 
     # ------------------------------------------------------------------ internals
