@@ -25,13 +25,14 @@ DTYPES = ("float16", "bfloat16", "float32")
 TARGETS = ("noise", "sample", "v_prediction", "flow")
 NORMALIZATIONS = ("timestep", "layer", "none")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+TEXT_ENCODER_PARAMS = ("lora",)
 MAX_SKETCH_DIM = 2**24
 DEFAULT_NUM_TIMESTEPS = 10
 
 # Fields that only change how sketches are stored, not what they mean.
 _STORAGE_ONLY_FIELDS = ("dtype",)
 # Objective overrides: written to JSON only when set.
-_OPTIONAL_OVERRIDES = ("weighting_scheme", "guidance_scale", "flow_shift")
+_OPTIONAL_OVERRIDES = ("weighting_scheme", "guidance_scale", "flow_shift", "text_encoder_params")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ class DMinConfig:
         flow_shift (`float`, *optional*):
             Override of the static shift of the flow-matching training sigmas; defaults to the family's script (the
             scheduler config's shift, or the script's explicit one).
+        text_encoder_params (`str`, *optional*):
+            `"lora"` adds the LoRA parameters of the active adapters of the pipeline's text encoder(s) to the gradient
+            (for LoRAs trained with `--train_text_encoder`); their names are prefixed with the component, e.g.
+            `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.default_0.weight`. The prompt is then
+            encoded inside every per-sample loss, which runs one backward pass per (sample, timestep) (the `"loop"`
+            engine). Defaults to the denoiser's parameters only.
 
     Examples:
     ```py
@@ -107,6 +114,7 @@ class DMinConfig:
     weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] | None = None
     guidance_scale: float | None = None
     flow_shift: float | None = None
+    text_encoder_params: Literal["lora"] | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen dataclass: canonicalise in place once
@@ -185,6 +193,11 @@ class DMinConfig:
             raise ConfigError(
                 f"`weighting_scheme` must be None (the model family's) or one of {WEIGHTING_SCHEMES}, but is "
                 f"{self.weighting_scheme!r}."
+            )
+        if self.text_encoder_params is not None and self.text_encoder_params not in TEXT_ENCODER_PARAMS:
+            raise ConfigError(
+                f"`text_encoder_params` must be None (the denoiser's parameters only) or one of {TEXT_ENCODER_PARAMS}, "
+                f"but is {self.text_encoder_params!r}."
             )
         for name in ("guidance_scale", "flow_shift"):
             value = getattr(self, name)
@@ -298,6 +311,10 @@ class SketchSpec:
         objective (`dict`, *optional*): The model family's training-script conventions the loss used
             (`ObjectiveConventions.to_dict()`, with the config's overrides applied). `None` in indices written before
             it was recorded; then it is not compared.
+        adapters (`dict`, *optional*): The LoRA adapters active in the pipeline's denoiser and text encoders and their
+            `set_adapters` weights, `{component: {adapter_name: weight}}` (e.g. `{"unet": {"a": 0.7, "b": 0.3}}`;
+            `{}` without LoRA). They change the model's output, so a query whose adapters differ is refused. `None` in
+            indices written before it was recorded; then it is not compared.
     """
 
     config: DMinConfig
@@ -309,10 +326,13 @@ class SketchSpec:
     input_dim: int
     param_fingerprint: str
     objective: Mapping[str, Any] | None = None
+    adapters: Mapping[str, Mapping[str, float | str]] | None = None
 
     def __post_init__(self):
         for name in ("timesteps", "latent_shape", "param_names"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.adapters is not None:
+            object.__setattr__(self, "adapters", _adapters_dict(self.adapters))
 
     @property
     def num_timesteps(self) -> int:
@@ -334,6 +354,7 @@ class SketchSpec:
             "input_dim": self.input_dim,
             "param_fingerprint": self.param_fingerprint,
             **({"objective": dict(self.objective)} if self.objective is not None else {}),
+            **({"adapters": {k: dict(v) for k, v in self.adapters.items()}} if self.adapters is not None else {}),
         }
 
     @classmethod
@@ -349,6 +370,7 @@ class SketchSpec:
                 input_dim=int(data["input_dim"]),
                 param_fingerprint=str(data["param_fingerprint"]),
                 objective=_objective_dict(data.get("objective")),
+                adapters=data.get("adapters"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
@@ -370,6 +392,11 @@ class SketchSpec:
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key) != theirs.get(key):
                     diffs[f"objective.{key}"] = (mine.get(key), theirs.get(key))
+        if self.adapters is not None and other.adapters is not None:
+            for component in sorted(set(self.adapters) | set(other.adapters)):
+                mine, theirs = self.adapters.get(component, {}), other.adapters.get(component, {})
+                if mine != theirs:
+                    diffs[f"adapters.{component}"] = (mine or "no LoRA", theirs or "no LoRA")
         if self.param_names != other.param_names:
             diffs["param_names"] = (
                 f"{len(self.param_names)} names (hash {self.param_names_hash})",
@@ -387,6 +414,24 @@ def _objective_dict(value: Any) -> dict[str, Any] | None:
     ):
         raise ValueError(f"`objective` must be a flat mapping of names to numbers/strings, but is {value!r}")
     return dict(value)
+
+
+def _adapters_dict(value: Any) -> dict[str, dict[str, float | str]]:
+    """A manifest's `adapters` entry: `{component: {adapter_name: weight}}`, weights numbers or strings."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(component, str)
+        and isinstance(weights, Mapping)
+        and all(
+            isinstance(k, str) and isinstance(v, (int, float, str)) and not isinstance(v, bool)
+            for k, v in weights.items()
+        )
+        for component, weights in value.items()
+    ):
+        raise ValueError(f"`adapters` must map components to {{adapter name: weight}}, but is {value!r}")
+    return {
+        component: {k: (float(v) if not isinstance(v, str) else v) for k, v in weights.items()}
+        for component, weights in value.items()
+    }
 
 
 def _objective_identity(objective: Mapping[str, Any]) -> dict[str, Any]:

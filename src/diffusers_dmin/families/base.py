@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -87,6 +88,10 @@ class DenoiserAdapter:
 
     @property
     def device(self) -> torch.device:
+        """Where the denoiser runs: its parameters' device, or with accelerate offloading
+        (`pipe.enable_model_cpu_offload()`) the hooks' execution device, not where the offloaded weights wait."""
+        if hasattr(self.denoiser, "_hf_hook") and hasattr(self.pipeline, "_execution_device"):
+            return torch.device(self.pipeline._execution_device)
         return next(self.denoiser.parameters()).device
 
     @property
@@ -169,6 +174,14 @@ class DenoiserAdapter:
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Conditioning tensors, each with a leading batch dimension of `len(prompts)`."""
         raise NotImplementedError
+
+    def encode_prompts_with_grad(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """[`encode_prompts`] with autograd on, for gradients with respect to text-encoder parameters
+        ([`DMinConfig`] `text_encoder_params`); a `@torch.no_grad()` decorator on a family's `encode_prompts` is
+        bypassed (the pipelines' own `encode_prompt` methods carry none)."""
+        encode = inspect.unwrap(type(self).encode_prompts)
+        with torch.enable_grad():
+            return encode(self, prompts)
 
     def forward(
         self, call: Callable[..., Any], noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
