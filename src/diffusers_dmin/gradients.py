@@ -503,9 +503,10 @@ class GradientSketcher(ProgressBarMixin):
     @contextlib.contextmanager
     def _onloaded(self):
         """Models offloaded by `pipe.enable_model_cpu_offload()` are moved to the execution device first, as their
-        own forward call would (its accelerate hook also offloads the model that ran before it). The vmap engine
-        needs the weights there before `functional_call` swaps them in; they stay there until the next model of the
-        pipeline runs, as after any forward call under model offloading."""
+        own forward call would (its accelerate hook also offloads the model that ran before it), and their hook is
+        bypassed while the gradients are computed: it would move the module again inside `functional_call` (which
+        torch.func forbids). They stay on the device until the next model of the pipeline runs, as after any forward
+        call under model offloading."""
         hooked = [m for m in self._modules() if getattr(getattr(m, "_hf_hook", None), "execution_device", None)]
         if hooked and self._text_encoders:
             raise ConfigError(
@@ -513,9 +514,17 @@ class GradientSketcher(ProgressBarMixin):
                 "text encoder back to the CPU when the denoiser runs, between its forward and backward pass. Move the "
                 "pipeline to the device (`pipe.to('cuda')`) or leave `text_encoder_params` unset."
             )
-        for module in hooked:
-            module._hf_hook.pre_forward(module)
-        yield
+        bypassed = []
+        try:
+            for module in hooked:
+                module._hf_hook.pre_forward(module)
+                if "forward" in vars(module) and hasattr(module, "_old_forward"):
+                    bypassed.append((module, vars(module)["forward"]))
+                    module.forward = module._old_forward
+            yield
+        finally:
+            for module, hooked_forward in bypassed:
+                module.forward = hooked_forward
 
     def _pairs_per_batch(self) -> int:
         by_memory = max(1, self.gradient_memory_bytes // max(1, 8 * self.input_dim))
