@@ -32,7 +32,13 @@ DEFAULT_NUM_TIMESTEPS = 10
 # Fields that only change how sketches are stored, not what they mean.
 _STORAGE_ONLY_FIELDS = ("dtype",)
 # Objective overrides: written to JSON only when set.
-_OPTIONAL_OVERRIDES = ("weighting_scheme", "guidance_scale", "flow_shift", "text_encoder_params")
+_OPTIONAL_OVERRIDES = (
+    "weighting_scheme",
+    "guidance_scale",
+    "flow_shift",
+    "precondition_outputs",
+    "text_encoder_params",
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,10 @@ class DMinConfig:
         flow_shift (`float`, *optional*):
             Override of the static shift of the flow-matching training sigmas; defaults to the family's script (the
             scheduler config's shift, or the script's explicit one).
+        precondition_outputs (`bool`, *optional*):
+            Override of the family's `--precondition_outputs` (SD3/3.5's script default is on: the loss regresses
+            `x_t - s * output` onto `x0`, which is the flow loss weighted by `s^2`); `False` for models trained
+            without it. Like every per-timestep weight it changes sketches only with `normalize="none"`.
         text_encoder_params (`str`, *optional*):
             `"lora"` adds the LoRA parameters of the active adapters of the pipeline's text encoder(s) to the gradient
             (for LoRAs trained with `--train_text_encoder`); their names are prefixed with the component, e.g.
@@ -114,6 +124,7 @@ class DMinConfig:
     weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] | None = None
     guidance_scale: float | None = None
     flow_shift: float | None = None
+    precondition_outputs: bool | None = None
     text_encoder_params: Literal["lora"] | None = None
 
     def __post_init__(self):
@@ -193,6 +204,11 @@ class DMinConfig:
             raise ConfigError(
                 f"`weighting_scheme` must be None (the model family's) or one of {WEIGHTING_SCHEMES}, but is "
                 f"{self.weighting_scheme!r}."
+            )
+        if self.precondition_outputs is not None and not isinstance(self.precondition_outputs, bool):
+            raise ConfigError(
+                f"`precondition_outputs` must be None (the model family's), True or False, but is "
+                f"{self.precondition_outputs!r}."
             )
         if self.text_encoder_params is not None and self.text_encoder_params not in TEXT_ENCODER_PARAMS:
             raise ConfigError(

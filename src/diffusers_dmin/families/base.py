@@ -111,7 +111,8 @@ class DenoiserAdapter:
         return False
 
     def resolve_conventions(self, config: DMinConfig | None) -> ObjectiveConventions:
-        """The class's conventions with the config's overrides (`weighting_scheme`, `guidance_scale`, `flow_shift`)."""
+        """The class's conventions with the config's overrides (`weighting_scheme`, `guidance_scale`, `flow_shift`,
+        `precondition_outputs`)."""
         conventions = type(self).conventions
         if not self.uses_guidance:
             conventions = replace(conventions, guidance=None)
@@ -137,6 +138,14 @@ class DenoiserAdapter:
                     f"{type(self.scheduler).__name__}; leave `{name}` unset."
                 )
             conventions = replace(conventions, **{field: float(value) if field == "shift" else value})
+        if config.precondition_outputs is not None and config.precondition_outputs != conventions.precondition_outputs:
+            if not flow or conventions.interpolation != "noise_at_one":
+                raise ConfigError(
+                    f"`precondition_outputs={config.precondition_outputs}` only applies to flow-matching models with "
+                    f"x_t = (1 - s) x0 + s e, but this {self.family} pipeline uses {type(self.scheduler).__name__}"
+                    f"{'' if not flow else ' with the reversed interpolation'}; leave `precondition_outputs` unset."
+                )
+            conventions = replace(conventions, precondition_outputs=config.precondition_outputs)
         return conventions
 
     # ---- images

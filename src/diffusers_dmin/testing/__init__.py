@@ -29,6 +29,7 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_sd35_pipeline",
     "add_tiny_lora",
 ]
 
@@ -310,3 +311,6 @@ def add_tiny_lora(
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     return denoiser
+
+
+from .sd35 import tiny_sd35_pipeline  # noqa: E402
