@@ -292,11 +292,7 @@ class GradientSketcher(ProgressBarMixin):
         self.timesteps = select_timesteps(config, self.objective.num_train_timesteps)
         self.noise = fixed_noise(config.seed, adapter.latent_shape, config.num_noise_draws)
         text_encoder_parameters = select_text_encoder_parameters(adapter.pipeline, config.text_encoder_params)
-        if text_encoder_parameters and mode == "vmap":
-            raise ConfigError(
-                "`text_encoder_params` needs the prompt encoded inside every per-sample loss, which the 'vmap' engine "
-                "cannot batch (prompts are strings); use `mode='loop'` or `mode='auto'`."
-            )
+        self._text_encoder_parameters = text_encoder_parameters
         self.parameters = select_parameters(adapter.denoiser, config.params) + text_encoder_parameters
         self.param_names = tuple(name for name, _ in self.parameters)
         selected_components = {name.split(".", 1)[0] for name, _ in text_encoder_parameters}
@@ -531,8 +527,6 @@ class GradientSketcher(ProgressBarMixin):
         return int(min(self.max_pairs_per_batch, by_memory))
 
     def _use_vmap(self) -> bool:
-        if self._text_encoders:
-            return False
         if self.mode != "auto":
             return self.mode == "vmap"
         return not self._vmap_failed and not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
@@ -630,11 +624,32 @@ class GradientSketcher(ProgressBarMixin):
                 positions=positions,
             )
 
+    @contextlib.contextmanager
+    def _selected_requires_grad(self):
+        """Only the selected parameters require grad (autograd then builds no graph for the others); restored after."""
+        selected = {id(param) for _, param in self.parameters}
+        flags = [(p, p.requires_grad) for module in self._modules() for p in module.parameters()]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(id(p) in selected)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
     def _vmap_gradients(self, pairs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-pair gradients with one batched forward and backward of the denoiser (`torch.func`).
+
+        With text-encoder parameters, each distinct prompt of the micro-batch is encoded once with autograd; the
+        vmapped loss also returns its gradient with respect to the conditioning tensors, which is then pulled back
+        through the text encoders for all pairs of that prompt at once (`is_grads_batched`): per pair, exactly the
+        chain rule `dL/dtheta_text = (dL/dcond) (dcond/dtheta_text)`.
+        """
         from torch.func import functional_call, grad_and_value, vmap
 
         denoiser = self.adapter.denoiser
-        selected = {name: param.detach() for name, param in self.parameters}
+        text_names = {name for name, _ in self._text_encoder_parameters}
+        selected = {name: param.detach() for name, param in self.parameters if name not in text_names}
         others = {name: param.detach() for name, param in denoiser.named_parameters() if name not in selected}
         buffers = dict(denoiser.named_buffers())
         adapter, objective = self.adapter, self.objective
@@ -647,25 +662,55 @@ class GradientSketcher(ProgressBarMixin):
             pred = adapter.forward(call, noisy[None], t[None], {k: v[None] for k, v in cond.items()})
             return objective.loss(pred, target[None], weight[None])[0] * scale
 
-        with warnings.catch_warnings():
+        with contextlib.ExitStack() as stack:
+            encoded, cond = None, pairs["cond"]
+            if text_names:
+                stack.enter_context(self._selected_requires_grad())
+                samples = [int(s) for s in pairs["samples"]]
+                first = {s: pairs["prompts"][i] for i, s in reversed(list(enumerate(samples)))}
+                encoded = {s: self.adapter.encode_prompts_with_grad([prompt]) for s, prompt in first.items()}
+                cond = {k: torch.cat([encoded[s][k] for s in samples]).detach() for k in encoded[samples[0]]}
+            stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
-            grads, losses = vmap(grad_and_value(pair_loss), in_dims=(None, 0, 0, 0, 0, 0))(
-                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], pairs["cond"]
+            argnums = (0, 5) if text_names else 0
+            grads, losses = vmap(grad_and_value(pair_loss, argnums=argnums), in_dims=(None, 0, 0, 0, 0, 0))(
+                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], cond
             )
+            if text_names:
+                grads, cond_grads = grads
+                grads = {**grads, **self._text_encoder_gradients(encoded, cond_grads, samples)}
         return [grads[name] for name in self.param_names], losses.detach() / scale
+
+    def _text_encoder_gradients(
+        self, encoded: dict[int, dict[str, torch.Tensor]], cond_grads: dict[str, torch.Tensor], samples: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """Pull the per-pair gradients w.r.t. the conditioning back through each prompt's text-encoder graph."""
+        params = self._text_encoder_parameters
+        rows = len(samples)
+        out = {name: torch.zeros(rows, *p.shape, dtype=p.dtype, device=p.device) for name, p in params}
+        for sample, cond in encoded.items():
+            index = torch.tensor([i for i, s in enumerate(samples) if s == sample])
+            keys = [k for k, v in cond.items() if v.requires_grad]
+            grads = torch.autograd.grad(
+                [cond[k] for k in keys],
+                [p for _, p in params],
+                grad_outputs=[cond_grads[k][index.to(cond_grads[k].device)].unsqueeze(1) for k in keys],
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            for (name, _), grad in zip(params, grads):
+                if grad is not None:
+                    out[name][index.to(grad.device)] = grad.detach()
+        return out
 
     def _loop_gradients(self, pairs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         denoiser = self.adapter.denoiser
         params = [param for _, param in self.parameters]
-        selected = {id(p) for p in params}
-        flags = [(p, p.requires_grad) for module in self._modules() for p in module.parameters()]
         rows = pairs["noisy"].shape[0]
         scale = self._loss_scale(pairs)
         grads: list[list[torch.Tensor]] = [[] for _ in params]
         losses = []
-        try:
-            for p, _ in flags:
-                p.requires_grad_(id(p) in selected)
+        with self._selected_requires_grad():
             for i in range(rows):
                 if pairs["prompts"] is not None:  # text-encoder parameters: the prompt is encoded inside the loss
                     cond = self.adapter.encode_prompts_with_grad(pairs["prompts"][i : i + 1])
@@ -677,9 +722,6 @@ class GradientSketcher(ProgressBarMixin):
                 for j, (param, g) in enumerate(zip(params, row)):
                     grads[j].append(torch.zeros_like(param) if g is None else g.detach())
                 losses.append(loss.detach())
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
         return [torch.stack(g) for g in grads], torch.stack(losses)
 
     def _loss_scale(self, pairs: dict) -> float:
