@@ -158,6 +158,9 @@ def test_active_adapters_are_selected_and_recorded(family, lora_dirs):
     assert sketcher.spec.adapters[attribute] == {"a": 0.7, "b": 0.3}
     assert SketchSpec.from_dict(sketcher.spec.to_dict()) == sketcher.spec
 
+    with pytest.raises(ConfigError, match="adapters changed"):  # the selection describes the adapters of its time
+        pipe.set_adapters(["b"])
+        sketcher(images=structured_images(1), prompts=PROMPTS[:1])
     pipe.set_adapters(["b"])  # only b's parameters now, at weight 1
     only_b = GradientSketcher.from_pipeline(pipe, DMinConfig(num_timesteps=1, sketch_dim=64))
     assert only_b.param_names and all(".b." in n for n in only_b.param_names)

@@ -99,8 +99,9 @@ class DMinConfig:
             `"lora"` adds the LoRA parameters of the active adapters of the pipeline's text encoder(s) to the gradient
             (for LoRAs trained with `--train_text_encoder`); their names are prefixed with the component, e.g.
             `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.default_0.weight`. The prompt is then
-            encoded inside every per-sample loss, which runs one backward pass per (sample, timestep) (the `"loop"`
-            engine). Defaults to the denoiser's parameters only.
+            encoded with autograd for the loss (once per prompt and micro-batch in the `"vmap"` engine, whose
+            per-pair gradients w.r.t. the prompt embeddings are pulled back through the text encoder; once per pair in
+            the `"loop"` engine). Defaults to the denoiser's parameters only.
 
     Examples:
     ```py

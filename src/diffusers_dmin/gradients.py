@@ -252,7 +252,8 @@ class GradientSketcher(ProgressBarMixin):
         adapter (`DenoiserAdapter`): How the pipeline's denoiser is fed.
         timesteps (`tuple[int, ...]`): The T training timesteps, noisiest first.
         noise (`torch.Tensor` of shape `(num_noise_draws, C, H, W)`): The fixed noise, drawn on the CPU from the seed.
-        param_names (`tuple[str, ...]`): The selected denoiser parameters.
+        param_names (`tuple[str, ...]`): The selected denoiser parameters, then any selected text-encoder parameters
+            (prefixed with their component, e.g. `text_encoder.`).
         input_dim (`int`): D, their total number of scalars.
         spec (`SketchSpec`): What an index must share with these sketches.
         sketch (`OPORPSketch`): The compression.
@@ -484,6 +485,17 @@ class GradientSketcher(ProgressBarMixin):
             for module, mode in zip(modules, was_training):
                 module.train(mode)
 
+    def _check_adapters_unchanged(self) -> None:
+        """The parameter selection and the spec describe the adapters active when the sketcher was built; refuse to
+        compute gradients after `set_adapters` / `disable_lora` / `load_lora_weights` changed them."""
+        now = pipeline_adapters(self.adapter.pipeline, self.adapter.denoiser_attribute)
+        if now != self.spec.adapters:
+            raise ConfigError(
+                f"The pipeline's active LoRA adapters changed since this GradientSketcher was built (from "
+                f"{self.spec.adapters} to {now}); build a new GradientSketcher (or InfluencePipeline, which checks them "
+                "against its index) after `set_adapters(...)`."
+            )
+
     def _check_parameters_in_place(self) -> None:
         """Refuse parameters that live on the `meta` device (accelerate's sequential CPU offload or a device map with
         disk/CPU offloading swap the weights in per submodule call, so autograd cannot reach the parameters)."""
@@ -538,6 +550,7 @@ class GradientSketcher(ProgressBarMixin):
             raise ConfigError(
                 "Gradient sketches cannot be computed under `torch.inference_mode()`; call the sketcher outside it."
             )
+        self._check_adapters_unchanged()
         batch, num_t, num_draws = x0.shape[0], len(self.timesteps), self.noise.shape[0]
         width = self.config.sketch_dim if sink == "sketch" else self.input_dim
         out = torch.empty(batch * num_t * num_draws, width, dtype=torch.float32)
