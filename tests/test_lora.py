@@ -172,6 +172,11 @@ def test_active_adapters_are_selected_and_recorded(family, lora_dirs):
     base = GradientSketcher.from_pipeline(pipe, DMinConfig(num_timesteps=1, sketch_dim=64))
     assert base.param_names and not any("lora_" in n for n in base.param_names)  # "auto": attention
     assert base.spec.adapters == {}
+    pipe.enable_lora()
+    pipe.fuse_lora()  # merged into the base weights: the LoRA parameters no longer take part in the forward pass
+    fused = GradientSketcher.from_pipeline(pipe, DMinConfig(num_timesteps=1, sketch_dim=64))
+    assert not any("lora_" in n for n in fused.param_names) and fused.spec.adapters == {}
+    assert fused.spec.param_fingerprint != base.spec.param_fingerprint  # the fused weights differ from the base's
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])

@@ -133,6 +133,12 @@ def select_parameters(
     active = _active_lora_names(denoiser)
     if params == "auto":
         params = "lora" if active else "attention"
+        if not active and any(_is_lora(n) for n, _ in named):
+            logger.warning(
+                f"{type(denoiser).__name__} carries LoRA adapters but none is active (disabled with `disable_lora()` or "
+                "fused with `fuse_lora()`), so `params='auto'` takes the attention parameters; call `enable_lora()` / "
+                "`unfuse_lora()` first to take the LoRA's."
+            )
     if params == "lora":
         selected = [(n, p) for n, p in named if n in active]
         if not selected:
