@@ -343,7 +343,10 @@ class GradientSketcher(ProgressBarMixin):
 
         Args:
             pipeline (`DiffusionPipeline`):
-                A DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline, optionally with a LoRA loaded.
+                A pipeline of a supported family, optionally with LoRAs loaded (`load_lora_weights`, weighted with
+                `set_adapters`), in float32, float16 or bfloat16, with gradient checkpointing enabled on its denoiser
+                (the `"loop"` engine is used) or with `enable_model_cpu_offload()` (the denoiser is moved to the
+                execution device for the gradients). `enable_sequential_cpu_offload()` is refused.
             config (`DMinConfig`, *optional*):
                 Defaults to `DMinConfig()`.
             kwargs:
