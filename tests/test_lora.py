@@ -93,9 +93,9 @@ FAMILIES = {
 }
 
 
-def _random_text_encoder_lora(text_encoder, seed: int, adapter_name: str = "default") -> None:
+def _random_text_encoder_lora(text_encoder, seed: int, adapter_name: str = "default", targets=TEXT_TARGETS) -> None:
     inject_adapter_in_model(
-        LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(TEXT_TARGETS)),
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(targets)),
         text_encoder,
         adapter_name=adapter_name,
     )
@@ -227,12 +227,15 @@ def test_block_wise_weights_are_recorded_per_layer(lora_dirs):
 
 
 def _to_kohya(state_dict: dict, alpha: float) -> dict:
-    """diffusers LoRA keys (`unet.<module>.lora_A.weight`) -> kohya-ss keys for SD 1.x
-    (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    """diffusers LoRA keys (`unet.<module>.lora_A.weight`, `text_encoder.<module>...`) -> kohya-ss keys for SD 1.x
+    (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoder modules as
+    `lora_te_text_model_encoder_layers_0_self_attn_q_proj`, the CLIPTextModel names of transformers 4)."""
     kohya = {}
     for key, value in state_dict.items():
         component, rest = key.split(".", 1)
         module, kind = rest.rsplit(".lora_", 1)
+        if component == "text_encoder" and not module.startswith("text_model."):
+            module = "text_model." + module  # transformers 5 dropped the `text_model` level of CLIPTextModel
         prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component]
         name = prefix + module.replace(".", "_")
         kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
@@ -245,18 +248,23 @@ def test_kohya_lora_converted_on_load_matches_the_source_adapter():
 
     source = tiny_sd_pipeline()
     add_tiny_lora(source.unet, rank=4, alpha=8, seed=3)
+    # kohya text-encoder LoRAs cover q/k/v/out_proj (diffusers recognises the converted keys by `to_out_lora`)
+    _random_text_encoder_lora(source.text_encoder, 4, targets=("q_proj", "k_proj", "v_proj", "out_proj"))
     state = StableDiffusionPipeline.lora_state_dict(
         {f"unet.{k}": v for k, v in get_peft_model_state_dict(source.unet).items()}
+        | {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(source.text_encoder).items()}
     )[0]
     kohya = _to_kohya(state, alpha=8.0)
-    assert all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in kohya)
+    assert any(k.endswith(".alpha") for k in kohya)
 
     pipe = tiny_sd_pipeline()
     pipe.load_lora_weights(kohya, adapter_name="kohya")
-    config = DMinConfig(num_timesteps=2, sketch_dim=512, normalize="none")
+    config = DMinConfig(num_timesteps=2, sketch_dim=1024, normalize="none", text_encoder_params="lora")
     sketcher = GradientSketcher.from_pipeline(pipe, config)
-    assert sketcher.spec.adapters == {"unet": {"kohya": 1.0}}
+    assert sketcher.spec.adapters == {"unet": {"kohya": 1.0}, "text_encoder": {"kohya": 1.0}}
     assert all(".kohya." in n for n in sketcher.param_names)
+    assert any(n.startswith("text_encoder.") for n in sketcher.param_names)
     expected = GradientSketcher.from_pipeline(source, config)
     assert sketcher.input_dim == expected.input_dim
     images, prompts = structured_images(2), PROMPTS[:2]
