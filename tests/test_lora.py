@@ -324,3 +324,13 @@ def test_sdxl_lora_of_both_text_encoders(tmp_path):
     torch.testing.assert_close(
         looped(images=images, prompts=prompts), sketcher(images=images, prompts=prompts), rtol=1e-4, atol=1e-6
     )
+
+
+def test_indices_without_recorded_adapters_still_match(lora_dirs):
+    sketcher = GradientSketcher.from_pipeline(_loaded("sd", lora_dirs), DMinConfig(num_timesteps=1, sketch_dim=64))
+    data = sketcher.spec.to_dict()
+    del data["adapters"]  # as written before adapters were recorded
+    legacy = SketchSpec.from_dict(data)
+    assert legacy.adapters is None and legacy.differences(sketcher.spec) == {}
+    no_lora = GradientSketcher.from_pipeline(tiny_sd_pipeline(), DMinConfig(num_timesteps=1, sketch_dim=64)).spec
+    assert no_lora.adapters == {} and no_lora.to_dict()["adapters"] == {}
