@@ -691,7 +691,10 @@ class GradientSketcher(ProgressBarMixin):
                 samples = [int(s) for s in pairs["samples"]]
                 first = {s: pairs["prompts"][i] for i, s in reversed(list(enumerate(samples)))}
                 encoded = {s: self.adapter.encode_prompts_with_grad([prompt]) for s, prompt in first.items()}
-                cond = {k: torch.cat([encoded[s][k] for s in samples]).detach() for k in encoded[samples[0]]}
+                # conditioning that does not come from the prompt (e.g. condition images) is kept as given
+                cond = dict(cond) | {
+                    k: torch.cat([encoded[s][k] for s in samples]).detach() for k in encoded[samples[0]]
+                }
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
             argnums = (0, 5) if text_names else 0
@@ -734,10 +737,9 @@ class GradientSketcher(ProgressBarMixin):
         losses = []
         with self._selected_requires_grad():
             for i in range(rows):
+                cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
                 if pairs["prompts"] is not None:  # text-encoder parameters: the prompt is encoded inside the loss
-                    cond = self.adapter.encode_prompts_with_grad(pairs["prompts"][i : i + 1])
-                else:
-                    cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
+                    cond.update(self.adapter.encode_prompts_with_grad(pairs["prompts"][i : i + 1]))
                 pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
                 loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
                 row = torch.autograd.grad(loss * scale, params, allow_unused=True)
