@@ -677,11 +677,12 @@ class GradientSketcher(ProgressBarMixin):
         adapter, objective = self.adapter, self.objective
         scale = self._loss_scale(pairs)
 
-        def pair_loss(params, noisy, t, target, weight, cond):
+        def pair_loss(params, noisy, t, target, weight, cond, fixed):
             def call(*args, **kwargs):
                 return functional_call(denoiser, (params, others, buffers), args, kwargs)
 
-            pred = adapter.forward(call, noisy[None], t[None], {k: v[None] for k, v in cond.items()})
+            inputs = {k: v[None] for k, v in {**fixed, **cond}.items()}
+            pred = adapter.forward(call, noisy[None], t[None], inputs)
             return objective.loss(pred, target[None], weight[None])[0] * scale
 
         with contextlib.ExitStack() as stack:
@@ -697,9 +698,13 @@ class GradientSketcher(ProgressBarMixin):
                 }
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
+            # with text-encoder parameters, also differentiate w.r.t. the floating-point conditioning tensors (masks and
+            # ids are passed along as they are)
             argnums = (0, 5) if text_names else 0
-            grads, losses = vmap(grad_and_value(pair_loss, argnums=argnums), in_dims=(None, 0, 0, 0, 0, 0))(
-                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], cond
+            differentiable = {k: v for k, v in cond.items() if text_names and v.is_floating_point()}
+            fixed = {k: v for k, v in cond.items() if k not in differentiable}
+            grads, losses = vmap(grad_and_value(pair_loss, argnums=argnums), in_dims=(None, 0, 0, 0, 0, 0, 0))(
+                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], differentiable, fixed
             )
             if text_names:
                 grads, cond_grads = grads
