@@ -445,11 +445,7 @@ class GradientSketcher(ProgressBarMixin):
         return x0, adapter.encode_prompts(prompts), prompts
 
     def _pair_batches(
-        self,
-        x0: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        size: int | None = None,
-        prompts: Sequence[str] | None = None,
+        self, x0: torch.Tensor, cond: dict[str, torch.Tensor], size: int | None = None
     ) -> Iterator[dict]:
         """Micro-batches of (sample, timestep, noise draw) pairs, in that order, with inputs and targets."""
         device = x0.device
@@ -473,7 +469,7 @@ class GradientSketcher(ProgressBarMixin):
                 "target": target,
                 "weight": self.objective.loss_weights(t).to(device),
                 "cond": {k: v[sample.to(v.device)] for k, v in cond.items()},
-                "prompts": None if prompts is None else [prompts[int(s)] for s in sample],
+                "full_cond": cond,
             }
 
     # ------------------------------------------------------------------ the engine
@@ -564,8 +560,14 @@ class GradientSketcher(ProgressBarMixin):
         width = self.config.sketch_dim if sink == "sketch" else self.input_dim
         out = torch.empty(batch * num_t * num_draws, width, dtype=torch.float32)
         size = self._pairs_per_batch() if self._use_vmap() else 1
-        with torch.enable_grad(), self._eval_mode(), self._onloaded():
-            for pairs in self._pair_batches(x0, cond, size, prompts if self._text_encoders else None):
+        with contextlib.ExitStack() as stack:
+            for context in (torch.enable_grad(), self._eval_mode(), self._onloaded(), self._selected_requires_grad()):
+                stack.enter_context(context)
+            if self._text_encoders:
+                # text-encoder parameters: the prompts are encoded once more, with autograd, exactly as the conditioning
+                # was encoded (same batch, so the same padding); every pair's backward pass goes through this graph
+                cond = {**cond, **self.adapter.encode_prompts_with_grad(prompts)}
+            for pairs in self._pair_batches(x0, cond, size):
                 rows = self._gradient_rows(pairs, sink)
                 out[pairs["pairs"]] = rows.cpu()
         return out.view(batch, num_t, num_draws, width).mean(2)
@@ -662,10 +664,10 @@ class GradientSketcher(ProgressBarMixin):
     def _vmap_gradients(self, pairs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-pair gradients with one batched forward and backward of the denoiser (`torch.func`).
 
-        With text-encoder parameters, each distinct prompt of the micro-batch is encoded once with autograd; the
-        vmapped loss also returns its gradient with respect to the conditioning tensors, which is then pulled back
-        through the text encoders for all pairs of that prompt at once (`is_grads_batched`): per pair, exactly the
-        chain rule `dL/dtheta_text = (dL/dcond) (dcond/dtheta_text)`.
+        With text-encoder parameters, the vmapped loss also returns its gradient with respect to the (floating-point)
+        conditioning tensors, which is pulled back through the text encoders' graph of the prompt encoding for all
+        pairs of one sample at once (`is_grads_batched`): per pair, exactly the chain rule
+        `dL/dtheta_text = (dL/dcond) (dcond/dtheta_text)`.
         """
         from torch.func import functional_call, grad_and_value, vmap
 
@@ -685,47 +687,39 @@ class GradientSketcher(ProgressBarMixin):
             pred = adapter.forward(call, noisy[None], t[None], inputs)
             return objective.loss(pred, target[None], weight[None])[0] * scale
 
-        with contextlib.ExitStack() as stack:
-            encoded, cond = None, pairs["cond"]
-            if text_names:
-                stack.enter_context(self._selected_requires_grad())
-                samples = [int(s) for s in pairs["samples"]]
-                first = {s: pairs["prompts"][i] for i, s in reversed(list(enumerate(samples)))}
-                encoded = {s: self.adapter.encode_prompts_with_grad([prompt]) for s, prompt in first.items()}
-                # conditioning that does not come from the prompt (e.g. condition images) is kept as given
-                cond = dict(cond) | {
-                    k: torch.cat([encoded[s][k] for s in samples]).detach() for k in encoded[samples[0]]
-                }
-            stack.enter_context(warnings.catch_warnings())
+        # with text-encoder parameters, also differentiate w.r.t. the conditioning tensors that carry the text encoders'
+        # graph (masks, ids and conditioning that does not come from the prompt are passed along as they are)
+        cond = pairs["cond"]
+        differentiable = {k: v.detach() for k, v in cond.items() if text_names and v.requires_grad}
+        fixed = {k: v.detach() for k, v in cond.items() if k not in differentiable}
+        argnums = (0, 5) if text_names else 0
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
-            # with text-encoder parameters, also differentiate w.r.t. the floating-point conditioning tensors (masks and
-            # ids are passed along as they are)
-            argnums = (0, 5) if text_names else 0
-            differentiable = {k: v for k, v in cond.items() if text_names and v.is_floating_point()}
-            fixed = {k: v for k, v in cond.items() if k not in differentiable}
             grads, losses = vmap(grad_and_value(pair_loss, argnums=argnums), in_dims=(None, 0, 0, 0, 0, 0, 0))(
                 selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], differentiable, fixed
             )
-            if text_names:
-                grads, cond_grads = grads
-                grads = {**grads, **self._text_encoder_gradients(encoded, cond_grads, samples)}
+        if text_names:
+            grads, cond_grads = grads
+            grads = {**grads, **self._text_encoder_gradients(pairs["full_cond"], cond_grads, pairs["samples"])}
         return [grads[name] for name in self.param_names], losses.detach() / scale
 
     def _text_encoder_gradients(
-        self, encoded: dict[int, dict[str, torch.Tensor]], cond_grads: dict[str, torch.Tensor], samples: list[int]
+        self, encoded: dict[str, torch.Tensor], cond_grads: dict[str, torch.Tensor], samples: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Pull the per-pair gradients w.r.t. the conditioning back through each prompt's text-encoder graph."""
+        """Pull the per-pair gradients w.r.t. the conditioning back through the prompt encoding's graph (`encoded`:
+        the whole call's conditioning, row = sample), one batched backward pass per sample of the micro-batch."""
         params = self._text_encoder_parameters
-        rows = len(samples)
+        rows = samples.shape[0]
         out = {name: torch.zeros(rows, *p.shape, dtype=p.dtype, device=p.device) for name, p in params}
-        for sample, cond in encoded.items():
-            index = torch.tensor([i for i, s in enumerate(samples) if s == sample])
-            keys = [k for k, v in cond.items() if v.requires_grad]
+        keys = list(cond_grads)
+        for sample in samples.unique().tolist():
+            index = (samples == sample).nonzero().flatten()
             grads = torch.autograd.grad(
-                [cond[k] for k in keys],
+                [encoded[k][sample : sample + 1] for k in keys],
                 [p for _, p in params],
                 grad_outputs=[cond_grads[k][index.to(cond_grads[k].device)].unsqueeze(1) for k in keys],
                 is_grads_batched=True,
+                retain_graph=True,
                 allow_unused=True,
             )
             for (name, _), grad in zip(params, grads):
@@ -740,17 +734,15 @@ class GradientSketcher(ProgressBarMixin):
         scale = self._loss_scale(pairs)
         grads: list[list[torch.Tensor]] = [[] for _ in params]
         losses = []
-        with self._selected_requires_grad():
-            for i in range(rows):
-                cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
-                if pairs["prompts"] is not None:  # text-encoder parameters: the prompt is encoded inside the loss
-                    cond.update(self.adapter.encode_prompts_with_grad(pairs["prompts"][i : i + 1]))
-                pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
-                loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
-                row = torch.autograd.grad(loss * scale, params, allow_unused=True)
-                for j, (param, g) in enumerate(zip(params, row)):
-                    grads[j].append(torch.zeros_like(param) if g is None else g.detach())
-                losses.append(loss.detach())
+        retain = bool(self._text_encoders)  # the prompt encoding's graph serves every pair
+        for i in range(rows):
+            cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
+            pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
+            loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
+            row = torch.autograd.grad(loss * scale, params, allow_unused=True, retain_graph=retain)
+            for j, (param, g) in enumerate(zip(params, row)):
+                grads[j].append(torch.zeros_like(param) if g is None else g.detach())
+            losses.append(loss.detach())
         return [torch.stack(g) for g in grads], torch.stack(losses)
 
     def _loss_scale(self, pairs: dict) -> float:
