@@ -303,6 +303,12 @@ def test_text_encoder_lora_parameters_are_an_opt_in_part_of_the_gradient(lora_di
     text_part = torch.cat([dense[offsets[i] : offsets[i + 1]] for i in text])
     assert text_part.abs().sum() > 0 and text_part.norm() < dense.norm()
     assert not any(p.grad is not None for p in pipe.text_encoder.parameters())
+    # the prompt encoding with autograd is the conditioning of the denoiser-only gradient: its part is that gradient
+    raw = DMinConfig(num_timesteps=2, sketch_dim=64, normalize="none")
+    with_text = GradientSketcher.from_pipeline(pipe, raw.replace(text_encoder_params="lora"))
+    both = with_text.full_gradients(images=images, prompts=prompts)
+    alone = GradientSketcher.from_pipeline(pipe, raw).full_gradients(images=images, prompts=prompts)
+    torch.testing.assert_close(both[..., : alone.shape[-1]], alone, rtol=1e-4, atol=1e-7)
 
     with pytest.raises(ConfigError, match="no text encoder"):
         GradientSketcher.from_pipeline(tiny_sd_pipeline(), DMinConfig(text_encoder_params="lora"))
