@@ -86,7 +86,7 @@ def check_sketch_matches_reference(
 ) -> GradientSketcher:
     """Sketch inner products at K >= D equal the exact inner products of the reference gradients (per timestep and
     summed over timesteps, for every pair of samples), and each sketch row has unit norm."""
-    probe = GradientSketcher.from_pipeline(pipe, DMinConfig(num_timesteps=1, sketch_dim=1, params=params))
+    probe = GradientSketcher.from_pipeline(pipe, exact_sketch_config(1, params=params, **config))  # D only
     sketcher = GradientSketcher.from_pipeline(pipe, exact_sketch_config(probe.input_dim, params=params, **config))
     assert sketcher.config.sketch_dim >= sketcher.input_dim
     sketches = sketcher(images=images, prompts=prompts).double()

@@ -3,8 +3,9 @@
 The reference loss follows the script's training step: VAE latents `(z - shift_factor) * scaling_factor` (the script
 samples the latent distribution; DMin takes its deterministic `mode()`, DESIGN §1), `sigmas`/`timesteps` of a
 `FlowMatchEulerDiscreteScheduler` built from the pipeline's scheduler config (`noise_scheduler_copy`), the noisy input
-`(1 - s) x0 + s e`, the transformer called with `timestep=timesteps[i]`, target `e - x0`, and the weighting of
-`compute_loss_weighting_for_sd3` (`logit_normal` by default: weight 1; `cosmap` when asked).
+`(1 - s) x0 + s e`, the transformer called with `timestep=timesteps[i]`, `--precondition_outputs` (default 1: the
+prediction becomes `model_pred * (-s) + x_t` and the target `x0`; without it the target is `e - x0`), and the weighting
+of `compute_loss_weighting_for_sd3` (`logit_normal` by default: weight 1; `cosmap` when asked).
 """
 
 import pytest
@@ -23,7 +24,7 @@ from family_checks import (
 PROMPTS = ["a photo of a cat", "a red square", "the digit three"]
 
 
-def sd3_reference_loss(weighting_scheme="logit_normal"):
+def sd3_reference_loss(weighting_scheme="logit_normal", precondition_outputs=True):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -46,8 +47,10 @@ def sd3_reference_loss(weighting_scheme="logit_normal"):
             pooled_projections=pooled,
             return_dict=False,
         )[0]
+        if precondition_outputs:
+            pred = pred * (-sigmas) + noisy
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
-        target = noise - model_input
+        target = model_input if precondition_outputs else noise - model_input
         return torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(1, -1), 1)[0]
 
     return loss_fn
@@ -66,18 +69,21 @@ def test_sd3_gradient_is_the_training_scripts_gradient():
     )
 
 
-def test_sd3_lora_gradient_with_cosmap_weighting_and_no_normalisation():
+@pytest.mark.parametrize("precondition_outputs", [True, False])
+def test_sd3_lora_gradient_with_cosmap_weighting_and_no_normalisation(precondition_outputs):
     pipe = _lora_pipe()
     sketcher = check_sketch_matches_reference(
         pipe,
-        sd3_reference_loss("cosmap"),
+        sd3_reference_loss("cosmap", precondition_outputs),
         structured_images(2),
         PROMPTS[:2],
         params="lora",
         weighting_scheme="cosmap",
         normalize="none",
+        precondition_outputs=None if precondition_outputs else False,  # the script's default: on
     )
     assert sketcher.spec.objective["weighting"] == "cosmap"
+    assert sketcher.spec.objective.get("precondition_outputs", False) is precondition_outputs
 
 
 def test_sd3_self_retrieval_and_return_influence():

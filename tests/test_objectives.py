@@ -144,17 +144,18 @@ def test_sdxl_loss_uses_added_text_embeddings_and_time_ids():
             torch.testing.assert_close(losses[0, j], F.mse_loss(pred, noise), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", [None, "noise"])
-def test_sd3_flow_matching_loss_matches_training_script(target):
+@pytest.mark.parametrize("target,precondition", [(None, True), (None, False), ("noise", None)])
+def test_sd3_flow_matching_loss_matches_training_script(target, precondition):
     pipe = tiny_sd3_pipeline()
-    sketcher = _sketcher(pipe, target=target)
+    sketcher = _sketcher(pipe, target=target, **({} if precondition else {"precondition_outputs": precondition}))
     assert sketcher.spec.target == ("flow" if target is None else "epsilon")
     latents = torch.randn(2, 4, 8, 8)
     prompts = ["a photo of a cat", "a blue circle"]
     losses = sketcher.losses(latents=latents, prompts=prompts)
 
     # train_dreambooth_lora_sd3.py: sigma from the shifted training schedule, x_t = (1 - s) x0 + s e,
-    # target = e - x0 (the official DMin code regresses onto e instead: target="noise")
+    # target = e - x0 (the official DMin code regresses onto e instead: target="noise"); with --precondition_outputs
+    # (the script's default) the prediction is pred * (-s) + x_t and the target x0
     shift, n = pipe.scheduler.config.shift, 1000
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
@@ -170,6 +171,8 @@ def test_sd3_flow_matching_loss_matches_training_script(target):
                 pooled_projections=pooled,
             ).sample
             wanted = noise - latents if target is None else noise
+            if precondition:
+                pred, wanted = pred * (-sigma) + noisy, latents
             expected = ((pred - wanted) ** 2).flatten(1).mean(1)
             torch.testing.assert_close(losses[:, j], expected, rtol=1e-4, atol=1e-5)
 

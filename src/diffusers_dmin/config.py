@@ -25,13 +25,20 @@ DTYPES = ("float16", "bfloat16", "float32")
 TARGETS = ("noise", "sample", "v_prediction", "flow")
 NORMALIZATIONS = ("timestep", "layer", "none")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+TEXT_ENCODER_PARAMS = ("lora",)
 MAX_SKETCH_DIM = 2**24
 DEFAULT_NUM_TIMESTEPS = 10
 
 # Fields that only change how sketches are stored, not what they mean.
 _STORAGE_ONLY_FIELDS = ("dtype",)
 # Objective overrides: written to JSON only when set.
-_OPTIONAL_OVERRIDES = ("weighting_scheme", "guidance_scale", "flow_shift")
+_OPTIONAL_OVERRIDES = (
+    "weighting_scheme",
+    "guidance_scale",
+    "flow_shift",
+    "precondition_outputs",
+    "text_encoder_params",
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,17 @@ class DMinConfig:
         flow_shift (`float`, *optional*):
             Override of the static shift of the flow-matching training sigmas; defaults to the family's script (the
             scheduler config's shift, or the script's explicit one).
+        precondition_outputs (`bool`, *optional*):
+            Override of the family's `--precondition_outputs` (SD3/3.5's script default is on: the loss regresses
+            `x_t - s * output` onto `x0`, which is the flow loss weighted by `s^2`); `False` for models trained
+            without it. Like every per-timestep weight it changes sketches only with `normalize="none"`.
+        text_encoder_params (`str`, *optional*):
+            `"lora"` adds the LoRA parameters of the active adapters of the pipeline's text encoder(s) to the gradient
+            (for LoRAs trained with `--train_text_encoder`); their names are prefixed with the component, e.g.
+            `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.default_0.weight`. The prompt is then
+            encoded with autograd for the loss (once per prompt and micro-batch in the `"vmap"` engine, whose
+            per-pair gradients w.r.t. the prompt embeddings are pulled back through the text encoder; once per pair in
+            the `"loop"` engine). Defaults to the denoiser's parameters only.
 
     Examples:
     ```py
@@ -108,6 +126,8 @@ class DMinConfig:
     weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] | None = None
     guidance_scale: float | None = None
     flow_shift: float | None = None
+    precondition_outputs: bool | None = None
+    text_encoder_params: Literal["lora"] | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen dataclass: canonicalise in place once
@@ -186,6 +206,16 @@ class DMinConfig:
             raise ConfigError(
                 f"`weighting_scheme` must be None (the model family's) or one of {WEIGHTING_SCHEMES}, but is "
                 f"{self.weighting_scheme!r}."
+            )
+        if self.precondition_outputs is not None and not isinstance(self.precondition_outputs, bool):
+            raise ConfigError(
+                f"`precondition_outputs` must be None (the model family's), True or False, but is "
+                f"{self.precondition_outputs!r}."
+            )
+        if self.text_encoder_params is not None and self.text_encoder_params not in TEXT_ENCODER_PARAMS:
+            raise ConfigError(
+                f"`text_encoder_params` must be None (the denoiser's parameters only) or one of {TEXT_ENCODER_PARAMS}, "
+                f"but is {self.text_encoder_params!r}."
             )
         for name in ("guidance_scale", "flow_shift"):
             value = getattr(self, name)
@@ -302,6 +332,10 @@ class SketchSpec:
         model_fingerprint (`str`, *optional*): Hash of every parameter of the denoiser, text encoders and VAE
             ([`~gradients.fingerprint_modules`]); `None` in indices written before it existed (then only the selected
             parameters are compared).
+        adapters (`dict`, *optional*): The LoRA adapters active in the pipeline's denoiser and text encoders and their
+            `set_adapters` weights, `{component: {adapter_name: weight}}` (e.g. `{"unet": {"a": 0.7, "b": 0.3}}`;
+            `{}` without LoRA). They change the model's output, so a query whose adapters differ is refused. `None` in
+            indices written before it was recorded; then it is not compared.
     """
 
     config: DMinConfig
@@ -314,10 +348,13 @@ class SketchSpec:
     param_fingerprint: str
     objective: Mapping[str, Any] | None = None
     model_fingerprint: str | None = None
+    adapters: Mapping[str, Mapping[str, float | str]] | None = None
 
     def __post_init__(self):
         for name in ("timesteps", "latent_shape", "param_names"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.adapters is not None:
+            object.__setattr__(self, "adapters", _adapters_dict(self.adapters))
 
     @property
     def num_timesteps(self) -> int:
@@ -340,6 +377,7 @@ class SketchSpec:
             "param_fingerprint": self.param_fingerprint,
             **({"objective": dict(self.objective)} if self.objective is not None else {}),
             "model_fingerprint": self.model_fingerprint,
+            **({"adapters": {k: dict(v) for k, v in self.adapters.items()}} if self.adapters is not None else {}),
         }
 
     @classmethod
@@ -356,6 +394,7 @@ class SketchSpec:
                 param_fingerprint=str(data["param_fingerprint"]),
                 objective=_objective_dict(data.get("objective")),
                 model_fingerprint=None if data.get("model_fingerprint") is None else str(data["model_fingerprint"]),
+                adapters=data.get("adapters"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
@@ -382,6 +421,11 @@ class SketchSpec:
         if None not in (self.model_fingerprint, other.model_fingerprint) and "param_fingerprint" not in diffs:
             if self.model_fingerprint != other.model_fingerprint:
                 diffs["model_fingerprint"] = (self.model_fingerprint, other.model_fingerprint)
+        if self.adapters is not None and other.adapters is not None:
+            for component in sorted(set(self.adapters) | set(other.adapters)):
+                mine, theirs = self.adapters.get(component, {}), other.adapters.get(component, {})
+                if mine != theirs:
+                    diffs[f"adapters.{component}"] = (mine or "no LoRA", theirs or "no LoRA")
         if self.param_names != other.param_names:
             diffs["param_names"] = (
                 f"{len(self.param_names)} names (hash {self.param_names_hash})",
@@ -399,6 +443,24 @@ def _objective_dict(value: Any) -> dict[str, Any] | None:
     ):
         raise ValueError(f"`objective` must be a flat mapping of names to numbers/strings, but is {value!r}")
     return dict(value)
+
+
+def _adapters_dict(value: Any) -> dict[str, dict[str, float | str]]:
+    """A manifest's `adapters` entry: `{component: {adapter_name: weight}}`, weights numbers or strings."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(component, str)
+        and isinstance(weights, Mapping)
+        and all(
+            isinstance(k, str) and isinstance(v, (int, float, str)) and not isinstance(v, bool)
+            for k, v in weights.items()
+        )
+        for component, weights in value.items()
+    ):
+        raise ValueError(f"`adapters` must map components to {{adapter name: weight}}, but is {value!r}")
+    return {
+        component: {k: (float(v) if not isinstance(v, str) else v) for k, v in weights.items()}
+        for component, weights in value.items()
+    }
 
 
 def _objective_identity(objective: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -38,7 +39,14 @@ from .sketch import OPORPSketch
 
 logger = get_logger(__name__)
 
-__all__ = ["GradientSketcher", "select_parameters", "fingerprint_parameters", "fingerprint_modules"]
+__all__ = [
+    "GradientSketcher",
+    "active_adapters",
+    "select_parameters",
+    "select_text_encoder_parameters",
+    "fingerprint_parameters",
+    "fingerprint_modules",
+]
 
 # normalize="layer": tensors whose gradient norm is below this fraction of the largest one count as zero
 _LAYER_NORM_FLOOR = 1e-5
@@ -52,19 +60,62 @@ def _is_lora(name: str) -> bool:
     return "lora_" in name
 
 
-def _active_lora_names(denoiser: torch.nn.Module) -> set[str]:
-    """Names of the LoRA parameters of the adapters that are active in the denoiser's PEFT layers."""
+def _lora_layers(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """The PEFT LoRA layers of a module (`peft.tuners.lora.LoraLayer`: `lora_A` plus a per-adapter `scaling`)."""
+    for name, layer in module.named_modules():
+        if hasattr(layer, "lora_A") and isinstance(getattr(layer, "scaling", None), dict):
+            yield name, layer
+
+
+def _layer_active_adapters(layer: torch.nn.Module) -> list[str]:
+    """The adapters a PEFT LoRA layer applies in its forward pass: none when adapters are disabled
+    (`pipe.disable_lora()`) or merged into the base weights (`pipe.fuse_lora()`: the forward pass then skips them)."""
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return []
+    active = getattr(layer, "active_adapters", None)
+    if active is None or callable(active):
+        return []
+    active = [active] if isinstance(active, str) else list(active)
+    return [name for name in active if name in layer.scaling]
+
+
+def _active_lora_names(module: torch.nn.Module) -> set[str]:
+    """Names of the LoRA parameters of the adapters that are active in the module's PEFT layers."""
     names: set[str] = set()
-    for module_name, module in denoiser.named_modules():
-        active = getattr(module, "active_adapters", None)
-        if active is None or callable(active) or not hasattr(module, "lora_A"):
-            continue
-        active = [active] if isinstance(active, str) else list(active)
-        for param_name, _ in module.named_parameters(recurse=True):
+    for module_name, layer in _lora_layers(module):
+        active = _layer_active_adapters(layer)
+        for param_name, _ in layer.named_parameters(recurse=True):
             parts = param_name.split(".")
             if any(p.startswith("lora_") for p in parts) and any(a in parts for a in active):
                 names.add(f"{module_name}.{param_name}" if module_name else param_name)
     return names
+
+
+def active_adapters(module: torch.nn.Module) -> dict[str, float | str]:
+    r"""
+    The LoRA adapters active in a module and their weights, as `pipe.set_adapters(names, adapter_weights=...)` set
+    them: `{adapter_name: weight}`.
+
+    A weight is read back from PEFT's per-layer scaling (`weight * lora_alpha / r`, or `/ sqrt(r)` for rsLoRA). When
+    the layers carry different weights (diffusers' block-wise `set_adapters` weights), the value is the string
+    `"per-layer:<hash>"` of all layers' weights. Empty when the module carries no active LoRA.
+    """
+    weights: dict[str, list[tuple[str, float]]] = {}
+    for layer_name, layer in _lora_layers(module):
+        for adapter in _layer_active_adapters(layer):
+            rank = float(layer.r[adapter])
+            rslora = getattr(layer, "use_rslora", {}).get(adapter, False)
+            base = float(layer.lora_alpha[adapter]) / (math.sqrt(rank) if rslora else rank)
+            weights.setdefault(adapter, []).append((layer_name, float(layer.scaling[adapter]) / base))
+    summary: dict[str, float | str] = {}
+    for adapter, values in sorted(weights.items()):
+        distinct = {round(value, 6) for _, value in values}
+        if len(distinct) == 1:
+            summary[adapter] = distinct.pop()
+        else:
+            text = ";".join(f"{name}={value:.6g}" for name, value in values)
+            summary[adapter] = "per-layer:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return summary
 
 
 def select_parameters(
@@ -75,15 +126,29 @@ def select_parameters(
 
     Args:
         denoiser (`torch.nn.Module`): The UNet or transformer.
-        params (`str` or `list[str]`, *optional*, defaults to `"auto"`): See [`DMinConfig`] `params`.
+        params (`str` or `list[str]`, *optional*, defaults to `"auto"`): See [`DMinConfig`] `params`. `"auto"` and
+            `"lora"` take the LoRA parameters of the *active* adapters only (those `pipe.set_adapters(...)` activated;
+            disabled or fused adapters do not count).
     """
     named = list(denoiser.named_parameters())
+    active = _active_lora_names(denoiser)
     if params == "auto":
-        params = "lora" if any(_is_lora(n) for n, _ in named) else "attention"
+        params = "lora" if active else "attention"
+        if not active and any(_is_lora(n) for n, _ in named):
+            logger.warning(
+                f"{type(denoiser).__name__} carries LoRA adapters but none is active (disabled with `disable_lora()` or "
+                "fused with `fuse_lora()`), so `params='auto'` takes the attention parameters; call `enable_lora()` / "
+                "`unfuse_lora()` first to take the LoRA's."
+            )
     if params == "lora":
-        active = _active_lora_names(denoiser)
-        selected = [(n, p) for n, p in named if n in active] or [(n, p) for n, p in named if _is_lora(n)]
+        selected = [(n, p) for n, p in named if n in active]
         if not selected:
+            if any(_is_lora(n) for n, _ in named):
+                raise ConfigError(
+                    "`params='lora'` but no LoRA adapter of the denoiser is active (adapters disabled with "
+                    "`pipe.disable_lora()` or fused with `pipe.fuse_lora()` do not count); activate them with "
+                    "`pipe.enable_lora()` / `pipe.set_adapters([...])`, or use `params='attention'`."
+                )
             raise ConfigError(
                 "`params='lora'` but the denoiser carries no LoRA adapter; load one (`pipe.load_lora_weights(...)` or "
                 "`denoiser.add_adapter(LoraConfig(...))`) or use `params='attention'`."
@@ -112,6 +177,54 @@ def select_parameters(
             f"patterns over full names such as {examples}; e.g. `['*attn1*']`."
         )
     return selected
+
+
+def text_encoders(pipeline: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The pipeline's text encoders as `(component name, module)`: `text_encoder`, `text_encoder_2`, ..."""
+    components = getattr(pipeline, "components", None) or {}
+    return [
+        (name, module)
+        for name, module in components.items()
+        if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+    ]
+
+
+def select_text_encoder_parameters(
+    pipeline: Any, text_encoder_params: str | None
+) -> list[tuple[str, torch.nn.Parameter]]:
+    r"""
+    The text-encoder parameters a gradient covers ([`DMinConfig`] `text_encoder_params`), named
+    `<component>.<parameter name>` (e.g. `text_encoder_2.text_model...lora_A.default_0.weight`).
+
+    Args:
+        pipeline (`DiffusionPipeline`): The pipeline whose `text_encoder*` components are searched.
+        text_encoder_params (`str`, *optional*): `None` (none) or `"lora"` (the active adapters' LoRA parameters).
+    """
+    if text_encoder_params is None:
+        return []
+    selected = []
+    for component, module in text_encoders(pipeline):
+        active = _active_lora_names(module)
+        selected += [(f"{component}.{name}", param) for name, param in module.named_parameters() if name in active]
+    if not selected:
+        found = ", ".join(name for name, _ in text_encoders(pipeline)) or "none"
+        raise ConfigError(
+            f"`text_encoder_params='lora'` but no text encoder of this {type(pipeline).__name__} (text encoders: "
+            f"{found}) carries an active LoRA adapter; load a LoRA trained with `--train_text_encoder` "
+            "(`pipe.load_lora_weights(...)`) or leave `text_encoder_params` unset."
+        )
+    return selected
+
+
+def pipeline_adapters(pipeline: Any, denoiser_attribute: str) -> dict[str, dict[str, float | str]]:
+    """`{component: {adapter_name: weight}}` for the denoiser and text encoders that carry active LoRA adapters."""
+    modules = [(denoiser_attribute, getattr(pipeline, denoiser_attribute))] + text_encoders(pipeline)
+    record = {}
+    for component, module in modules:
+        weights = active_adapters(module)
+        if weights:
+            record[component] = weights
+    return record
 
 
 def fingerprint_parameters(named: Sequence[tuple[str, torch.Tensor]]) -> str:
@@ -183,7 +296,8 @@ class GradientSketcher(ProgressBarMixin):
         adapter (`DenoiserAdapter`): How the pipeline's denoiser is fed.
         timesteps (`tuple[int, ...]`): The T training timesteps, noisiest first.
         noise (`torch.Tensor` of shape `(num_noise_draws, C, H, W)`): The fixed noise, drawn on the CPU from the seed.
-        param_names (`tuple[str, ...]`): The selected denoiser parameters.
+        param_names (`tuple[str, ...]`): The selected denoiser parameters, then any selected text-encoder parameters
+            (prefixed with their component, e.g. `text_encoder.`).
         input_dim (`int`): D, their total number of scalars.
         spec (`SketchSpec`): What an index must share with these sketches.
         sketch (`OPORPSketch`): The compression.
@@ -222,8 +336,13 @@ class GradientSketcher(ProgressBarMixin):
         self.objective = Objective(adapter.scheduler, config.target, adapter.conventions)
         self.timesteps = select_timesteps(config, self.objective.num_train_timesteps)
         self.noise = fixed_noise(config.seed, adapter.latent_shape, config.num_noise_draws)
-        self.parameters = select_parameters(adapter.denoiser, config.params)
+        text_encoder_parameters = select_text_encoder_parameters(adapter.pipeline, config.text_encoder_params)
+        self._text_encoder_parameters = text_encoder_parameters
+        self.parameters = select_parameters(adapter.denoiser, config.params) + text_encoder_parameters
         self.param_names = tuple(name for name, _ in self.parameters)
+        selected_components = {name.split(".", 1)[0] for name, _ in text_encoder_parameters}
+        self._text_encoders = [m for name, m in text_encoders(adapter.pipeline) if name in selected_components]
+        self._check_parameters_in_place()
         self._offsets = []
         offset = 0
         for _, param in self.parameters:
@@ -244,6 +363,7 @@ class GradientSketcher(ProgressBarMixin):
             param_fingerprint=fingerprint_parameters(self.parameters),
             objective=adapter.conventions.to_dict(),
             model_fingerprint=fingerprint_modules(_conditioning_modules(adapter)),
+            adapters=pipeline_adapters(adapter.pipeline, adapter.denoiser_attribute),
         )
         self.mode = mode
         self.max_pairs_per_batch = max_pairs_per_batch
@@ -262,8 +382,10 @@ class GradientSketcher(ProgressBarMixin):
 
         Args:
             pipeline (`DiffusionPipeline`):
-                A pipeline of a supported family (`diffusers_dmin.families.SUPPORTED_PIPELINES`), optionally with a
-                LoRA loaded.
+                A pipeline of a supported family, optionally with LoRAs loaded (`load_lora_weights`, weighted with
+                `set_adapters`), in float32, float16 or bfloat16, with gradient checkpointing enabled on its denoiser
+                (the `"loop"` engine is used) or with `enable_model_cpu_offload()` (the denoiser is moved to the
+                execution device for the gradients). `enable_sequential_cpu_offload()` is refused.
             config (`DMinConfig`, *optional*):
                 Defaults to `DMinConfig()`.
             kwargs:
@@ -310,8 +432,8 @@ class GradientSketcher(ProgressBarMixin):
         Returns:
             `torch.Tensor` of shape `(B, T, K)`: float32 sketches on the CPU.
         """
-        x0, cond = self._inputs(images, prompts, latents, condition_images)
-        return self._run(x0, cond, sink="sketch")
+        x0, cond, prompts = self._inputs(images, prompts, latents, condition_images)
+        return self._run(x0, cond, sink="sketch", prompts=prompts)
 
     def losses(
         self,
@@ -322,7 +444,7 @@ class GradientSketcher(ProgressBarMixin):
         condition_images: Any = None,
     ) -> torch.Tensor:
         """Per-sample training losses at the sketcher's timesteps and noise: `(B, T)` float32 (mean over draws)."""
-        x0, cond = self._inputs(images, prompts, latents, condition_images)
+        x0, cond, _ = self._inputs(images, prompts, latents, condition_images)
         batch = x0.shape[0]
         losses = []
         with torch.no_grad(), self._eval_mode():
@@ -343,12 +465,14 @@ class GradientSketcher(ProgressBarMixin):
 
         Meant for evaluation and tests on small models: it materialises B * T * D numbers.
         """
-        x0, cond = self._inputs(images, prompts, latents, condition_images)
-        return self._run(x0, cond, sink="dense")
+        x0, cond, prompts = self._inputs(images, prompts, latents, condition_images)
+        return self._run(x0, cond, sink="dense", prompts=prompts)
 
     # ------------------------------------------------------------------ inputs
 
-    def _inputs(self, images, prompts, latents, condition_images=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _inputs(
+        self, images, prompts, latents, condition_images=None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str] | None]:
         if (images is None) == (latents is None):
             raise ConfigError("Pass exactly one of `images` (pixels in [0, 1]) and `latents` (clean denoiser inputs).")
         adapter = self.adapter
@@ -372,7 +496,7 @@ class GradientSketcher(ProgressBarMixin):
         if not adapter.conditional:
             if condition_images is not None:
                 adapter.encode_condition_images(condition_images)  # raises: no family without prompts takes them
-            return x0, {}
+            return x0, {}, None
         if prompts is None:
             raise ConfigError(
                 f"This {adapter.family} pipeline is conditional: pass `prompts` (one per sample, or one string)."
@@ -388,7 +512,7 @@ class GradientSketcher(ProgressBarMixin):
                     f"Got {pixels.shape[0]} `condition_images` for {batch} samples; pass one condition image per sample."
                 )
             cond.update(adapter.encode_condition_images(pixels * 2.0 - 1.0))
-        return x0, cond
+        return x0, cond, prompts
 
     def _pair_batches(
         self, x0: torch.Tensor, cond: dict[str, torch.Tensor], size: int | None = None
@@ -415,19 +539,75 @@ class GradientSketcher(ProgressBarMixin):
                 "target": target,
                 "weight": self.objective.loss_weights(t).to(device),
                 "cond": {k: v[sample.to(v.device)] for k, v in cond.items()},
+                "full_cond": cond,
             }
 
     # ------------------------------------------------------------------ the engine
 
+    def _modules(self) -> list[torch.nn.Module]:
+        """The modules whose parameters the gradient covers: the denoiser and any selected text encoders."""
+        return [self.adapter.denoiser, *self._text_encoders]
+
     @contextlib.contextmanager
     def _eval_mode(self):
-        denoiser = self.adapter.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
+        modules = self._modules()
+        was_training = [module.training for module in modules]
+        for module in modules:
+            module.eval()
         try:
             yield
         finally:
-            denoiser.train(was_training)
+            for module, mode in zip(modules, was_training):
+                module.train(mode)
+
+    def _check_adapters_unchanged(self) -> None:
+        """The parameter selection and the spec describe the adapters active when the sketcher was built; refuse to
+        compute gradients after `set_adapters` / `disable_lora` / `load_lora_weights` changed them."""
+        now = pipeline_adapters(self.adapter.pipeline, self.adapter.denoiser_attribute)
+        if now != self.spec.adapters:
+            raise ConfigError(
+                f"The pipeline's active LoRA adapters changed since this GradientSketcher was built (from "
+                f"{self.spec.adapters} to {now}); build a new GradientSketcher (or InfluencePipeline, which checks them "
+                "against its index) after `set_adapters(...)`."
+            )
+
+    def _check_parameters_in_place(self) -> None:
+        """Refuse parameters that live on the `meta` device (accelerate's sequential CPU offload or a device map with
+        disk/CPU offloading swap the weights in per submodule call, so autograd cannot reach the parameters)."""
+        meta = [name for name, param in self.parameters if param.device.type == "meta"]
+        if meta:
+            raise ConfigError(
+                f"{len(meta)} selected parameters (e.g. {meta[0]}) are on the 'meta' device: the pipeline uses "
+                "`enable_sequential_cpu_offload()` or a device map with offloading, which loads each weight only "
+                "for the duration of its submodule's call, so gradients cannot be taken. Use "
+                "`pipe.enable_model_cpu_offload()` (whole models move to the accelerator) or `pipe.to(device)`."
+            )
+
+    @contextlib.contextmanager
+    def _onloaded(self):
+        """Models offloaded by `pipe.enable_model_cpu_offload()` are moved to the execution device first, as their
+        own forward call would (its accelerate hook also offloads the model that ran before it), and their hook is
+        bypassed while the gradients are computed: it would move the module again inside `functional_call` (which
+        torch.func forbids). They stay on the device until the next model of the pipeline runs, as after any forward
+        call under model offloading."""
+        hooked = [m for m in self._modules() if getattr(getattr(m, "_hf_hook", None), "execution_device", None)]
+        if hooked and self._text_encoders:
+            raise ConfigError(
+                "`text_encoder_params` with `enable_model_cpu_offload()` is not supported: the offloading hooks move a "
+                "text encoder back to the CPU when the denoiser runs, between its forward and backward pass. Move the "
+                "pipeline to the device (`pipe.to('cuda')`) or leave `text_encoder_params` unset."
+            )
+        bypassed = []
+        try:
+            for module in hooked:
+                module._hf_hook.pre_forward(module)
+                if "forward" in vars(module) and hasattr(module, "_old_forward"):
+                    bypassed.append((module, vars(module)["forward"]))
+                    module.forward = module._old_forward
+            yield
+        finally:
+            for module, hooked_forward in bypassed:
+                module.forward = hooked_forward
 
     def _pairs_per_batch(self) -> int:
         by_memory = max(1, self.gradient_memory_bytes // max(1, 8 * self.input_dim))
@@ -440,16 +620,25 @@ class GradientSketcher(ProgressBarMixin):
             return False
         return not getattr(self.adapter.denoiser, "is_gradient_checkpointing", False)
 
-    def _run(self, x0: torch.Tensor, cond: dict[str, torch.Tensor], sink: str) -> torch.Tensor:
+    def _run(
+        self, x0: torch.Tensor, cond: dict[str, torch.Tensor], sink: str, prompts: Sequence[str] | None = None
+    ) -> torch.Tensor:
         if torch.is_inference_mode_enabled():
             raise ConfigError(
                 "Gradient sketches cannot be computed under `torch.inference_mode()`; call the sketcher outside it."
             )
+        self._check_adapters_unchanged()
         batch, num_t, num_draws = x0.shape[0], len(self.timesteps), self.noise.shape[0]
         width = self.config.sketch_dim if sink == "sketch" else self.input_dim
         out = torch.empty(batch * num_t * num_draws, width, dtype=torch.float32)
         size = self._pairs_per_batch() if self._use_vmap() else 1
-        with torch.enable_grad(), self._eval_mode():
+        with contextlib.ExitStack() as stack:
+            for context in (torch.enable_grad(), self._eval_mode(), self._onloaded(), self._selected_requires_grad()):
+                stack.enter_context(context)
+            if self._text_encoders:
+                # text-encoder parameters: the prompts are encoded once more, with autograd, exactly as the conditioning
+                # was encoded (same batch, so the same padding); every pair's backward pass goes through this graph
+                cond = {**cond, **self.adapter.encode_prompts_with_grad(prompts)}
             for pairs in self._pair_batches(x0, cond, size):
                 rows = self._gradient_rows(pairs, sink)
                 out[pairs["pairs"]] = rows.cpu()
@@ -531,53 +720,101 @@ class GradientSketcher(ProgressBarMixin):
                 positions=positions,
             )
 
+    @contextlib.contextmanager
+    def _selected_requires_grad(self):
+        """Only the selected parameters require grad (autograd then builds no graph for the others); restored after."""
+        selected = {id(param) for _, param in self.parameters}
+        flags = [(p, p.requires_grad) for module in self._modules() for p in module.parameters()]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(id(p) in selected)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
     def _vmap_gradients(self, pairs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-pair gradients with one batched forward and backward of the denoiser (`torch.func`).
+
+        With text-encoder parameters, the vmapped loss also returns its gradient with respect to the (floating-point)
+        conditioning tensors, which is pulled back through the text encoders' graph of the prompt encoding for all
+        pairs of one sample at once (`is_grads_batched`): per pair, exactly the chain rule
+        `dL/dtheta_text = (dL/dcond) (dcond/dtheta_text)`.
+        """
         from torch.func import functional_call, grad_and_value, vmap
 
         denoiser = self.adapter.denoiser
-        selected = {name: param.detach() for name, param in self.parameters}
+        text_names = {name for name, _ in self._text_encoder_parameters}
+        selected = {name: param.detach() for name, param in self.parameters if name not in text_names}
         others = {name: param.detach() for name, param in denoiser.named_parameters() if name not in selected}
         buffers = dict(denoiser.named_buffers())
         adapter, objective = self.adapter, self.objective
         scale = self._loss_scale(pairs)
 
-        def pair_loss(params, noisy, t, target, weight, cond):
+        def pair_loss(params, noisy, t, target, weight, cond, fixed):
             def call(*args, **kwargs):
                 return functional_call(denoiser, (params, others, buffers), args, kwargs)
 
-            pred = adapter.forward(call, noisy[None], t[None], {k: v[None] for k, v in cond.items()})
+            inputs = {k: v[None] for k, v in {**fixed, **cond}.items()}
+            pred = adapter.forward(call, noisy[None], t[None], inputs)
             return objective.loss(pred, target[None], weight[None])[0] * scale
 
+        # with text-encoder parameters, also differentiate w.r.t. the conditioning tensors that carry the text encoders'
+        # graph (masks, ids and conditioning that does not come from the prompt are passed along as they are)
+        cond = pairs["cond"]
+        differentiable = {k: v.detach() for k, v in cond.items() if text_names and v.requires_grad}
+        fixed = {k: v.detach() for k, v in cond.items() if k not in differentiable}
+        argnums = (0, 5) if text_names else 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_VMAP_WARNING)
-            grads, losses = vmap(grad_and_value(pair_loss), in_dims=(None, 0, 0, 0, 0, 0))(
-                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], pairs["cond"]
+            grads, losses = vmap(grad_and_value(pair_loss, argnums=argnums), in_dims=(None, 0, 0, 0, 0, 0, 0))(
+                selected, pairs["noisy"], pairs["t"], pairs["target"], pairs["weight"], differentiable, fixed
             )
+        if text_names:
+            grads, cond_grads = grads
+            grads = {**grads, **self._text_encoder_gradients(pairs["full_cond"], cond_grads, pairs["samples"])}
         return [grads[name] for name in self.param_names], losses.detach() / scale
+
+    def _text_encoder_gradients(
+        self, encoded: dict[str, torch.Tensor], cond_grads: dict[str, torch.Tensor], samples: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Pull the per-pair gradients w.r.t. the conditioning back through the prompt encoding's graph (`encoded`:
+        the whole call's conditioning, row = sample), one batched backward pass per sample of the micro-batch."""
+        params = self._text_encoder_parameters
+        rows = samples.shape[0]
+        out = {name: torch.zeros(rows, *p.shape, dtype=p.dtype, device=p.device) for name, p in params}
+        keys = list(cond_grads)
+        for sample in samples.unique().tolist():
+            index = (samples == sample).nonzero().flatten()
+            grads = torch.autograd.grad(
+                [encoded[k][sample : sample + 1] for k in keys],
+                [p for _, p in params],
+                grad_outputs=[cond_grads[k][index.to(cond_grads[k].device)].unsqueeze(1) for k in keys],
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for (name, _), grad in zip(params, grads):
+                if grad is not None:
+                    out[name][index.to(grad.device)] = grad.detach()
+        return out
 
     def _loop_gradients(self, pairs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         denoiser = self.adapter.denoiser
         params = [param for _, param in self.parameters]
-        selected = {id(p) for p in params}
-        flags = [(p, p.requires_grad) for p in denoiser.parameters()]
         rows = pairs["noisy"].shape[0]
         scale = self._loss_scale(pairs)
         grads: list[list[torch.Tensor]] = [[] for _ in params]
         losses = []
-        try:
-            for p, _ in flags:
-                p.requires_grad_(id(p) in selected)
-            for i in range(rows):
-                cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
-                pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
-                loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
-                row = torch.autograd.grad(loss * scale, params, allow_unused=True)
-                for j, (param, g) in enumerate(zip(params, row)):
-                    grads[j].append(torch.zeros_like(param) if g is None else g.detach())
-                losses.append(loss.detach())
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        retain = bool(self._text_encoders)  # the prompt encoding's graph serves every pair
+        for i in range(rows):
+            cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
+            pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
+            loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
+            row = torch.autograd.grad(loss * scale, params, allow_unused=True, retain_graph=retain)
+            for j, (param, g) in enumerate(zip(params, row)):
+                grads[j].append(torch.zeros_like(param) if g is None else g.detach())
+            losses.append(loss.detach())
         return [torch.stack(g) for g in grads], torch.stack(losses)
 
     def _loss_scale(self, pairs: dict) -> float:

@@ -76,6 +76,12 @@ class ObjectiveConventions:
             samples timesteps: loss weight 1), `"sigma_sqrt"` (weight `s^-2`) or `"cosmap"` (weight
             `2 / (pi (1 - 2 s + 2 s^2))`). A weight is a positive scalar per timestep, so it cancels under
             `normalize="timestep"` or `"layer"` and changes sketches only with `normalize="none"`.
+        precondition_outputs (`bool`, *optional*, defaults to `False`):
+            The script's `--precondition_outputs` (on by default in `train_dreambooth_lora_sd3.py`): the output `v` is
+            turned into an x0-prediction `x_t - s v` ("EDM preconditioning") and regressed onto `x0`. As
+            `x_t - s v - x0 = s (e - x0 - v)`, that loss is the flow loss times `s^2`, and it is applied as that
+            per-timestep weight (exact, without the cancellation `x_t - x0` suffers in half precision). Only for the
+            flow target of `"noise_at_one"`; like every weight it changes sketches only with `normalize="none"`.
     """
 
     script: str | None = None
@@ -85,6 +91,7 @@ class ObjectiveConventions:
     guidance: float | None = None
     shift: float | None = None
     weighting: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] = "none"
+    precondition_outputs: bool = False
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
@@ -97,10 +104,20 @@ class ObjectiveConventions:
             raise ConfigError(f"`timestep_scale` must be positive, but is {self.timestep_scale!r}.")
         if self.shift is not None and not self.shift > 0:
             raise ConfigError(f"`shift` must be positive, but is {self.shift!r}.")
+        if not isinstance(self.precondition_outputs, bool):
+            raise ConfigError(f"`precondition_outputs` must be True or False, but is {self.precondition_outputs!r}.")
+        if self.precondition_outputs and self.interpolation != "noise_at_one":
+            raise ConfigError(
+                "`precondition_outputs=True` is defined for `interpolation='noise_at_one'` (x_t = (1 - s) x0 + s e) only."
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """What the manifest records (`script` is documentation and left out of comparisons by the caller)."""
-        return asdict(self)
+        """What the manifest records (`script` is documentation and left out of comparisons by the caller);
+        `precondition_outputs` only when on, so that the records of the families without it stay as before."""
+        data = asdict(self)
+        if not data["precondition_outputs"]:
+            del data["precondition_outputs"]
+        return data
 
     def identity(self) -> dict[str, Any]:
         """The fields that change the gradient (all but `script`)."""
@@ -233,14 +250,20 @@ class Objective:
         return timesteps.long()
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-pair loss weights `(P,)` of the family's weighting scheme (`compute_loss_weighting_for_sd3`)."""
-        weighting = self.conventions.weighting
-        if not self.flow_matching or weighting not in ("sigma_sqrt", "cosmap"):
-            return torch.ones(timesteps.shape[0], dtype=torch.float32)
+        """Per-pair loss weights `(P,)`: the family's weighting scheme (`compute_loss_weighting_for_sd3`), times `s^2`
+        for preconditioned outputs (`--precondition_outputs`, see [`ObjectiveConventions`])."""
+        weights = torch.ones(timesteps.shape[0], dtype=torch.float32)
+        if not self.flow_matching:
+            return weights
         sigma = self._sigmas(timesteps)
+        weighting = self.conventions.weighting
         if weighting == "sigma_sqrt":
-            return sigma.pow(-2.0)
-        return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
+            weights = sigma.pow(-2.0)
+        elif weighting == "cosmap":
+            weights = 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
+        if self.conventions.precondition_outputs and self.target_name == "flow":
+            weights = weights * sigma.pow(2.0)
+        return weights
 
     def noisy_and_target(
         self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor

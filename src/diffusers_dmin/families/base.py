@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -102,6 +103,10 @@ class DenoiserAdapter:
 
     @property
     def device(self) -> torch.device:
+        """Where the denoiser runs: its parameters' device, or with accelerate offloading
+        (`pipe.enable_model_cpu_offload()`) the hooks' execution device, not where the offloaded weights wait."""
+        if hasattr(self.denoiser, "_hf_hook") and hasattr(self.pipeline, "_execution_device"):
+            return torch.device(self.pipeline._execution_device)
         return next(self.denoiser.parameters()).device
 
     @property
@@ -126,7 +131,8 @@ class DenoiserAdapter:
         return False
 
     def resolve_conventions(self, config: DMinConfig | None) -> ObjectiveConventions:
-        """The class's conventions with the config's overrides (`weighting_scheme`, `guidance_scale`, `flow_shift`)."""
+        """The class's conventions with the config's overrides (`weighting_scheme`, `guidance_scale`, `flow_shift`,
+        `precondition_outputs`)."""
         conventions = type(self).conventions
         if not self.uses_guidance:
             conventions = replace(conventions, guidance=None)
@@ -152,6 +158,14 @@ class DenoiserAdapter:
                     f"{type(self.scheduler).__name__}; leave `{name}` unset."
                 )
             conventions = replace(conventions, **{field: float(value) if field == "shift" else value})
+        if config.precondition_outputs is not None and config.precondition_outputs != conventions.precondition_outputs:
+            if not flow or conventions.interpolation != "noise_at_one":
+                raise ConfigError(
+                    f"`precondition_outputs={config.precondition_outputs}` only applies to flow-matching models with "
+                    f"x_t = (1 - s) x0 + s e, but this {self.family} pipeline uses {type(self.scheduler).__name__}"
+                    f"{'' if not flow else ' with the reversed interpolation'}; leave `precondition_outputs` unset."
+                )
+            conventions = replace(conventions, precondition_outputs=config.precondition_outputs)
         return conventions
 
     # ---- images
@@ -196,6 +210,14 @@ class DenoiserAdapter:
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Conditioning tensors, each with a leading batch dimension of `len(prompts)`."""
         raise NotImplementedError
+
+    def encode_prompts_with_grad(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """[`encode_prompts`] with autograd on, for gradients with respect to text-encoder parameters
+        ([`DMinConfig`] `text_encoder_params`); a `@torch.no_grad()` decorator on a family's `encode_prompts` is
+        bypassed (the pipelines' own `encode_prompt` methods carry none)."""
+        encode = inspect.unwrap(type(self).encode_prompts)
+        with torch.enable_grad():
+            return encode(self, prompts)
 
     def forward(
         self, call: Callable[..., Any], noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]

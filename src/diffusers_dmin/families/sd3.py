@@ -3,7 +3,9 @@
 Training script mirrored: `examples/dreambooth/train_dreambooth_lora_sd3.py`: `x_t = (1 - s) x0 + s e`, target
 `e - x0`, the transformer called with `timestep = scheduler.timesteps[i]` (= `s * 1000`), sigmas of the checkpoint's
 scheduler config (static shift 3.0 for SD3 and SD3.5), weighting scheme `logit_normal` (which only changes how the
-script samples timesteps: its loss weight is 1).
+script samples timesteps: its loss weight is 1), and `--precondition_outputs` (default 1): the prediction becomes
+`model_pred * (-s) + x_t`, regressed onto `x0`, i.e. the flow loss weighted by `s^2`. SD3.5's transformer differences
+(`qk_norm="rms_norm"`, MMDiT-X `dual_attention_layers`) change nothing in the objective or the call.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ class SD3Adapter(LatentAdapter):
 
     family = "sd3"
     denoiser_attribute = "transformer"
-    conventions = ObjectiveConventions(script="dreambooth/train_dreambooth_lora_sd3.py", weighting="logit_normal")
+    conventions = ObjectiveConventions(
+        script="dreambooth/train_dreambooth_lora_sd3.py", weighting="logit_normal", precondition_outputs=True
+    )
 
     @classmethod
     def matches(cls, pipeline: Any) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_sd35_pipeline",
     "add_tiny_lora",
     "tiny_qwen2_tokenizer",
     "tiny_qwenimage_pipeline",
@@ -337,4 +338,5 @@ from .hidream import tiny_hidream_pipeline  # noqa: E402
 from .lumina2 import tiny_lumina2_pipeline  # noqa: E402
 from .qwenimage import tiny_qwen2_tokenizer, tiny_qwenimage_pipeline  # noqa: E402
 from .sana import tiny_gemma_tokenizer, tiny_sana_pipeline  # noqa: E402
+from .sd35 import tiny_sd35_pipeline  # noqa: E402
 from .z_image import tiny_z_image_pipeline  # noqa: E402
