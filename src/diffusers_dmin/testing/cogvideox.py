@@ -8,7 +8,7 @@ import torch
 
 from ..errors import require
 from . import DEFAULT_WORDS, _eval
-from .hidream import tiny_t5_tokenizer
+from .flux import tiny_t5_encoder, tiny_t5_tokenizer
 
 
 __all__ = ["tiny_cogvideox_pipeline"]
@@ -33,7 +33,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, *, scheduler: str = "ddim", words: It
         CogVideoXTransformer3DModel,
     )
 
-    transformers = require("transformers", "`tiny_cogvideox_pipeline`", "pip install transformers")
+    require("transformers", "`tiny_cogvideox_pipeline`", "pip install transformers")
     tokenizer = tiny_t5_tokenizer(words, model_max_length=226)
     torch.manual_seed(seed)
     transformer = CogVideoXTransformer3DModel(
@@ -63,21 +63,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, *, scheduler: str = "ddim", words: It
         norm_num_groups=2,
         temporal_compression_ratio=4,
     )
-    text_encoder = transformers.T5EncoderModel(
-        transformers.T5Config(
-            vocab_size=len(tokenizer),
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = tiny_t5_encoder(tokenizer, d_model=16)
     _eval(transformer, vae, text_encoder)
     common = dict(
         beta_schedule="scaled_linear",

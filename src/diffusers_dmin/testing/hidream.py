@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable
 
 import torch
 
 from ..errors import require
 from . import _TINY_VAE, DEFAULT_WORDS, _clip_config, _eval, tiny_clip_tokenizer
+from .flux import tiny_t5_encoder, tiny_t5_tokenizer
 from .lumina2 import tiny_bpe_vocab
 
 
-__all__ = ["tiny_t5_tokenizer", "tiny_llama_tokenizer", "tiny_hidream_pipeline"]
-
-
-def tiny_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 128):
-    """A `T5Tokenizer` (Unigram over printable ASCII plus one piece per word, `</s>` appended) built in memory."""
-    transformers = require("transformers", "`tiny_t5_tokenizer`", "pip install transformers")
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(char, -5.0) for char in string.ascii_letters + string.digits + string.punctuation]
-    pieces += [("▁" + word, -1.0) for word in dict.fromkeys(words)]
-    return transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+__all__ = ["tiny_llama_tokenizer", "tiny_hidream_pipeline"]
 
 
 def tiny_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 128):
@@ -74,21 +65,7 @@ def tiny_hidream_pipeline(seed: int = 0, *, scheduler=None, words: Iterable[str]
     vae = AutoencoderKL(**_TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159)
     text_encoder = transformers.CLIPTextModelWithProjection(_clip_config(clip_tokenizer))
     text_encoder_2 = transformers.CLIPTextModelWithProjection(_clip_config(clip_tokenizer))
-    text_encoder_3 = transformers.T5EncoderModel(
-        transformers.T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
-        )
-    )
+    text_encoder_3 = tiny_t5_encoder(t5_tokenizer, d_model=16)
     text_encoder_4 = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             vocab_size=len(llama_tokenizer),
