@@ -125,7 +125,7 @@ def _dataset_arguments(parser: argparse.ArgumentParser, *, required: bool, image
     parser.add_argument(
         "--image-column",
         default=image_column,
-        help="Column holding the images (default: "
+        help="Column holding the images, or the videos of a video model (default: "
         + (image_column or "the column the index was built with, else image")
         + ").",
     )
