@@ -159,6 +159,9 @@ def test_decode_video_reads_gifs_frame_folders_dataset_values_and_arrays(tmp_pat
         decode_video(tmp_path / "empty")
     with pytest.raises(ValueError, match="missing"):
         decode_video(None)
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    with pytest.raises(ValueError, match="extract the frames"):
+        decode_video(tmp_path / "clip.mp4")
 
 
 def test_first_frames_in_grids_and_the_legend_says_so():

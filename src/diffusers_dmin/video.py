@@ -122,7 +122,14 @@ def _frames_of(image: PIL.Image.Image) -> list[PIL.Image.Image]:
 
 
 def _animated_frames(source: Any) -> list[PIL.Image.Image]:
-    with PIL.Image.open(source) as image:
+    try:
+        image = PIL.Image.open(source)
+    except PIL.UnidentifiedImageError as err:  # e.g. an mp4: there is no video decoder here
+        raise ValueError(
+            f"{err}. Videos are read with Pillow only: animated GIF/WebP/PNG files or folders of frame images; "
+            "extract the frames of other formats first (e.g. `ffmpeg -i clip.mp4 clip/%04d.png`)"
+        ) from err
+    with image:
         return _frames_of(image)
 
 
