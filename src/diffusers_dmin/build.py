@@ -69,6 +69,7 @@ from .storage import (
     write_noise,
     write_shard,
 )
+from .video import decode_video, prepare_video
 
 
 logger = get_logger(__name__)
@@ -394,7 +395,7 @@ class _Batch:
     last: bool
     ids: np.ndarray  # (b,) all rows of the batch
     ok: np.ndarray  # (b,) bool: read successfully
-    pixels: torch.Tensor | None  # (ok.sum(), C, H, W) in [0, 1]
+    pixels: torch.Tensor | None  # (ok.sum(), C, H, W) in [0, 1]; videos (ok.sum(), F, C, H, W)
     prompts: list[str] | None
     errors: list[tuple[int, str]] = field(default_factory=list)  # (id, reason) of the rows that failed
 
@@ -411,6 +412,7 @@ class _BatchLoader(torch.utils.data.Dataset):
         resolution: tuple[int, int],
         channels: int,
         image_root: str | os.PathLike | None,
+        num_frames: int | None = None,
     ):
         self.rows = table.rows
         self.ids = table.ids
@@ -419,6 +421,7 @@ class _BatchLoader(torch.utils.data.Dataset):
         self.ends = np.cumsum([-(-len(positions) // batch_size) for positions in units])  # batches up to each unit
         self.resolution, self.channels = resolution, channels
         self.image_root = None if image_root is None else Path(image_root)
+        self.num_frames = num_frames  # a video family: the image column holds a video per row
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -441,7 +444,12 @@ class _BatchLoader(torch.utils.data.Dataset):
         for i, value in enumerate(images):
             try:
                 prompt = _prompt(prompts[i], self.prompt_column) if prompts is not None else None
-                image = prepare_images(decode_image(value, self.image_root), self.resolution, self.channels)
+                if self.num_frames is None:
+                    image = prepare_images(decode_image(value, self.image_root), self.resolution, self.channels)
+                else:
+                    where = f"the video in column {self.image_column!r}"
+                    frames = decode_video(value, self.image_root)
+                    image = prepare_video(frames, self.resolution, self.channels, self.num_frames, source=where)
             except Exception as err:  # any failure to read one row is reported with its id by the caller
                 ok[i] = False
                 errors.append((int(ids[i]), f"{type(err).__name__}: {err}"))
@@ -552,6 +560,7 @@ def _compute_units(
             adapter.resolution,
             adapter.image_channels,
             image_root,
+            adapter.num_frames,
         ),
         batch_size=None,
         shuffle=False,

@@ -125,7 +125,7 @@ def _dataset_arguments(parser: argparse.ArgumentParser, *, required: bool, image
     parser.add_argument(
         "--image-column",
         default=image_column,
-        help="Column holding the images (default: "
+        help="Column holding the images, or the videos of a video model (default: "
         + (image_column or "the column the index was built with, else image")
         + ").",
     )
@@ -665,7 +665,12 @@ class SearchCommand(BaseDMinCommand):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("index", help="An index folder or a Hub repo id.")
         _pipeline_arguments(parser, positional=False)
-        parser.add_argument("--image", nargs="+", required=True, help="Image file(s) to attribute.")
+        parser.add_argument(
+            "--image",
+            nargs="+",
+            required=True,
+            help="Image file(s) to attribute; for a video model, videos: animated GIFs or folders of frame images.",
+        )
         parser.add_argument("--prompt", nargs="+", default=None, help="The prompt (one, or one per image).")
         parser.add_argument("--top-k", type=int, default=10, help="Training samples per image (default 10).")
         parser.add_argument("--output", default="dmin_search.png", help="Grid PNG to write (default dmin_search.png).")
@@ -688,23 +693,26 @@ class SearchCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
-        import PIL.Image
-
         from . import GradientIndex, InfluencePipeline
         from .build import decode_image
         from .objectives import prepare_images
+        from .video import decode_video, prepare_video
         from .viz import influence_grid
 
         args = self.args
         if args.top_k < 1:
             raise ConfigError(f"`--top-k` must be a positive integer, but is {args.top_k}.")
-        images, channels = [], []
+        images, channels, videos = [], [], []  # videos: every frame (used when the pipeline takes videos)
         for name in args.image:
             try:
-                with PIL.Image.open(name) as image:
-                    channels.append(len(image.getbands()))
-                    images.append(image.convert("RGB"))
-            except OSError as err:
+                frames = decode_video(name)  # one image, the frames of an animated file, or a folder's images
+                first = frames[0]
+                if first.mode in ("P", "PA"):  # a palette (GIF): count the bands of the colours it stands for
+                    first = first.convert("RGBA" if first.mode == "PA" or "transparency" in first.info else "RGB")
+                channels.append(len(first.getbands()))
+                images.append(first.convert("RGB"))
+                videos.append(frames)
+            except (OSError, ValueError) as err:
                 raise ConfigError(f"Cannot read the image {name!r}: {err}") from err
         prompts = args.prompt
         if prompts is not None and len(prompts) not in (1, len(images)):
@@ -733,6 +741,9 @@ class SearchCommand(BaseDMinCommand):
         pipe.set_progress_bar_config(disable=True)
         adapter = pipe.sketcher.adapter
         height, width = adapter.resolution
+        is_video = adapter.num_frames is not None
+        if not is_video and any(Path(name).is_dir() for name in args.image):
+            raise ConfigError(f"--image takes image files for a {adapter.family} pipeline, not folders: {args.image}.")
         kinds = {1: "grey", 3: "RGB", 4: "RGBA"}
         want = kinds.get(adapter.image_channels, f"{adapter.image_channels}-channel")
         for name, image, bands in zip(args.image, images, channels):
@@ -747,10 +758,18 @@ class SearchCommand(BaseDMinCommand):
                     f"{name} was {' and '.join(changes)}, the index's input ({width}x{height} {want}), as its "
                     "training images were.",
                 )
-        pixels = prepare_images(images[:1], (height, width), adapter.image_channels)
-        if len(images) > 1:  # one by one: the images may differ in size
-            import torch
+        import torch
 
+        if is_video:
+            pixels = torch.cat(
+                [
+                    prepare_video(
+                        frames, (height, width), adapter.image_channels, adapter.num_frames, source=repr(name)
+                    )
+                    for name, frames in zip(args.image, videos)
+                ]
+            )
+        else:  # one by one: the images may differ in size
             pixels = torch.cat([prepare_images([image], (height, width), adapter.image_channels) for image in images])
         results = pipe.attribute(pixels, prompts=prompts, top_k=top_k, exact=not args.hnsw)
 
@@ -768,13 +787,18 @@ class SearchCommand(BaseDMinCommand):
             thumbs = None
             if result.samples is not None:
                 try:
-                    thumbs = [decode_image(row[image_column], image_root) for row in result.samples]
+                    thumbs = [
+                        decode_video(row[image_column], image_root)[0]
+                        if is_video
+                        else decode_image(row[image_column], image_root)
+                        for row in result.samples
+                    ]
                 except (OSError, ValueError, KeyError) as err:
                     print(f"  (training images unavailable: {err})", file=sys.stderr)
             thumbs_per_query.append(thumbs if thumbs is not None else [None] * len(result.sample_ids))
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        influence_grid(results, images=thumbs_per_query, thumb_size=args.thumb_size).save(output)
+        influence_grid(results, images=thumbs_per_query, thumb_size=args.thumb_size, video=is_video).save(output)
         print(f"Wrote {output}")
         return EXIT_OK
 

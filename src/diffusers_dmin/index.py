@@ -367,14 +367,18 @@ class GradientIndex(ProgressBarMixin):
             dataset (`datasets.Dataset`):
                 The training set (e.g. `load_dataset(...)["train"]`, `load_from_disk(...)`, `load_dataset(
                 "imagefolder", data_dir=...)`). Image columns may hold `datasets.Image` values, PIL images, paths
-                (relative ones resolved against `image_root`) or arrays.
+                (relative ones resolved against `image_root`) or arrays. For a video family (an adapter with
+                `num_frames`, e.g. CogVideoX) the column holds one video per row: a list of frames, an `(F, H, W, C)`
+                array, or the path of an animated GIF or of a folder of frame images (see
+                [`~video.decode_video`]); every frame is resized and cropped like an image, and a video must have
+                exactly `num_frames` frames (else the row is unreadable: [`DatasetError`] naming its id, or skipped).
             config (`DMinConfig`, *optional*):
                 How the sketches are computed (T, spacing, K, seed, params, dtype, resolution); `None` for the
                 defaults.
             output_dir (`str` or `os.PathLike`):
                 The index folder (created if needed).
             image_column (`str`, *optional*, defaults to `"image"`):
-                The column holding the training images.
+                The column holding the training images (the videos, for a video family).
             prompt_column (`str`, *optional*, defaults to `"text"`):
                 The column holding the captions; ignored (may be `None`) for unconditional pipelines.
             id_column (`str`, *optional*):

@@ -86,7 +86,10 @@ def _wrap(draw: PIL.ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
 
 
 def to_pil(image: Any) -> PIL.Image.Image:
-    """Convert a PIL image, an `(H, W[, C])` array in [0, 1] or 0..255, or a `(C, H, W)` tensor in [0, 1] to RGB."""
+    """Convert a PIL image, an `(H, W[, C])` array in [0, 1] or 0..255, or a `(C, H, W)` tensor in [0, 1] to RGB; a
+    video (a list of such frames, an `(F, H, W, C)` array or an `(F, C, H, W)` tensor) to its first frame."""
+    if (isinstance(image, (list, tuple)) and image) or getattr(image, "ndim", 0) == 4:
+        return to_pil(image[0])
     if isinstance(image, PIL.Image.Image):
         return image.convert("RGB")
     if type(image).__module__.startswith("torch"):
@@ -211,12 +214,20 @@ def make_grid(rows: Sequence[PIL.Image.Image], *, legend: str | None = None) -> 
     return grid
 
 
-def influence_legend(num_timesteps: int | None, *, query_caption: str = "query", missing: bool = False) -> str:
-    """The legend of an influence grid: what the first tile is, and what the score is, with its range."""
+def influence_legend(
+    num_timesteps: int | None, *, query_caption: str = "query", missing: bool = False, video: bool = False
+) -> str:
+    """The legend of an influence grid: what the first tile is, and what the score is, with its range (`video=True`:
+    every tile is the first frame of a video)."""
     t = f"T = {num_timesteps}" if num_timesteps else "T"
     most = f"{num_timesteps}" if num_timesteps else "T"
+    first = (
+        f"the first frame of the {query_caption} video; then the first frames of the training videos"
+        if video
+        else f"the {query_caption} image; then the training samples"
+    )
     text = (
-        f"Left of the red line: the {query_caption} image; then the training samples that influenced it most, "
+        f"Left of the red line: {first} that influenced it most, "
         f"with #sample id and score = sum over the {t} timesteps of gradient cosine similarities: at most about "
         f"{most} (a sample with itself), near 0 unrelated."
     )
@@ -233,6 +244,7 @@ def influence_grid(
     label_column: str | None = "label",
     thumb_size: int = 64,
     query_caption: str = "query",
+    video: bool = False,
 ) -> PIL.Image.Image:
     r"""
     One row per [`InfluenceResult`] under a legend: the query captioned `query_caption` (and its prompt above the
@@ -247,6 +259,8 @@ def influence_grid(
             have this column.
         thumb_size (`int`, *optional*, defaults to 64): Side of each thumbnail in pixels.
         query_caption (`str`, *optional*, defaults to `"query"`): `"generated"` for generated images.
+        video (`bool`, *optional*, defaults to `False`): The query and the training samples are videos, drawn by their
+            first frame (as [`to_pil`] does); the legend says so.
 
     Examples:
     ```py
@@ -275,4 +289,5 @@ def influence_grid(
         )
         rows.append(row)
     num_timesteps = next((r.num_timesteps for r in results if getattr(r, "num_timesteps", None)), None)
-    return make_grid(rows, legend=influence_legend(num_timesteps, query_caption=query_caption, missing=missing))
+    legend = influence_legend(num_timesteps, query_caption=query_caption, missing=missing, video=video)
+    return make_grid(rows, legend=legend)

@@ -16,7 +16,8 @@ the script scheduler's `alphas_cumprod` (handed to the objective as a `DDPMSched
 Videos enter [`GradientSketcher`] as `images=` of shape `(B, F, C, H, W)` in `[0, 1]` (tensors, as the pipeline's
 `output_type="pt"` returns them), `(B, F, H, W, C)` arrays (`output_type="np"`) or lists of PIL frames, with
 `F = transformer.config.sample_frames` frames (the pipeline's default `num_frames`; 49 for CogVideoX-2b/5b, the
-script's `--max_num_frames` default); or as `latents=` of shape `(B, C, F', h, w)` in the VAE layout.
+script's `--max_num_frames` default); or as `latents=` of shape `(B, C, F', h, w)` in the VAE layout. In a dataset
+(`GradientIndex.build`, `dmin build --image-column video`) each row holds one video; see [`~video.decode_video`].
 """
 
 from __future__ import annotations
