@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -115,6 +116,15 @@ def _dataset_arguments(parser: argparse.ArgumentParser, *, required: bool) -> No
     parser.add_argument("--dataset-revision", default=None, help="Revision of a Hub dataset.")
     parser.add_argument("--image-column", default="image", help="Column holding the images (default: image).")
     parser.add_argument("--id-column", default=None, help="Integer column of sample ids (default: row positions).")
+
+
+def _threads_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Torch threads for the gradients (default: DMIN_NUM_THREADS, else 1 on the CPU; 0: torch's setting).",
+    )
 
 
 def _device(name: str) -> str:
@@ -304,6 +314,7 @@ class BuildCommand(BaseDMinCommand):
             "--on-error", default="raise", choices=["raise", "skip"], help="Unreadable rows: stop, or skip them."
         )
         run.add_argument("--hnsw", action="store_true", help="Also build the HNSW graph for approximate search.")
+        _threads_argument(run)
         run.add_argument(
             "--overwrite", action="store_true", help="Delete the index files in --output-dir and start over."
         )
@@ -348,6 +359,7 @@ class BuildCommand(BaseDMinCommand):
             image_root=image_root,
             hnsw=args.hnsw,
             progress=not args.quiet,
+            sketcher_kwargs={"num_threads": args.threads},
             base_model_id=args.pipeline,
             base_model_revision=args.model_revision,
             adapter_id=args.lora_weights,
@@ -453,6 +465,7 @@ class SearchCommand(BaseDMinCommand):
             "--no-dataset", action="store_true", help="Do not load training images (the grid shows ids and scores)."
         )
         parser.add_argument("--thumb-size", type=int, default=96, help="Thumbnail size in the grid (default 96).")
+        _threads_argument(parser)
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
@@ -482,7 +495,7 @@ class SearchCommand(BaseDMinCommand):
             args.index, revision=args.revision, token=args.token, endpoint=args.endpoint, repo_type=args.repo_type
         )
         dataset, image_root, image_column = self._training_data(index)
-        pipe = InfluencePipeline(_load_pipeline(args), index)
+        pipe = InfluencePipeline(_load_pipeline(args), index, num_threads=args.threads)
         pipe.set_progress_bar_config(disable=True)
         results = pipe.attribute(images, prompts=prompts, top_k=args.top_k, exact=not args.hnsw)
 
@@ -727,8 +740,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # disk full, permissions, a vanished file: the system's words, without a traceback
         print(f"dmin {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"dmin {args.command}: interrupted", file=sys.stderr)
+        if getattr(err, "resumable", False):  # a build kept what it computed; the same command resumes it
+            again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+            print(f"dmin build: to resume, run: {shlex.join(['dmin', *again])}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -33,6 +33,7 @@ from .errors import ConfigError, NonFiniteGradientError
 from .logging import ProgressBarMixin, get_logger
 from .objectives import DenoiserAdapter, Objective, adapter_for_pipeline, fixed_noise, select_timesteps
 from .sketch import OPORPSketch
+from .threads import resolve_num_threads, torch_threads
 
 
 logger = get_logger(__name__)
@@ -149,6 +150,10 @@ class GradientSketcher(ProgressBarMixin):
         input_dim (`int`): D, their total number of scalars.
         spec (`SketchSpec`): What an index must share with these sketches.
         sketch (`OPORPSketch`): The compression.
+        num_threads (`int`, *optional*): Torch intra-op threads while gradients are computed; `None` (default): the
+            `DMIN_NUM_THREADS` environment variable, else 1 on the CPU (many small backward passes: more threads
+            collapse on a busy machine, see [`threads`]) and torch's setting on accelerators; `0`: torch's setting.
+            The caller's `torch.get_num_threads()` is restored after each call.
 
     Examples:
     ```py
@@ -171,6 +176,7 @@ class GradientSketcher(ProgressBarMixin):
         max_pairs_per_batch: int = 64,
         gradient_memory_bytes: int = 2**30,
         table_budget_bytes: int = 256 * 2**20,
+        num_threads: int | None = None,
     ):
         config = config if config is not None else DMinConfig()
         if not isinstance(config, DMinConfig):
@@ -208,6 +214,8 @@ class GradientSketcher(ProgressBarMixin):
         self.mode = mode
         self.max_pairs_per_batch = max_pairs_per_batch
         self.gradient_memory_bytes = gradient_memory_bytes
+        resolve_num_threads(num_threads, None)  # a bad value fails now
+        self.num_threads = num_threads
         self._vmap_failed = False
         logger.info(
             f"GradientSketcher: {adapter.family} denoiser, {len(self.param_names)} parameter tensors "
@@ -228,7 +236,9 @@ class GradientSketcher(ProgressBarMixin):
             kwargs:
                 `mode` (`"auto"`, `"vmap"`, `"loop"`), `max_pairs_per_batch` (default 64),
                 `gradient_memory_bytes` (memory for the per-pair gradients of one vmap micro-batch, default 1 GiB),
-                `table_budget_bytes` (cached sketch tables, default 256 MiB).
+                `table_budget_bytes` (cached sketch tables, default 256 MiB), `num_threads` (torch intra-op threads
+                while gradients are computed: default 1 on the CPU, overridable by `DMIN_NUM_THREADS`; `0` keeps
+                torch's setting; see [`threads`]).
         """
         config = config if config is not None else DMinConfig()
         adapter = adapter_for_pipeline(pipeline, config.resolution)
@@ -260,17 +270,19 @@ class GradientSketcher(ProgressBarMixin):
         Returns:
             `torch.Tensor` of shape `(B, T, K)`: float32 sketches on the CPU.
         """
-        x0, cond = self._inputs(images, prompts, latents)
-        return self._run(x0, cond, sink="sketch")
+        with self._threads():
+            x0, cond = self._inputs(images, prompts, latents)
+            return self._run(x0, cond, sink="sketch")
 
     def losses(
         self, images: Any = None, prompts: str | Sequence[str] | None = None, *, latents: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Per-sample training losses at the sketcher's timesteps and noise: `(B, T)` float32 (mean over draws)."""
-        x0, cond = self._inputs(images, prompts, latents)
+        with self._threads():
+            x0, cond = self._inputs(images, prompts, latents)
         batch = x0.shape[0]
         losses = []
-        with torch.no_grad(), self._eval_mode():
+        with torch.no_grad(), self._eval_mode(), self._threads():
             for pairs in self._pair_batches(x0, cond):
                 pred = self.adapter.forward(self.adapter.denoiser, pairs["noisy"], pairs["t"], pairs["cond"])
                 losses.append(self.objective.loss(pred, pairs["target"]).cpu())
@@ -283,8 +295,9 @@ class GradientSketcher(ProgressBarMixin):
 
         Meant for evaluation and tests on small models: it materialises B * T * D numbers.
         """
-        x0, cond = self._inputs(images, prompts, latents)
-        return self._run(x0, cond, sink="dense")
+        with self._threads():
+            x0, cond = self._inputs(images, prompts, latents)
+            return self._run(x0, cond, sink="dense")
 
     # ------------------------------------------------------------------ inputs
 
@@ -346,6 +359,10 @@ class GradientSketcher(ProgressBarMixin):
             }
 
     # ------------------------------------------------------------------ the engine
+
+    def _threads(self) -> contextlib.AbstractContextManager:
+        """Torch intra-op threads while gradients are computed (see [`threads`]); the caller's setting comes back."""
+        return torch_threads(resolve_num_threads(self.num_threads, self.adapter.device))
 
     @contextlib.contextmanager
     def _eval_mode(self):
