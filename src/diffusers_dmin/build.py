@@ -16,6 +16,24 @@ shard file is opened (header and ids only) and its ids count as done. The build'
 `dmin_build.json`, and later in the manifest); a resumed build whose spec differs raises [`IndexMismatchError`].
 `resume=False` deletes the index files of the folder first (only those) and starts over.
 
+**Partial shards.** While a unit is computed, its rows are flushed to a partial file
+(`.dmin-partial/sketches-from-<first id>.part-<n>.safetensors`, atomically, holding the rows since the previous flush
+and how many of the unit's rows they cover) at the first batch boundary after 256 rows or 30 seconds since the last
+durable write. So a killed build (SIGKILL, power loss) loses at most that much work plus the batch in flight, not a
+whole shard of up to 1,024 rows. The next run reads a unit's partial files back, checks them against the unit's rows
+(a file that does not continue them is deleted and its rows recomputed), computes only the rest in the same batches,
+and writes the same shard an uninterrupted build writes; the partial files are deleted once their shard exists.
+Ctrl-C (SIGINT) and SIGTERM flush the current unit at once and raise [`BuildInterrupted`] (a `KeyboardInterrupt`),
+after logging how many rows are kept where and how to resume (run the same build again).
+
+**One writer.** The main process holds an operating-system lock on the folder ([`folderlock`]) for the whole build: a
+second build or a `save_pretrained` into it from another process raises [`IndexLockedError`] naming the holder. The
+lock of a killed build is released by the operating system, so it never blocks a resume.
+
+**Threads.** The gradients run on one torch intra-op thread on the CPU unless told otherwise
+(`sketcher_kwargs={"num_threads": n}`, `DMIN_NUM_THREADS`, CLI `--threads`); see [`threads`] for why and the
+measurements.
+
 **Multi-process.** Under `accelerate launch` (or `torchrun`), every process runs the same call: checks are repeated
 identically in every process, the main process prepares the folder, all processes scan it between two barriers (so
 they agree on the units), each writes only its own shards, and after a final barrier the main process writes the
@@ -32,9 +50,12 @@ raises [`NonFiniteGradientError`] naming the row ids (or is skipped and recorded
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +76,7 @@ from .errors import (
     IndexMismatchError,
     NonFiniteGradientError,
 )
+from .folderlock import folder_lock
 from .logging import get_logger, quiet_local_dataset_loading, tqdm
 from .objectives import prepare_images
 from .storage import (
@@ -77,15 +99,29 @@ logger = get_logger(__name__)
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
-__all__ = ["build_index", "load_training_dataset", "decode_image", "default_shard_rows", "BUILD_STATE_NAME"]
+__all__ = [
+    "build_index",
+    "load_training_dataset",
+    "decode_image",
+    "default_shard_rows",
+    "BuildInterrupted",
+    "BUILD_STATE_NAME",
+    "PARTIAL_DIR",
+]
 
 BUILD_STATE_NAME = "dmin_build.json"
+# Rows of unfinished shards, flushed during a build and read back by the next run (not part of a finished index).
+PARTIAL_DIR = ".dmin-partial"
 _STATE_VERSION = 1
 _SHARD_PREFIX = SHARDS_DIR + "/sketches-from-"
 _SKIPPED_SUFFIX = ".skipped.json"
-# A shard holds at most this many bytes of stored sketches and this many rows (the unit of work lost in a crash).
+# A shard holds at most this many bytes of stored sketches and this many rows.
 _DEFAULT_SHARD_BYTES = 256 * 2**20
 _DEFAULT_MAX_SHARD_ROWS = 1024
+# An unfinished shard's rows are flushed to a partial file at the first batch boundary after this many rows or seconds
+# since the last durable write: a killed build loses at most that much work (plus the batch in flight).
+_FLUSH_ROWS = 256
+_FLUSH_SECONDS = 30.0
 _ON_ERROR = ("raise", "skip")
 
 
@@ -130,92 +166,103 @@ def build_index(
     state = _distributed_state(accelerator)
     rank, world = state.process_index, state.num_processes
     is_main = state.is_main_process
-    _move_pipeline(pipeline, state)
+    with contextlib.ExitStack() as stack:
+        if is_main:  # one build (or save) at a time per folder; other processes of this build follow the main one
+            stack.enter_context(folder_lock(folder, "build"))
+        stack.enter_context(_sigterm_raises())
+        _move_pipeline(pipeline, state)
 
-    sketcher = GradientSketcher.from_pipeline(pipeline, config, **dict(sketcher_kwargs or {}))
-    if progress is False:
-        sketcher.set_progress_bar_config(disable=True)
-    spec = sketcher.spec
-    adapter = sketcher.adapter
-    table = _DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
-    if prompt_column is not None and not adapter.conditional:
-        logger.info(f"`prompt_column={prompt_column!r}` is ignored: the {adapter.family} pipeline is unconditional.")
-    if adapter.conditional and prompt_column is None:
-        raise ConfigError(
-            f"This {adapter.family} pipeline is conditional: pass `prompt_column=` naming the caption column (the "
-            f"dataset has {table.column_names})."
-        )
+        sketcher = GradientSketcher.from_pipeline(pipeline, config, **dict(sketcher_kwargs or {}))
+        if progress is False:
+            sketcher.set_progress_bar_config(disable=True)
+        spec = sketcher.spec
+        adapter = sketcher.adapter
+        table = _DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
+        if prompt_column is not None and not adapter.conditional:
+            logger.info(
+                f"`prompt_column={prompt_column!r}` is ignored: the {adapter.family} pipeline is unconditional."
+            )
+        if adapter.conditional and prompt_column is None:
+            raise ConfigError(
+                f"This {adapter.family} pipeline is conditional: pass `prompt_column=` naming the caption column (the "
+                f"dataset has {table.column_names})."
+            )
 
-    # 1. what is already in the folder, and is it compatible? (every process decides the same way)
-    existing = None if not resume else _read_existing(folder)
-    if existing is not None:
-        existing.check(spec, id_column, folder)
-    state.wait_for_everyone()  # nobody may delete or write before every process has read the folder
-    if is_main:
-        if resume:
-            _remove_temp_files(folder)
-        else:
-            _remove_index_files(folder)
-        if existing is None or existing.manifest is None:
-            _write_state(folder, spec, id_column)
-    state.wait_for_everyone()
+        # 1. what is already in the folder, and is it compatible? (every process decides the same way)
+        existing = None if not resume else _read_existing(folder)
+        if existing is not None:
+            existing.check(spec, id_column, folder)
+        state.wait_for_everyone()  # nobody may delete or write before every process has read the folder
+        if is_main:
+            if resume:
+                _remove_temp_files(folder)
+            else:
+                _remove_index_files(folder)
+            if existing is None or existing.manifest is None:
+                _write_state(folder, spec, id_column)
+        state.wait_for_everyone()
 
-    # 2. which rows are done; cut the rest into units (identical in every process)
-    scan = _scan(folder, spec, existing.manifest if existing is not None else None)
-    state.wait_for_everyone()  # every process has scanned before anyone writes a new shard
-    pending = table.pending_positions(scan.done_ids())
-    rows_per_unit = _shard_rows(shard_rows, batch_size, spec)
-    units = [pending[i : i + rows_per_unit] for i in range(0, len(pending), rows_per_unit)]
-    names = _unit_names(units, table.ids, scan.names())
-    mine = [u for u in range(len(units)) if u % world == rank]
-    logger.info(
-        f"Index build in {folder}: {len(table)} rows, {len(table) - len(pending)} already done or skipped, "
-        f"{len(pending)} to compute in {len(units)} shards of up to {rows_per_unit} rows over {world} process(es) "
-        f"(process {rank} computes {len(mine)} shards)."
-    )
-
-    # 3. compute this process's units
-    computed = _compute_units(
-        sketcher,
-        table,
-        [(names[u], units[u]) for u in mine],
-        folder=folder,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        image_root=image_root,
-        on_error=on_error,
-        progress=progress and is_main,
-        desc=f"Gradient sketches (process {rank + 1}/{world})" if world > 1 else "Gradient sketches",
-        pin_memory=adapter.device.type == "cuda",
-    )
-    state.wait_for_everyone()
-
-    # 4. the main process writes noise, manifest, card (and graph); then everybody loads the result
-    if is_main:
-        _finish(
-            folder,
-            sketcher,
-            table,
-            existing.manifest if existing is not None else None,
-            pipeline=pipeline,
-            id_column=id_column,
-            hnsw=hnsw,
-            progress=progress,
-            metadata=metadata,
-            changed=bool(units) or scan.has_unlisted(),
-        )
-    state.wait_for_everyone()
-    index = GradientIndex.from_pretrained(folder)
-    if not progress:
-        index.set_progress_bar_config(disable=True)
-    seconds = time.perf_counter() - start_time
-    if is_main:
+        # 2. which rows are done; cut the rest into units (identical in every process)
+        scan = _scan(folder, spec, existing.manifest if existing is not None else None)
+        state.wait_for_everyone()  # every process has scanned before anyone writes a new shard
+        pending = table.pending_positions(scan.done_ids())
+        rows_per_unit = _shard_rows(shard_rows, batch_size, spec)
+        units = [pending[i : i + rows_per_unit] for i in range(0, len(pending), rows_per_unit)]
+        names = _unit_names(units, table.ids, scan.names())
+        mine = [u for u in range(len(units)) if u % world == rank]
         logger.info(
-            f"Index build finished: {len(index)} rows in {folder}; this run computed {len(pending)} rows in "
-            f"{seconds:.1f} s ({len(pending) / max(seconds, 1e-9):.2f} samples/s over {world} process(es); this "
-            f"process: {computed} rows)."
+            f"Index build in {folder}: {len(table)} rows, {len(table) - len(pending)} already done or skipped, "
+            f"{len(pending)} to compute in {len(units)} shards of up to {rows_per_unit} rows over {world} process(es) "
+            f"(process {rank} computes {len(mine)} shards)."
         )
-    return index
+
+        # 3. compute this process's units
+        try:
+            computed = _compute_units(
+                sketcher,
+                table,
+                [(names[u], units[u]) for u in mine],
+                folder=folder,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                image_root=image_root,
+                on_error=on_error,
+                progress=progress and is_main,
+                desc=f"Gradient sketches (process {rank + 1}/{world})" if world > 1 else "Gradient sketches",
+                pin_memory=adapter.device.type == "cuda",
+            )
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (`_sigterm_raises`): say what was kept, how to resume
+            message = _interrupted_message(err, folder, spec, len(table))
+            logger.warning(message)
+            raise BuildInterrupted(message, getattr(err, "signal_name", "SIGINT"), resumable=True) from err
+        state.wait_for_everyone()
+
+        # 4. the main process writes noise, manifest, card (and graph); then everybody loads the result
+        if is_main:
+            _finish(
+                folder,
+                sketcher,
+                table,
+                existing.manifest if existing is not None else None,
+                pipeline=pipeline,
+                id_column=id_column,
+                hnsw=hnsw,
+                progress=progress,
+                metadata=metadata,
+                changed=bool(units) or scan.has_unlisted(),
+            )
+        state.wait_for_everyone()
+        index = GradientIndex.from_pretrained(folder)
+        if not progress:
+            index.set_progress_bar_config(disable=True)
+        seconds = time.perf_counter() - start_time
+        if is_main:
+            logger.info(
+                f"Index build finished: {len(index)} rows in {folder}; this run computed {len(pending)} rows in "
+                f"{seconds:.1f} s ({len(pending) / max(seconds, 1e-9):.2f} samples/s over {world} process(es); this "
+                f"process: {computed} rows)."
+            )
+        return index
 
 
 def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
@@ -225,6 +272,72 @@ def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
     row_bytes = config.num_timesteps * config.sketch_dim * (4 if config.dtype == "float32" else 2)
     rows = min(_DEFAULT_MAX_SHARD_ROWS, max(1, _DEFAULT_SHARD_BYTES // row_bytes))
     return max(batch_size, rows // batch_size * batch_size)
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """A build stopped by Ctrl-C (SIGINT) or SIGTERM. What was computed is kept in the folder; running the same build
+    again resumes it. A `KeyboardInterrupt`, so that code which stops on Ctrl-C stops on it too.
+
+    Attributes:
+        signal_name (`str`): `"SIGINT"` or `"SIGTERM"`.
+        resumable (`bool`): The build had prepared its folder (a resume continues it), and the message says what was
+            kept.
+    """
+
+    def __init__(self, message: str = "", signal_name: str = "SIGINT", *, resumable: bool = False):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.resumable = resumable
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a build runs, SIGTERM (e.g. `kill`, a scheduler's stop) raises [`BuildInterrupted`] in the main thread
+    like Ctrl-C does, so the build saves what it computed and says how to resume. Installed only from the main thread
+    and only over the default handler (a program's own handler is left alone); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise BuildInterrupted("SIGTERM", signal_name="SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_message(err: BaseException, folder: Path, spec: SketchSpec, total: int) -> str:
+    from safetensors import safe_open
+
+    cause = "SIGTERM" if getattr(err, "signal_name", None) == "SIGTERM" else "Ctrl-C (SIGINT)"
+    try:
+        in_shards = sum(len(_shard_ids(folder, f"{SHARDS_DIR}/{p.name}", spec)) for p in _shard_files(folder))
+        in_partial = 0
+        for path in sorted((folder / PARTIAL_DIR).glob("*.safetensors")) if (folder / PARTIAL_DIR).is_dir() else []:
+            with safe_open(str(path), framework="np") as f:
+                in_partial += int(f.get_slice("ids").get_shape()[0])
+        kept = (
+            f"{in_shards + in_partial:,} rows are kept in {folder} ({in_shards:,} in finished shards, {in_partial:,} "
+            f"in partial shards under {PARTIAL_DIR}/); the dataset has {total:,} rows"
+        )
+    except Exception as problem:  # the message must not hide the interrupt
+        kept = f"the rows computed so far are kept in {folder} (could not count them: {problem})"
+    return (
+        f"Index build interrupted by {cause}: {kept}. "
+        + ("Every row this process had computed was saved. " if not getattr(err, "dmin_unsaved", False) else "")
+        + "To resume, run "
+        f"the same build again with the same pipeline, dataset, config and output_dir={str(folder)!r} (resume=True, "
+        "the default): only the missing rows are computed. On the command line: the same `dmin build ... "
+        f"--output-dir {folder}` command, without --overwrite."
+    )
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    shards = folder / SHARDS_DIR
+    return sorted(shards.glob("*.safetensors")) if shards.is_dir() else []
 
 
 # ---------------------------------------------------------------------------------------------- checks and setup
@@ -534,6 +647,32 @@ def _worker_init(_: int) -> None:
 # ---------------------------------------------------------------------------------------------- the compute loop
 
 
+@dataclass
+class _Done:
+    """What one batch (or a partial shard file) contributed to its unit; appended to a list in one step, so that an
+    interrupt never leaves half of it recorded."""
+
+    covered: int  # unit positions processed (computed, skipped or failed)
+    sketches: np.ndarray | None  # (n, T, K) storage dtype
+    ids: np.ndarray  # (n,)
+    skipped: list[dict[str, Any]]
+
+
+@dataclass
+class _Unit:
+    name: str
+    positions: np.ndarray  # dataset positions of the whole unit
+    saved: list[_Done] = field(default_factory=list)  # durable: in partial files (read back on resume, or flushed)
+    fresh: list[_Done] = field(default_factory=list)  # computed since the last flush
+    pieces: int = 0  # partial files written for this unit
+
+    def covered(self) -> int:
+        return sum(d.covered for d in self.saved) + sum(d.covered for d in self.fresh)
+
+    def rows(self, parts: list[_Done]) -> int:
+        return sum(len(d.ids) for d in parts)
+
+
 def _compute_units(
     sketcher: Any,
     table: _DatasetView,
@@ -548,14 +687,32 @@ def _compute_units(
     desc: str,
     pin_memory: bool,
 ) -> int:
-    """Compute and write this process's units; returns the number of rows written."""
+    """Compute and write this process's units; returns the number of rows written.
+
+    Rows of an unfinished unit are flushed to a partial file (`.dmin-partial/`) at the first batch boundary after
+    `_FLUSH_ROWS` rows or `_FLUSH_SECONDS` seconds since the last durable write, and on an interrupt; a later run reads
+    them back instead of recomputing those rows, and the unit's shard is the same file an uninterrupted build writes.
+    """
     if not units:
         return 0
     adapter = sketcher.adapter
+    spec = sketcher.spec
+    dtype = sketcher.config.dtype
+    state = [_Unit(name, positions) for name, positions in units]
+    for unit in state:
+        unit.saved, unit.pieces = _read_partial(folder, unit, table.ids, spec)
+    written = 0
+    for unit in state:  # every row already in partial files (interrupted just before the shard was written)
+        if unit.saved and unit.covered() == len(unit.positions):
+            written += _write_unit(folder, unit, dtype)
+    work = [unit for unit in state if unit.covered() < len(unit.positions)]
+    reused = sum(unit.rows(unit.saved) for unit in work)
+    if reused:
+        logger.info(f"Reusing {reused} rows from partial shards of an interrupted build in {folder / PARTIAL_DIR}.")
     loader = torch.utils.data.DataLoader(
         _BatchLoader(
             table,
-            [positions for _, positions in units],
+            [unit.positions[unit.covered() :] for unit in work],
             batch_size,
             adapter.resolution,
             adapter.image_channels,
@@ -569,35 +726,137 @@ def _compute_units(
         worker_init_fn=_worker_init if num_workers else None,
         pin_memory=pin_memory,
     )
-    dtype = sketcher.config.dtype
-    total = sum(len(positions) for _, positions in units)
-    written = 0
-    sketches: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
-    skipped: list[dict[str, Any]] = []
+    total = sum(len(unit.positions) for unit in state)
+    current: _Unit | None = None
+    last_durable = time.monotonic()
     with tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            for sample_id, reason in batch.errors:
-                if on_error == "raise":
-                    raise DatasetError(
-                        f"The training row with id {sample_id} could not be read ({reason}). Fix or remove that row, "
-                        "or pass `on_error='skip'` to leave unreadable rows out (they are listed in the manifest).",
-                        sample_id=sample_id,
-                    )
-                skipped.append({"id": sample_id, "reason": reason})
-            if batch.pixels is not None:
-                rows, row_ids, failed = _sketch_batch(sketcher, batch, on_error)
-                skipped += failed
-                if len(row_ids):
-                    sketches.append(rows)
-                    ids.append(row_ids)
-            bar.update(len(batch.ids))
-            if batch.last:
-                name, _ = units[batch.unit]
-                written += _write_unit(folder, name, sketches, ids, skipped, dtype)
-                bar.set_postfix(shards=f"{batch.unit + 1}/{len(units)}", refresh=False)
-                sketches, ids, skipped = [], [], []
+        bar.update(total - sum(len(unit.positions) - unit.covered() for unit in work))
+        try:
+            for batch in loader:
+                current = work[batch.unit]
+                skipped: list[dict[str, Any]] = []
+                for sample_id, reason in batch.errors:
+                    if on_error == "raise":
+                        raise DatasetError(
+                            f"The training row with id {sample_id} could not be read ({reason}). Fix or remove that "
+                            "row, or pass `on_error='skip'` to leave unreadable rows out (they are listed in the "
+                            "manifest).",
+                            sample_id=sample_id,
+                        )
+                    skipped.append({"id": sample_id, "reason": reason})
+                rows, row_ids = None, np.empty(0, dtype=np.int64)
+                if batch.pixels is not None:
+                    rows, row_ids, failed = _sketch_batch(sketcher, batch, on_error)
+                    skipped += failed
+                    if not len(row_ids):
+                        rows = None
+                current.fresh.append(_Done(len(batch.ids), rows, row_ids, skipped))
+                bar.update(len(batch.ids))
+                if batch.last:
+                    written += _write_unit(folder, current, dtype)
+                    bar.set_postfix(shards=f"{state.index(current) + 1}/{len(state)}", refresh=False)
+                    current, last_durable = None, time.monotonic()
+                elif (
+                    sum(d.covered for d in current.fresh) >= _FLUSH_ROWS
+                    or time.monotonic() - last_durable >= _FLUSH_SECONDS
+                ):
+                    _flush(folder, current)
+                    last_durable = time.monotonic()
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C or SIGTERM (see `_sigterm_raises`): keep what this process computed of the current unit
+            if current is not None and current.fresh:
+                try:
+                    _flush(folder, current)
+                except BaseException as err:  # a second interrupt, a full disk: the earlier files stay consistent
+                    interrupt.dmin_unsaved = True
+                    logger.warning(f"Could not save the last {len(current.fresh)} batch(es) while stopping: {err!r}")
+            raise
     return written
+
+
+def _flush(folder: Path, unit: _Unit) -> None:
+    """Write the unit's rows computed since the last flush to a partial file (atomically) and mark them durable."""
+    from safetensors.numpy import save
+
+    fresh = list(unit.fresh)
+    start = sum(d.covered for d in unit.saved)
+    stop = start + sum(d.covered for d in fresh)
+    arrays = [d.sketches for d in fresh if d.sketches is not None]
+    ids = np.concatenate([d.ids for d in fresh]).astype(np.int64) if fresh else np.empty(0, dtype=np.int64)
+    skipped = [record for d in fresh for record in d.skipped]
+    sketches = np.ascontiguousarray(np.concatenate(arrays)) if arrays else None
+    path = _partial_path(folder, unit.name, unit.pieces)
+    tensors = {"ids": ids} if sketches is None else {"sketches": sketches, "ids": ids}
+    metadata = {"unit": unit.name, "start": str(start), "stop": str(stop), "skipped": json.dumps(skipped)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    # `fresh` first: an interrupt between these lines must not flush the same rows again under another start
+    unit.fresh = unit.fresh[len(fresh) :]
+    unit.saved.append(_Done(stop - start, sketches, ids, skipped))
+    unit.pieces += 1
+    logger.debug(f"Flushed {len(ids)} rows of {unit.name} to {path.name} (rows {start}-{stop} of the unit).")
+
+
+def _partial_path(folder: Path, shard: str, number: int) -> Path:
+    stem = Path(shard).name[: -len(".safetensors")]
+    return folder / PARTIAL_DIR / f"{stem}.part-{number:05d}.safetensors"
+
+
+def _partial_files(folder: Path, shard: str) -> list[Path]:
+    stem = Path(shard).name[: -len(".safetensors")]
+    return sorted((folder / PARTIAL_DIR).glob(f"{stem}.part-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+
+
+def _read_partial(folder: Path, unit: _Unit, ids: np.ndarray, spec: SketchSpec) -> tuple[list[_Done], int]:
+    """The partial files of a unit, checked against the unit's rows; files that do not continue a valid prefix of the
+    unit (another batch plan, another dataset) are deleted and their rows recomputed."""
+    from safetensors import SafetensorError, safe_open
+
+    files = _partial_files(folder, unit.name)
+    done: list[_Done] = []
+    covered = 0
+    expected = (spec.config.num_timesteps, spec.config.sketch_dim)
+    storage = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[spec.config.dtype]
+    for number, path in enumerate(files):
+        problem = None
+        try:
+            if path != _partial_path(folder, unit.name, number):
+                raise ValueError("the files are not numbered 0, 1, 2, ...")
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                part_ids = f.get_tensor("ids")
+                sketches = f.get_tensor("sketches") if "sketches" in f.keys() else None
+            start, stop = int(meta["start"]), int(meta["stop"])
+            skipped = json.loads(meta["skipped"])
+            if meta.get("unit") != unit.name or start != covered or not start < stop <= len(unit.positions):
+                raise ValueError(
+                    f"it covers rows {start}-{stop} of {meta.get('unit')}, not what follows row {covered}"
+                )
+            expect_ids = ids[unit.positions[start:stop]]
+            skipped_ids = {int(r["id"]) for r in skipped}
+            if part_ids.dtype != np.int64 or not np.array_equal(
+                part_ids, expect_ids[~np.isin(expect_ids, list(skipped_ids))]
+            ):
+                raise ValueError("its ids are not the unit's rows")
+            if not skipped_ids <= set(expect_ids.tolist()):
+                raise ValueError("its skipped rows are not the unit's rows")
+            if len(part_ids) and (
+                sketches is None or sketches.shape != (len(part_ids), *expected) or sketches.dtype != storage
+            ):
+                raise ValueError("its sketches have another shape or dtype than this build writes")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            problem = err
+        if problem is not None:
+            stale = files[number:]
+            logger.warning(
+                f"Ignoring {len(stale)} partial file(s) of {unit.name} from {path.name} on ({problem}); their rows "
+                "are computed again."
+            )
+            for old in stale:
+                old.unlink(missing_ok=True)
+            break
+        done.append(_Done(stop - start, sketches if len(part_ids) else None, part_ids, skipped))
+        covered = stop
+    return done, len(done)
 
 
 def _sketch_batch(sketcher: Any, batch: _Batch, on_error: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -629,28 +888,29 @@ def _sketch_batch(sketcher: Any, batch: _Batch, on_error: str) -> tuple[np.ndarr
             prompts = None if prompts is None else [p for p, k in zip(prompts, keep) if k]
 
 
-def _write_unit(
-    folder: Path,
-    name: str,
-    sketches: list[np.ndarray],
-    ids: list[np.ndarray],
-    skipped: list[dict[str, Any]],
-    dtype: str,
-) -> int:
+def _write_unit(folder: Path, unit: _Unit, dtype: str) -> int:
+    """Write a finished unit as one shard (the same file an uninterrupted build writes), then drop its partial files."""
+    parts = unit.saved + unit.fresh
+    name = unit.name
+    skipped = [record for d in parts for record in d.skipped]
     # the skipped rows are recorded first: a shard that exists always has its record of skipped rows
     if skipped:
         atomic_write_bytes(folder / _skipped_name(name), json.dumps(skipped, indent=1).encode("utf-8"))
-    if not ids:
+    arrays = [d.sketches for d in parts if d.sketches is not None]
+    if not arrays:
         logger.info(f"Shard {name}: every row was skipped ({len(skipped)} rows); nothing to write.")
-        return 0
-    rows = np.concatenate(sketches)
-    info = write_shard(folder, name, rows, np.concatenate(ids), dtype)
-    logger.info(
-        f"Wrote {info.name}: {info.num_rows} rows, {info.num_bytes / 2**20:.1f} MiB"
-        + (f" ({len(skipped)} rows skipped)" if skipped else "")
-        + "."
-    )
-    return info.num_rows
+        rows = 0
+    else:
+        info = write_shard(folder, name, np.concatenate(arrays), np.concatenate([d.ids for d in parts]), dtype)
+        logger.info(
+            f"Wrote {info.name}: {info.num_rows} rows, {info.num_bytes / 2**20:.1f} MiB"
+            + (f" ({len(skipped)} rows skipped)" if skipped else "")
+            + "."
+        )
+        rows = info.num_rows
+    for path in _partial_files(folder, name):  # after the shard: a crash in between only leaves orphans
+        path.unlink(missing_ok=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- folder state
@@ -722,7 +982,7 @@ def _write_state(folder: Path, spec: SketchSpec, id_column: str | None) -> None:
 def _remove_temp_files(folder: Path) -> None:
     """Temp files of writes that a killed build left behind (storage writes `.<name>.<random>.tmp` next to files)."""
     removed = 0
-    for directory in (folder, folder / SHARDS_DIR):
+    for directory in (folder, folder / SHARDS_DIR, folder / PARTIAL_DIR):
         if directory.is_dir():
             for path in directory.glob(".*.tmp"):
                 path.unlink(missing_ok=True)
@@ -742,11 +1002,25 @@ def _remove_index_files(folder: Path) -> None:
     if shards.is_dir():
         paths += [*shards.glob("*.safetensors"), *shards.glob("*" + _SKIPPED_SUFFIX), *shards.glob(".*.tmp")]
     paths += list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    paths += list((folder / PARTIAL_DIR).glob("*")) if (folder / PARTIAL_DIR).is_dir() else []
     removed = [p for p in paths if p.is_file()]
     for path in removed:
         path.unlink()
     if removed:
         logger.info(f"`resume=False`: deleted {len(removed)} index file(s) from {folder}; building from scratch.")
+
+
+def _remove_partial_files(folder: Path) -> None:
+    """Partial files left over once every unit has its shard (a crash between a shard and the cleanup of its parts)."""
+    partial = folder / PARTIAL_DIR
+    if partial.is_dir():
+        for path in partial.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+        try:
+            partial.rmdir()
+        except OSError:  # something else lives there; leave it
+            pass
 
 
 @dataclass
@@ -887,6 +1161,7 @@ def _finish(
             f"{len(missing)} rows (ids {table.ids[missing[:10]].tolist()}...) have no shard after every process "
             "finished; run the build again to compute them (it resumes)."
         )
+    _remove_partial_files(folder)
     if old is not None and not changed and not hnsw:
         logger.info(f"The index in {folder} already holds every row of the dataset; nothing to do.")
         return

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import socket
 import sys
 from abc import ABC, abstractmethod
@@ -136,6 +137,15 @@ def _note(args: argparse.Namespace, message: str) -> None:
     """A one-line notice on stderr (not with `-q`)."""
     if not args.quiet:
         print(f"note: {message}", file=sys.stderr)
+
+
+def _threads_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Torch threads for the gradients (default: DMIN_NUM_THREADS, else 1 on the CPU; 0: torch's setting).",
+    )
 
 
 def _device(name: str) -> str:
@@ -508,6 +518,7 @@ class BuildCommand(BaseDMinCommand):
             "--on-error", default="raise", choices=["raise", "skip"], help="Unreadable rows: stop, or skip them."
         )
         run.add_argument("--hnsw", action="store_true", help="Also build the HNSW graph for approximate search.")
+        _threads_argument(run)
         run.add_argument(
             "--overwrite", action="store_true", help="Delete the index files in --output-dir and start over."
         )
@@ -563,6 +574,7 @@ class BuildCommand(BaseDMinCommand):
             image_root=image_root,
             hnsw=args.hnsw,
             progress=not args.quiet,
+            sketcher_kwargs={"num_threads": args.threads},
             base_model_id=args.pipeline,
             base_model_revision=args.model_revision,
             adapter_id=args.lora_weights,
@@ -690,6 +702,7 @@ class SearchCommand(BaseDMinCommand):
             help="Without --dataset, load the Hub dataset id recorded in the index (local paths and URLs are refused).",
         )
         parser.add_argument("--thumb-size", type=int, default=96, help="Thumbnail size in the grid (default 96).")
+        _threads_argument(parser)
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
@@ -737,7 +750,7 @@ class SearchCommand(BaseDMinCommand):
             )
             top_k = len(index)
         dataset, image_root, image_column, caption_column = self._training_data(index, sources)
-        pipe = InfluencePipeline(_load_pipeline(args, sources), index)
+        pipe = InfluencePipeline(_load_pipeline(args, sources), index, num_threads=args.threads)
         pipe.set_progress_bar_config(disable=True)
         adapter = pipe.sketcher.adapter
         height, width = adapter.resolution
@@ -1050,8 +1063,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # disk full, permissions, a vanished file: the system's words, without a traceback
         print(f"dmin {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"dmin {args.command}: interrupted", file=sys.stderr)
+        if getattr(err, "resumable", False):  # a build kept what it computed; the same command resumes it
+            again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+            print(f"dmin build: to resume, run: {shlex.join(['dmin', *again])}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         if not _is_connection_error(err):

@@ -35,6 +35,7 @@ from .families import DenoiserAdapter, adapter_for_pipeline
 from .logging import ProgressBarMixin, get_logger
 from .objectives import Objective, fixed_noise, images_to_tensor, select_timesteps
 from .sketch import OPORPSketch
+from .threads import resolve_num_threads, torch_threads
 
 
 logger = get_logger(__name__)
@@ -301,6 +302,10 @@ class GradientSketcher(ProgressBarMixin):
         input_dim (`int`): D, their total number of scalars.
         spec (`SketchSpec`): What an index must share with these sketches.
         sketch (`OPORPSketch`): The compression.
+        num_threads (`int`, *optional*): Torch intra-op threads while gradients are computed; `None` (default): the
+            `DMIN_NUM_THREADS` environment variable, else 1 on the CPU (many small backward passes: more threads
+            collapse on a busy machine, see [`threads`]) and torch's setting on accelerators; `0`: torch's setting.
+            The caller's `torch.get_num_threads()` is restored after each call.
 
     Examples:
     ```py
@@ -323,6 +328,7 @@ class GradientSketcher(ProgressBarMixin):
         max_pairs_per_batch: int = 64,
         gradient_memory_bytes: int = 2**30,
         table_budget_bytes: int = 256 * 2**20,
+        num_threads: int | None = None,
     ):
         config = config if config is not None else DMinConfig()
         if not isinstance(config, DMinConfig):
@@ -368,6 +374,8 @@ class GradientSketcher(ProgressBarMixin):
         self.mode = mode
         self.max_pairs_per_batch = max_pairs_per_batch
         self.gradient_memory_bytes = gradient_memory_bytes
+        resolve_num_threads(num_threads, None)  # a bad value fails now
+        self.num_threads = num_threads
         self._vmap_failed = False
         logger.info(
             f"GradientSketcher: {adapter.family} denoiser, {len(self.param_names)} parameter tensors "
@@ -391,7 +399,9 @@ class GradientSketcher(ProgressBarMixin):
             kwargs:
                 `mode` (`"auto"`, `"vmap"`, `"loop"`), `max_pairs_per_batch` (default 64),
                 `gradient_memory_bytes` (memory for the per-pair gradients of one vmap micro-batch, default 1 GiB),
-                `table_budget_bytes` (cached sketch tables, default 256 MiB).
+                `table_budget_bytes` (cached sketch tables, default 256 MiB), `num_threads` (torch intra-op threads
+                while gradients are computed: default 1 on the CPU, overridable by `DMIN_NUM_THREADS`; `0` keeps
+                torch's setting; see [`threads`]).
         """
         config = config if config is not None else DMinConfig()
         adapter = adapter_for_pipeline(pipeline, config=config)
@@ -432,8 +442,9 @@ class GradientSketcher(ProgressBarMixin):
         Returns:
             `torch.Tensor` of shape `(B, T, K)`: float32 sketches on the CPU.
         """
-        x0, cond, prompts = self._inputs(images, prompts, latents, condition_images)
-        return self._run(x0, cond, sink="sketch", prompts=prompts)
+        with self._threads():
+            x0, cond, prompts = self._inputs(images, prompts, latents, condition_images)
+            return self._run(x0, cond, sink="sketch", prompts=prompts)
 
     def losses(
         self,
@@ -444,10 +455,11 @@ class GradientSketcher(ProgressBarMixin):
         condition_images: Any = None,
     ) -> torch.Tensor:
         """Per-sample training losses at the sketcher's timesteps and noise: `(B, T)` float32 (mean over draws)."""
-        x0, cond, _ = self._inputs(images, prompts, latents, condition_images)
+        with self._threads():
+            x0, cond, _ = self._inputs(images, prompts, latents, condition_images)
         batch = x0.shape[0]
         losses = []
-        with torch.no_grad(), self._eval_mode():
+        with torch.no_grad(), self._eval_mode(), self._threads():
             for pairs in self._pair_batches(x0, cond):
                 pred = self.adapter.forward(self.adapter.denoiser, pairs["noisy"], pairs["t"], pairs["cond"])
                 losses.append(self.objective.loss(pred, pairs["target"], pairs["weight"]).cpu())
@@ -465,8 +477,9 @@ class GradientSketcher(ProgressBarMixin):
 
         Meant for evaluation and tests on small models: it materialises B * T * D numbers.
         """
-        x0, cond, prompts = self._inputs(images, prompts, latents, condition_images)
-        return self._run(x0, cond, sink="dense", prompts=prompts)
+        with self._threads():
+            x0, cond, prompts = self._inputs(images, prompts, latents, condition_images)
+            return self._run(x0, cond, sink="dense", prompts=prompts)
 
     # ------------------------------------------------------------------ inputs
 
@@ -547,6 +560,10 @@ class GradientSketcher(ProgressBarMixin):
     def _modules(self) -> list[torch.nn.Module]:
         """The modules whose parameters the gradient covers: the denoiser and any selected text encoders."""
         return [self.adapter.denoiser, *self._text_encoders]
+
+    def _threads(self) -> contextlib.AbstractContextManager:
+        """Torch intra-op threads while gradients are computed (see [`threads`]); the caller's setting comes back."""
+        return torch_threads(resolve_num_threads(self.num_threads, self.adapter.device))
 
     @contextlib.contextmanager
     def _eval_mode(self):

@@ -797,8 +797,14 @@ class GradientIndex(ProgressBarMixin):
         Args:
             save_directory (`str` or `os.PathLike`): The folder (created if needed).
             max_shard_rows (`int`, *optional*): Rows per new shard; defaults to about 1 GiB of sketches per shard.
+
+        Raises:
+            [`~folderlock.IndexLockedError`]: Another process is building or saving into `save_directory`.
         """
-        self._write_folder(Path(save_directory), link=False, adopt=True, max_shard_rows=max_shard_rows)
+        from .folderlock import folder_lock
+
+        with folder_lock(save_directory, "save"):  # refused while a build (or another save) writes there
+            self._write_folder(Path(save_directory), link=False, adopt=True, max_shard_rows=max_shard_rows)
 
     @classmethod
     def from_pretrained(

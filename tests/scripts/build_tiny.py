@@ -3,7 +3,10 @@
     python tests/scripts/build_tiny.py --output-dir idx --rows 24
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/build_tiny.py --output-dir idx --rows 24
 
-`--slow SECONDS` sleeps after each shard write, so that a test can kill the build while it runs.
+`--slow SECONDS` sleeps after each shard write and `--slow-batch SECONDS` before each gradient batch, so that a test can
+kill the build while it runs; `--progress FILE` appends the number of rows of each computed batch to FILE (one line
+per batch, written before the build goes on); `--flush-rows N` sets how many rows of an unfinished shard are computed
+before they are flushed to a partial file.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sketch-dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--slow", type=float, default=0.0)
+    parser.add_argument("--slow-batch", type=float, default=0.0)
+    parser.add_argument("--progress", default=None)
+    parser.add_argument("--flush-rows", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--result", default=None, help="Write a JSON summary here (main process).")
     return parser.parse_args(argv)
@@ -45,18 +51,39 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     import diffusers_dmin.build as build_module
+
+    saved = {name: getattr(build_module, name) for name in ("write_shard", "_sketch_batch", "_FLUSH_ROWS")}
+    try:
+        if args.slow:
+
+            def slow_write(*a, **k):
+                info = saved["write_shard"](*a, **k)
+                time.sleep(args.slow)
+                return info
+
+            build_module.write_shard = slow_write
+        if args.slow_batch or args.progress:
+
+            def watched_batch(sketcher, batch, on_error):
+                time.sleep(args.slow_batch)  # before the work: a kill during the sleep finds the progress file exact
+                out = saved["_sketch_batch"](sketcher, batch, on_error)
+                if args.progress:
+                    with open(args.progress, "a") as f:
+                        f.write(f"{len(batch.ids)}\n")
+                return out
+
+            build_module._sketch_batch = watched_batch
+        if args.flush_rows is not None:
+            build_module._FLUSH_ROWS = args.flush_rows
+        return _build(args)
+    finally:  # a test may call main() in its own process
+        for name, value in saved.items():
+            setattr(build_module, name, value)
+
+
+def _build(args: argparse.Namespace) -> dict:
     from diffusers_dmin import DMinConfig, GradientIndex
     from diffusers_dmin.data import load_digits
-
-    if args.slow:
-        write_shard = build_module.write_shard
-
-        def slow_write(*a, **k):
-            info = write_shard(*a, **k)
-            time.sleep(args.slow)
-            return info
-
-        build_module.write_shard = slow_write
 
     pipe = tiny_pipeline(args.pipeline)
     dataset = load_digits(16, split=f"train[:{args.rows}]")
