@@ -21,41 +21,14 @@ from family_checks import (
     check_sketch_matches_reference,
     structured_images,
 )
+from test_family_sd3 import sd3_reference_loss
 
 
 PROMPTS = ["a photo of a cat", "a red square", "the digit three"]
 
 
-def sd35_reference_loss(weighting_scheme="logit_normal", precondition_outputs=True):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-    def loss_fn(pipe, pixels, prompt, noise, t):
-        vae = pipe.vae
-        with torch.no_grad():
-            model_input = vae.encode(pixels).latent_dist.mode()
-            model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
-            prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt=[prompt], prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=False
-            )
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        i = scheduler.config.num_train_timesteps - 1 - t  # DMin's t (larger = noisier) -> the script's index
-        sigmas = scheduler.sigmas[i : i + 1].view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * model_input + sigmas * noise
-        pred = pipe.transformer(
-            hidden_states=noisy,
-            timestep=scheduler.timesteps[i : i + 1],
-            encoder_hidden_states=prompt_embeds,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]
-        if precondition_outputs:
-            pred = pred * (-sigmas) + noisy
-        weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
-        target = model_input if precondition_outputs else noise - model_input
-        return torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(1, -1), 1)[0]
-
-    return loss_fn
+# SD3 and SD3.5 are trained by the same script: the reference loss is test_family_sd3's, written out from it
+sd35_reference_loss = sd3_reference_loss
 
 
 def _lora_pipe():
