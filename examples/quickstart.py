@@ -1,7 +1,7 @@
 """Quickstart: which training digits made this generated digit?
 
-Everything runs offline on a CPU (measured: 370 s on 2 CPU cores shared with other jobs, load average 8-10, with
-OMP_NUM_THREADS=1; torch's default of 2 threads per operation is much slower on a busy machine):
+Everything runs offline on a CPU (measured on 2 CPU cores with the library's default of one torch thread for the
+gradients: 103 s idle, 196 s beside two busy-loop processes, 370 s at load average 8-10; see the README's Set up):
 
 1. load a small DDPM trained on scikit-learn's 1,797 real handwritten digits (committed in
    `examples/checkpoints/ddpm-digits`, rebuilt by `examples/train_ddpm_digits.py`);
