@@ -252,8 +252,11 @@ def tiny_sdxl_pipeline(seed: int = 0, *, words: Iterable[str] = DEFAULT_WORDS):
     )
 
 
-def tiny_sd3_pipeline(seed: int = 0, *, words: Iterable[str] = DEFAULT_WORDS):
-    """A `StableDiffusion3Pipeline` without T5 (`text_encoder_3=None`), flow matching, 16x16 images."""
+def tiny_sd3_pipeline(seed: int = 0, *, words: Iterable[str] = DEFAULT_WORDS, **transformer_config):
+    """A `StableDiffusion3Pipeline` without T5 (`text_encoder_3=None`), flow matching, 16x16 images.
+
+    `transformer_config` overrides entries of the `SD3Transformer2DModel` config (see [`tiny_sd35_pipeline`]).
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -264,7 +267,7 @@ def tiny_sd3_pipeline(seed: int = 0, *, words: Iterable[str] = DEFAULT_WORDS):
     transformers = require("transformers", "`tiny_sd3_pipeline`", "pip install transformers")
     tokenizer = tiny_clip_tokenizer(words)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
+    config = dict(
         sample_size=8,
         patch_size=1,
         in_channels=4,
@@ -277,6 +280,7 @@ def tiny_sd3_pipeline(seed: int = 0, *, words: Iterable[str] = DEFAULT_WORDS):
         pooled_projection_dim=64,
         pos_embed_max_size=16,
     )
+    transformer = SD3Transformer2DModel(**{**config, **transformer_config})
     vae = AutoencoderKL(
         **_TINY_VAE, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035
     )
