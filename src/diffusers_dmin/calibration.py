@@ -47,6 +47,9 @@ class RecallCalibration:
         seed (`int`): Seed of the held-out sample.
         reached (`bool`): Whether `recall >= target`.
         curve (`tuple[tuple[int, float], ...]`): Every `(value, recall)` measured, by value.
+        num_candidates (`int`, *optional*): FAISS only: candidates re-scored exactly per query, calibrated after
+            `nprobe` (the smallest count that keeps the target at that `nprobe`). For HNSW, `ef` is the count.
+        candidates_curve (`tuple[tuple[int, float], ...]`): Every `(num_candidates, recall)` measured.
     """
 
     parameter: str
@@ -59,6 +62,8 @@ class RecallCalibration:
     seed: int
     reached: bool
     curve: tuple[tuple[int, float], ...] = ()
+    num_candidates: int | None = None
+    candidates_curve: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if self.parameter not in _PARAMETERS:
@@ -76,6 +81,8 @@ class RecallCalibration:
             "seed": self.seed,
             "reached": self.reached,
             "curve": [[int(v), float(r)] for v, r in self.curve],
+            "num_candidates": self.num_candidates,
+            "candidates_curve": [[int(v), float(r)] for v, r in self.candidates_curve],
         }
 
     @classmethod
@@ -88,7 +95,9 @@ class RecallCalibration:
             if kind is int:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             if not ok or not (minimum <= value <= (maximum if maximum is not None else float("inf"))):
-                raise ValueError(f"calibration.{key} must be a {kind.__name__} in [{minimum}, {maximum}], got {value!r}")
+                raise ValueError(
+                    f"calibration.{key} must be a {kind.__name__} in [{minimum}, {maximum}], got {value!r}"
+                )
             return kind(value)
 
         if not isinstance(data, Mapping):
@@ -102,23 +111,9 @@ class RecallCalibration:
         reached = data.get("reached")
         if not isinstance(reached, bool):
             raise ValueError(f"calibration.reached must be a boolean, got {reached!r}")
-        curve = data.get("curve", [])
-        if not isinstance(curve, list) or len(curve) > 4096:
-            raise ValueError("calibration.curve must be a list of at most 4096 [value, recall] pairs")
-        parsed_curve = []
-        for item in curve:
-            if not (
-                isinstance(item, list)
-                and len(item) == 2
-                and isinstance(item[0], int)
-                and not isinstance(item[0], bool)
-                and item[0] >= 1
-                and isinstance(item[1], (int, float))
-                and not isinstance(item[1], bool)
-                and 0.0 <= item[1] <= 1.0
-            ):
-                raise ValueError(f"calibration.curve holds an invalid entry {item!r}")
-            parsed_curve.append((int(item[0]), float(item[1])))
+        num_candidates = data.get("num_candidates")
+        if num_candidates is not None:
+            num_candidates = number("num_candidates", int, 1, 2**31)
         return cls(
             parameter=parameter,
             value=number("value", int, 1, 2**31),
@@ -129,8 +124,30 @@ class RecallCalibration:
             noise=noise,
             seed=number("seed", int, 0, 2**63),
             reached=reached,
-            curve=tuple(parsed_curve),
+            curve=_parse_curve(data.get("curve", []), "curve"),
+            num_candidates=num_candidates,
+            candidates_curve=_parse_curve(data.get("candidates_curve", []), "candidates_curve"),
         )
+
+
+def _parse_curve(curve: Any, name: str) -> tuple[tuple[int, float], ...]:
+    if not isinstance(curve, list) or len(curve) > 4096:
+        raise ValueError(f"calibration.{name} must be a list of at most 4096 [value, recall] pairs")
+    parsed = []
+    for item in curve:
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], int)
+            and not isinstance(item[0], bool)
+            and item[0] >= 1
+            and isinstance(item[1], (int, float))
+            and not isinstance(item[1], bool)
+            and 0.0 <= item[1] <= 1.0
+        ):
+            raise ValueError(f"calibration.{name} holds an invalid entry {item!r}")
+        parsed.append((int(item[0]), float(item[1])))
+    return tuple(parsed)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -181,6 +198,33 @@ def held_out_queries(
     return positions, queries
 
 
+def smallest_reaching(
+    search_at: Callable[[int], np.ndarray], truth: np.ndarray, *, target: float, low: int, high: int, name: str
+) -> tuple[int, dict[int, float]]:
+    """Doubling then bisection (see [`calibrate_recall`]): the value found and every `{value: recall}` measured."""
+    curve: dict[int, float] = {}
+
+    def measure(value: int) -> float:
+        if value not in curve:
+            curve[value] = recall_at_k(search_at(value), truth)
+            logger.info(f"{name}={value}: recall@{truth.shape[1]} = {curve[value]:.4f}")
+        return curve[value]
+
+    missed, value = low - 1, low
+    while measure(value) < target and value < high:
+        missed, value = value, min(high, 2 * value)
+    if curve[value] >= target:
+        passed = value
+        while passed - missed > 1:
+            middle = (missed + passed) // 2
+            if measure(middle) >= target:
+                passed = middle
+            else:
+                missed = middle
+        value = passed
+    return value, curve
+
+
 def calibrate_recall(
     search_at: Callable[[int], np.ndarray],
     truth: np.ndarray,
@@ -218,28 +262,9 @@ def calibrate_recall(
     if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
         raise ConfigError(f"`low` and `high` must be integers with 1 <= low <= high, but are {low!r}, {high!r}.")
     truth = np.asarray(truth)
-    curve: dict[int, float] = {}
-
-    def measure(value: int) -> float:
-        if value not in curve:
-            curve[value] = recall_at_k(search_at(value), truth)
-            logger.info(f"{parameter}={value}: recall@{truth.shape[1]} = {curve[value]:.4f}")
-        return curve[value]
-
-    missed, value = low - 1, low
-    while measure(value) < target and value < high:
-        missed, value = value, min(high, 2 * value)
+    value, curve = smallest_reaching(search_at, truth, target=target, low=low, high=high, name=parameter)
     reached = curve[value] >= target
-    if reached:
-        passed = value
-        while passed - missed > 1:
-            middle = (missed + passed) // 2
-            if measure(middle) >= target:
-                passed = middle
-            else:
-                missed = middle
-        value = passed
-    else:
+    if not reached:
         logger.warning(
             f"Recall@{truth.shape[1]} {curve[value]:.3f} at the largest {parameter}={value} is below the target "
             f"{target}; searching with {parameter}={value}. Re-score more candidates or use exact search."

@@ -23,6 +23,7 @@ The search runs on CPU, or on a GPU (`device="cuda"`) when torch sees one and th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .calibration import RecallCalibration, calibrate_recall, smallest_reaching
 from .errors import ConfigError, DMinError, IndexCorruptError, MissingDependencyError
 from .logging import get_logger, tqdm
 from .search import ExactSearch, SearchBackend, _as_query_matrix, _check_top_k, single_threaded_torch
@@ -57,6 +59,7 @@ DEFAULT_COARSE_DIM = 1024
 MAX_COARSE_DIM = 32768
 DEFAULT_NPROBE = 16
 DEFAULT_NUM_CANDIDATES = 100
+DEFAULT_MAX_CANDIDATES = 1024
 PQ_NBITS = 8  # 256 centroids per sub-quantizer: every code byte is a valid centroid index
 _MAX_NLIST = 2**20
 # training rows per list (k-means) and per PQ centroid: FAISS warns below 39 and subsamples above 256
@@ -71,7 +74,7 @@ def require_faiss():
         import faiss
     except ImportError as err:
         raise MissingDependencyError(
-            'The FAISS search backend needs `faiss`, which is not installed. Install it with `pip install '
+            "The FAISS search backend needs `faiss`, which is not installed. Install it with `pip install "
             '"diffusers-dmin[faiss]"` (faiss-cpu), or search with `exact=True` or the HNSW backend.'
         ) from err
     return faiss
@@ -418,6 +421,10 @@ class FaissIVFSearch(SearchBackend):
         Returns:
             `tuple[np.ndarray, np.ndarray]`: Positions (int64) and exact float32 scores, `(num_queries, k)` with
             `k = min(top_k, num_rows)`, best first.
+
+        With `largest=False` (opponents) the coarse stage probes the lists nearest to `-query`; the most negative
+        rows are usually spread over many lists, so recall is lower than for `largest=True`: calibrate, or use
+        exact search for opponents.
         """
         self._check_rows(rows)
         full = _as_query_matrix(queries, rows.dim)
@@ -448,6 +455,65 @@ class FaissIVFSearch(SearchBackend):
         best, order = torch.topk(signed, k, dim=1)
         positions = np.take_along_axis(filled, order.numpy(), axis=1)
         return positions, (best if largest else -best).numpy()
+
+    def calibrate(
+        self,
+        rows: ExactSearch,
+        queries: torch.Tensor | np.ndarray,
+        *,
+        top_k: int = 10,
+        target: float = 0.95,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        noise: float | None = None,
+        seed: int = 0,
+    ) -> RecallCalibration:
+        r"""
+        Set `nprobe` and `num_candidates` to the smallest values whose recall@`top_k` against exact search on
+        `queries` reaches `target` (see [`~diffusers_dmin.calibration.calibrate_recall`]).
+
+        First the smallest `nprobe` reaching the target while re-scoring `max_candidates` candidates, then, at that
+        `nprobe`, the smallest number of candidates that still reaches it. Both are applied to this index and
+        returned (with `parameter="nprobe"`) for the manifest. When the target is out of reach even at
+        `nprobe=nlist`, the largest values are applied and the result says `reached=False`.
+
+        Args:
+            rows (`ExactSearch`): The rows the index was built from.
+            queries (`torch.Tensor` of shape `(num_queries, rows.dim)`): Held-out queries, e.g. from
+                [`~diffusers_dmin.calibration.held_out_queries`].
+            max_candidates (`int`, *optional*, defaults to 1024): Most candidates re-scored per query.
+            noise (`float`, *optional*), seed (`int`, *optional*, defaults to 0): How the queries were made
+                (recorded in the result).
+        """
+        full = _as_query_matrix(queries, rows.dim)
+        k = _check_top_k(top_k, self.num_rows)
+        high = min(self.num_rows, max(k, _check_int("max_candidates", max_candidates, 1)))
+        truth, _ = rows.search(full, k)
+        first = calibrate_recall(
+            lambda v: self.search_rescored(rows, full, k, nprobe=v, num_candidates=high)[0],
+            truth,
+            parameter="nprobe",
+            target=target,
+            high=self.nlist,
+            noise=noise,
+            seed=seed,
+        )
+        num_candidates, candidates_curve = high, {high: first.recall}
+        if first.reached:
+            num_candidates, candidates_curve = smallest_reaching(
+                lambda c: self.search_rescored(rows, full, k, nprobe=first.value, num_candidates=c)[0],
+                truth,
+                target=target,
+                low=k,
+                high=high,
+                name="num_candidates",
+            )
+        self.nprobe, self.num_candidates = first.value, num_candidates
+        return dataclasses.replace(
+            first,
+            recall=candidates_curve[num_candidates],
+            num_candidates=num_candidates,
+            candidates_curve=tuple(sorted(candidates_curve.items())),
+        )
 
     # ------------------------------------------------------------------------------------------ persisting
 
