@@ -26,6 +26,7 @@ from diffusers_dmin.faiss_backend import (  # noqa: E402
     FaissIVFSearch,
     default_coarse_sketch_dim,
     default_nlist,
+    default_pq_m,
     require_faiss,
 )
 
@@ -50,7 +51,7 @@ def rows():
 @pytest.fixture(scope="module")
 def built(rows):
     return {
-        codec: FaissIVFSearch.from_rows(rows, sketch_dim=16, codec=codec, seed=0, progress=False)
+        codec: FaissIVFSearch.from_rows(rows, sketch_dim=16, codec=codec, pq_m=8, seed=0, progress=False)
         for codec in ("pq", "sq8", "sq4")
     }
 
@@ -343,13 +344,16 @@ def test_default_coarse_dimension_fits_engine_limits():
     assert default_coarse_sketch_dim(10, 4096, max_dim=32768) == 2048
     assert default_coarse_sketch_dim(3, 100) == 100
     assert default_nlist(10**6) == 1024 and default_nlist(100) == 2
+    assert default_pq_m(640) == 40 and default_pq_m(32) == 2 and default_pq_m(7) == 1
 
 
 # ------------------------------------------------------------------------------------ calibration
 
 
 def test_calibrated_nprobe_and_candidates_reach_the_target_on_fresh_held_out_rows(rows):
-    ivf = FaissIVFSearch.from_rows(rows, sketch_dim=16, codec="pq", nprobe=1, num_candidates=12, progress=False)
+    ivf = FaissIVFSearch.from_rows(
+        rows, sketch_dim=16, codec="pq", pq_m=8, nprobe=1, num_candidates=12, progress=False
+    )
     _, queries = held_out_queries(rows, 150, noise=0.4, seed=2)
     truth, _ = rows.search(queries, 10)
     assert recall_at_k(ivf.search_rescored(rows, queries, 10)[0], truth) < 0.9  # these settings miss
@@ -415,3 +419,13 @@ def test_calibration_arguments_and_manifest_entries_are_checked():
     for key, bad in (("value", 0), ("recall", 1.5), ("parameter", "M"), ("reached", "yes"), ("curve", [[1, 2.0]])):
         with pytest.raises(ValueError, match=key):
             RecallCalibration.from_dict({**good, key: bad})
+
+
+def test_rescoring_in_query_batches_gives_the_same_results(rows, built, held_out, monkeypatch):
+    import diffusers_dmin.faiss_backend as faiss_backend
+
+    _, queries, _, _ = held_out
+    expected = built["sq8"].search_rescored(rows, queries, 10)
+    monkeypatch.setattr(faiss_backend, "_RESCORE_BYTES", 4 * rows.dim * 100 * 7)  # 7 queries per batch
+    for a, b in zip(expected, built["sq8"].search_rescored(rows, queries, 10)):
+        np.testing.assert_array_equal(a, b)
