@@ -357,7 +357,9 @@ def test_calibrated_nprobe_and_candidates_reach_the_target_on_fresh_held_out_row
     _, queries = held_out_queries(rows, 150, noise=0.4, seed=2)
     truth, _ = rows.search(queries, 10)
     assert recall_at_k(ivf.search_rescored(rows, queries, 10)[0], truth) < 0.9  # these settings miss
-    calibration = ivf.calibrate(rows, queries, top_k=10, target=0.95, max_candidates=400, noise=0.4, seed=2)
+    calibration = ivf.calibrate(
+        rows, queries, top_k=10, target=0.95, max_candidates=400, noise=0.4, seed=2, confidence=None
+    )
     assert calibration.reached and calibration.recall >= 0.95 and calibration.parameter == "nprobe"
     assert (ivf.nprobe, ivf.num_candidates) == (calibration.value, calibration.num_candidates)
     curve, candidates_curve = dict(calibration.curve), dict(calibration.candidates_curve)
@@ -396,9 +398,18 @@ def test_calibrated_ef_reaches_the_target_for_hnsw():
         candidates, _ = graph.search(queries, max(10, ef))
         return rescore(rows, queries, candidates, 10)[0]
 
-    calibration = calibrate_recall(search_at, truth, parameter="ef", target=0.9, low=10, high=rows.num_rows)
+    calibration = calibrate_recall(
+        search_at, truth, parameter="ef", target=0.9, low=10, high=rows.num_rows, confidence=None
+    )
     assert calibration.reached and calibration.value > 10 and calibration.recall >= 0.9
     assert dict(calibration.curve)[calibration.value - 1] < 0.9
+    # with a confidence bound (the default), the mean recall must clear the target by its standard error
+    bounded = calibrate_recall(search_at, truth, parameter="ef", target=0.9, low=10, high=rows.num_rows)
+    per_query = [len(set(f) & set(t)) / 10 for f, t in zip(search_at(bounded.value), truth)]
+    error = np.std(per_query, ddof=1) / np.sqrt(len(per_query))
+    assert bounded.confidence == 0.95 and bounded.value >= calibration.value
+    assert bounded.recall_lower_bound == pytest.approx(np.mean(per_query) - 1.6448536 * error, abs=1e-6)
+    assert bounded.recall_lower_bound >= 0.9 and bounded.recall > bounded.recall_lower_bound
 
 
 def test_unreachable_target_is_reported_not_hidden():
@@ -427,5 +438,6 @@ def test_rescoring_in_query_batches_gives_the_same_results(rows, built, held_out
     _, queries, _, _ = held_out
     expected = built["sq8"].search_rescored(rows, queries, 10)
     monkeypatch.setattr(faiss_backend, "_RESCORE_BYTES", 4 * rows.dim * 100 * 7)  # 7 queries per batch
-    for a, b in zip(expected, built["sq8"].search_rescored(rows, queries, 10)):
-        np.testing.assert_array_equal(a, b)
+    positions, scores = built["sq8"].search_rescored(rows, queries, 10)
+    np.testing.assert_array_equal(positions, expected[0])
+    np.testing.assert_allclose(scores, expected[1], rtol=1e-5, atol=1e-6)  # other BLAS blocking: rounding only

@@ -479,6 +479,7 @@ class FaissIVFSearch(SearchBackend):
         noise: float | None = None,
         seed: int = 0,
         truth: np.ndarray | None = None,
+        confidence: float | None = 0.95,
     ) -> RecallCalibration:
         r"""
         Set `nprobe` and `num_candidates` to the smallest values whose recall@`top_k` against exact search on
@@ -498,6 +499,9 @@ class FaissIVFSearch(SearchBackend):
                 (recorded in the result).
             truth (`np.ndarray` of shape `(num_queries, top_k)`, *optional*): Exact top-k positions of `queries`
                 when already known; computed with `rows.search` otherwise.
+            confidence (`float`, *optional*, defaults to 0.95): See
+                [`~diffusers_dmin.calibration.calibrate_recall`]: the lower confidence bound of the recall must
+                reach `target`.
         """
         full = _as_query_matrix(queries, rows.dim)
         k = _check_top_k(top_k, self.num_rows)
@@ -514,21 +518,24 @@ class FaissIVFSearch(SearchBackend):
             high=self.nlist,
             noise=noise,
             seed=seed,
+            confidence=confidence,
         )
-        num_candidates, candidates_curve = high, {high: first.recall}
+        num_candidates, candidates_curve, bounds = high, {high: first.recall}, {high: first.recall_lower_bound}
         if first.reached:
-            num_candidates, candidates_curve = smallest_reaching(
+            num_candidates, candidates_curve, bounds = smallest_reaching(
                 lambda c: self.search_rescored(rows, full, k, nprobe=first.value, num_candidates=c)[0],
                 truth,
                 target=target,
                 low=k,
                 high=high,
                 name="num_candidates",
+                confidence=confidence,
             )
         self.nprobe, self.num_candidates = first.value, num_candidates
         return dataclasses.replace(
             first,
             recall=candidates_curve[num_candidates],
+            recall_lower_bound=bounds[num_candidates],
             num_candidates=num_candidates,
             candidates_curve=tuple(sorted(candidates_curve.items())),
         )
