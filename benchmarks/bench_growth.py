@@ -61,7 +61,7 @@ CAL_NOISE = 1.0  # a noisy copy as far from its row as a fresh row is from its c
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 100
 GIB = 2**30
 BUDGET = 24 * GIB
-CHUNK = 50_000
+CHUNK = 25_000
 
 
 # ---------------------------------------------------------------------------------------------- memory sampling
