@@ -34,6 +34,13 @@ import numpy as np
 import torch
 
 from .calibration import RecallCalibration, calibrate_recall, smallest_reaching
+from .constants import (
+    DEFAULT_FAISS_CANDIDATES,
+    DEFAULT_FAISS_NPROBE,
+    FAISS_CODECS,
+    MAX_FAISS_COARSE_DIM,
+    MAX_FAISS_NLIST,
+)
 from .errors import ConfigError, DMinError, IndexCorruptError, MissingDependencyError
 from .logging import get_logger, tqdm
 from .search import ExactSearch, SearchBackend, _as_query_matrix, _check_top_k, single_threaded_torch
@@ -53,15 +60,15 @@ __all__ = [
     "MAX_COARSE_DIM",
 ]
 
-CODECS = ("pq", "sq8", "sq4")
-# Largest coarse dimension we build by default (and the common engine limit we must stay under: Milvus 32,768).
+CODECS = FAISS_CODECS
+# Largest coarse dimension we build by default (the hard limit is the common engine limit, Milvus's 32,768).
 DEFAULT_COARSE_DIM = 1024
-MAX_COARSE_DIM = 32768
-DEFAULT_NPROBE = 16
-DEFAULT_NUM_CANDIDATES = 100
+MAX_COARSE_DIM = MAX_FAISS_COARSE_DIM
+DEFAULT_NPROBE = DEFAULT_FAISS_NPROBE
+DEFAULT_NUM_CANDIDATES = DEFAULT_FAISS_CANDIDATES
 DEFAULT_MAX_CANDIDATES = 1024
 PQ_NBITS = 8  # 256 centroids per sub-quantizer: every code byte is a valid centroid index
-_MAX_NLIST = 2**20
+_MAX_NLIST = MAX_FAISS_NLIST
 # float32 bytes of candidate rows gathered at once for exact re-scoring
 _RESCORE_BYTES = 256 * 2**20
 # training rows per list (k-means) and per PQ centroid: FAISS warns below 39 and subsamples above 256

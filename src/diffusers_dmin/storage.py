@@ -40,13 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calibration import RecallCalibration
 from .config import DTYPES, DMinConfig, SketchSpec
 from .constants import (
     DEFAULT_MAX_SHARD_BYTES,
+    FAISS_CODECS,
     FORMAT_VERSION,
     HNSW_NAME,
     IDS_KEY,
     MANIFEST_NAME,
+    MAX_FAISS_COARSE_DIM,
+    MAX_FAISS_NLIST,
     NOISE_KEY,
     NOISE_NAME,
     SHARD_NAME_TEMPLATE,
@@ -63,6 +67,7 @@ __all__ = [
     "ShardInfo",
     "FileInfo",
     "HNSWInfo",
+    "FaissInfo",
     "IndexMetadata",
     "Manifest",
     "ShardData",
@@ -185,6 +190,7 @@ class HNSWInfo:
         sketch_dim (`int`): K of the vectors in the graph (the stored K, or a divisor of it when built folded).
         M (`int`), ef_construction (`int`), ef (`int`): hnswlib parameters (`ef` is applied after loading).
         space (`str`): hnswlib space, always `"ip"` (inner product).
+        calibration (`RecallCalibration`, *optional*): How `ef` was calibrated to a recall target.
     """
 
     name: str
@@ -196,9 +202,12 @@ class HNSWInfo:
     ef_construction: int
     ef: int
     space: str = "ip"
+    calibration: RecallCalibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["calibration"] = None if self.calibration is None else self.calibration.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HNSWInfo:
@@ -214,7 +223,76 @@ class HNSWInfo:
             M=_check_int(data["M"], "hnsw.M", minimum=2),
             ef_construction=_check_int(data["ef_construction"], "hnsw.ef_construction", minimum=1),
             ef=_check_int(data["ef"], "hnsw.ef", minimum=1),
+            calibration=_calibration(data, "hnsw", "ef"),
         )
+
+
+def _calibration(data: Mapping[str, Any], what: str, parameter: str) -> RecallCalibration | None:
+    if data.get("calibration") is None:
+        return None
+    calibration = RecallCalibration.from_dict(_check_mapping(data["calibration"], f"{what}.calibration"))
+    if calibration.parameter != parameter:
+        raise ValueError(f"{what}.calibration.parameter must be {parameter!r}, got {calibration.parameter!r}")
+    return calibration
+
+
+@dataclass(frozen=True)
+class FaissInfo:
+    r"""
+    The saved FAISS IVF index (see [`~diffusers_dmin.faiss_backend.FaissIVFSearch`]): a safetensors file of arrays
+    written by us, rebuilt into a FAISS index after validation against these values.
+
+    Args:
+        name (`str`): Path relative to the index folder (`"faiss_ivf.safetensors"`).
+        sha256 (`str`), num_bytes (`int`): Checksum and size, checked before the file is parsed.
+        num_rows (`int`): Rows `0 .. num_rows - 1` of the index are in it; later rows are added on load.
+        sketch_dim (`int`): Buckets per timestep of the coarse (folded) vectors.
+        nlist (`int`): Inverted lists. codec (`str`): `"pq"`, `"sq8"` or `"sq4"`. pq_m (`int`): PQ bytes per row
+            (0 for SQ).
+        nprobe (`int`), num_candidates (`int`): Search settings (calibrated ones when `calibration` is set).
+        calibration (`RecallCalibration`, *optional*): How `nprobe` / `num_candidates` were calibrated.
+    """
+
+    name: str
+    sha256: str
+    num_bytes: int
+    num_rows: int
+    sketch_dim: int
+    nlist: int
+    codec: str
+    pq_m: int
+    nprobe: int
+    num_candidates: int
+    calibration: RecallCalibration | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["calibration"] = None if self.calibration is None else self.calibration.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FaissInfo:
+        codec = data["codec"]
+        if codec not in FAISS_CODECS:
+            raise ValueError(f"faiss.codec must be one of {FAISS_CODECS}, got {codec!r}")
+        info = cls(
+            name=_check_relative_name(data["name"], "faiss.name"),
+            sha256=_check_sha(data["sha256"], "faiss.sha256"),
+            num_bytes=_check_int(data["num_bytes"], "faiss.num_bytes", minimum=8),
+            num_rows=_check_int(data["num_rows"], "faiss.num_rows", minimum=1),
+            sketch_dim=_check_int(data["sketch_dim"], "faiss.sketch_dim", minimum=1),
+            nlist=_check_int(data["nlist"], "faiss.nlist", minimum=1),
+            codec=codec,
+            pq_m=_check_int(data["pq_m"], "faiss.pq_m", minimum=0),
+            nprobe=_check_int(data["nprobe"], "faiss.nprobe", minimum=1),
+            num_candidates=_check_int(data["num_candidates"], "faiss.num_candidates", minimum=1),
+            calibration=_calibration(data, "faiss", "nprobe"),
+        )
+        if info.nlist > MAX_FAISS_NLIST or info.nlist > info.num_rows:
+            raise ValueError(f"faiss.nlist={info.nlist} exceeds {MAX_FAISS_NLIST} or faiss.num_rows={info.num_rows}")
+        if (info.codec == "pq") != (info.pq_m > 0):
+            raise ValueError(f"faiss.pq_m={info.pq_m} does not fit faiss.codec={info.codec!r} (0 exactly for SQ)")
+        return info
 
 
 @dataclass
@@ -330,6 +408,7 @@ class Manifest:
         shards (`list[ShardInfo]`): Shards in row order.
         noise (`FileInfo`, *optional*): The fixed noise file.
         hnsw (`HNSWInfo`, *optional*): The saved HNSW graph.
+        faiss (`FaissInfo`, *optional*): The saved FAISS IVF index.
         metadata (`IndexMetadata`): Provenance (base model, adapter, dataset, id column).
         format_version (`int`, *optional*, defaults to `FORMAT_VERSION`): Version of this format.
         library_version (`str`, *optional*): Version of diffusers_dmin that wrote the manifest.
@@ -340,6 +419,7 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     noise: FileInfo | None = None
     hnsw: HNSWInfo | None = None
+    faiss: FaissInfo | None = None
     metadata: IndexMetadata = field(default_factory=IndexMetadata)
     format_version: int = FORMAT_VERSION
     library_version: str | None = None
@@ -383,6 +463,22 @@ class Manifest:
                 raise ValueError(
                     f"hnsw.sketch_dim={self.hnsw.sketch_dim} does not divide sketch_dim={self.sketch_dim}"
                 )
+        if self.faiss is not None:
+            if self.faiss.num_rows > self.num_rows:
+                raise ValueError(
+                    f"the FAISS index holds {self.faiss.num_rows} rows but the index only {self.num_rows}"
+                )
+            if self.sketch_dim % self.faiss.sketch_dim:
+                raise ValueError(
+                    f"faiss.sketch_dim={self.faiss.sketch_dim} does not divide sketch_dim={self.sketch_dim}"
+                )
+            coarse_dim = self.num_timesteps * self.faiss.sketch_dim
+            if coarse_dim > MAX_FAISS_COARSE_DIM:
+                raise ValueError(f"the FAISS coarse dimension {coarse_dim} exceeds {MAX_FAISS_COARSE_DIM}")
+            if self.faiss.codec == "pq" and coarse_dim % self.faiss.pq_m:
+                raise ValueError(f"faiss.pq_m={self.faiss.pq_m} does not divide the coarse dimension {coarse_dim}")
+            if self.hnsw is not None and self.faiss.name == self.hnsw.name:
+                raise ValueError("the FAISS index and the HNSW graph name the same file")
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -402,6 +498,7 @@ class Manifest:
             "shards": [shard.to_dict() for shard in self.shards],
             "noise": None if self.noise is None else self.noise.to_dict(),
             "hnsw": None if self.hnsw is None else self.hnsw.to_dict(),
+            "faiss": None if self.faiss is None else self.faiss.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -425,6 +522,7 @@ class Manifest:
             shards=[ShardInfo.from_dict(_check_mapping(s, "shards[]")) for s in data["shards"]],
             noise=None if data.get("noise") is None else FileInfo.from_dict(_check_mapping(data["noise"], "noise")),
             hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(_check_mapping(data["hnsw"], "hnsw")),
+            faiss=None if data.get("faiss") is None else FaissInfo.from_dict(_check_mapping(data["faiss"], "faiss")),
             metadata=IndexMetadata.from_dict(data),
             format_version=version,
             library_version=data.get("library_version"),
