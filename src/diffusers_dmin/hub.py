@@ -34,6 +34,7 @@ from .constants import (
     DEFAULT_COMMIT_MESSAGE,
     DEFAULT_REPO_TYPE,
     EXACT_SEARCH_PATTERNS,
+    FAISS_NAME,
     HNSW_NAME,
     MANIFEST_NAME,
     NOISE_NAME,
@@ -271,8 +272,8 @@ def upload_index_folder(
             revision=revision,
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
             create_pr=create_pr,
-            allow_patterns=[*EXACT_SEARCH_PATTERNS, HNSW_NAME],
-            delete_patterns=[f"{SHARDS_DIR}/*", NOISE_NAME, HNSW_NAME],
+            allow_patterns=[*EXACT_SEARCH_PATTERNS, HNSW_NAME, FAISS_NAME],
+            delete_patterns=[f"{SHARDS_DIR}/*", NOISE_NAME, HNSW_NAME, FAISS_NAME],
         )
     logger.info(f"Pushed the index in {folder} to {_where(repo_id, repo_type, endpoint, revision)}: {info}")
     return info
@@ -382,6 +383,19 @@ def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
         )
     else:
         rows.append(("HNSW graph", "not included (built on first approximate search)"))
+    if manifest.faiss is not None:
+        f = manifest.faiss
+        calibrated = ""
+        if f.calibration is not None:
+            c = f.calibration
+            calibrated = f", calibrated to recall@{c.top_k} {c.recall:.3f} (target {c.target})"
+        rows.append(
+            (
+                "FAISS index",
+                f"`{FAISS_NAME}`: IVF-{f.codec}, nlist={f.nlist}, coarse K={f.sketch_dim}, nprobe={f.nprobe}, "
+                f"{f.num_candidates} re-scored candidates{calibrated}, {f.num_rows:,} rows",
+            )
+        )
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True).replace("`", "\\u0060")
     size_category = _size_category(manifest.num_rows)
@@ -418,7 +432,8 @@ diffusers-dmin repository with `pip install -e .` (run in the clone).
 
 Files: `{MANIFEST_NAME}` (manifest: config, provenance, shard list with sha256 checksums),
 `{SHARDS_DIR}/sketches-NNNNN.safetensors` (`sketches` of shape (n, T, K) and int64 `ids`),
-`{NOISE_NAME}` (the fixed noise, for audit), `{HNSW_NAME}` (optional approximate-search graph).
+`{NOISE_NAME}` (the fixed noise, for audit), `{HNSW_NAME}` (optional approximate-search graph), `{FAISS_NAME}`
+(optional FAISS IVF index, as plain arrays).
 
 ## How it was built
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import hub
+from .calibration import RecallCalibration, calibrate_recall, held_out_queries
 from .config import DMinConfig, SketchSpec
 from .constants import (
     DEFAULT_COMMIT_MESSAGE,
@@ -22,6 +23,7 @@ from .constants import (
     DEFAULT_HNSW_EF_CONSTRUCTION,
     DEFAULT_HNSW_M,
     DEFAULT_REPO_TYPE,
+    FAISS_NAME,
     HNSW_NAME,
     MANIFEST_NAME,
     NOISE_NAME,
@@ -37,6 +39,7 @@ from .errors import (
     IndexNotFoundError,
     NonFiniteGradientError,
 )
+from .faiss_backend import IndexIVF
 from .hnsw_file import validate_hnsw_file
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
@@ -44,6 +47,7 @@ from .search import ExactSearch, HNSWSearch, expand_queries, single_threaded_tor
 from .search import rescore as rescore_candidates
 from .sketch import fold_sketch
 from .storage import (
+    FaissInfo,
     FileInfo,
     HNSWInfo,
     IndexMetadata,
@@ -202,6 +206,9 @@ class GradientIndex(ProgressBarMixin):
             "ef_construction": DEFAULT_HNSW_EF_CONSTRUCTION,
             "ef": DEFAULT_HNSW_EF,
         }
+        self._hnsw_calibration: RecallCalibration | None = None
+        self._ivf = IndexIVF()  # the FAISS IVF index: in memory, saved, or to download
+        self._faiss_folder: Path | None = None
         self._origin: _HubOrigin | None = None
         self._source_folder: Path | None = None
         self._dataset: Any = None
@@ -257,6 +264,17 @@ class GradientIndex(ProgressBarMixin):
         """`M`, `ef_construction` and `ef` of the HNSW graph (the paper's 16, 200, 100 unless built otherwise)."""
         return dict(self._hnsw_params)
 
+    @property
+    def faiss_params(self) -> dict[str, Any] | None:
+        """`codec`, `sketch_dim`, `nlist`, `pq_m`, `nprobe` and `num_candidates` of the FAISS index (None: none)."""
+        return self._ivf.params
+
+    def calibration(self, backend: Literal["hnsw", "faiss"]) -> RecallCalibration | None:
+        """The recall calibration stored for `backend` (see [`calibrate`]), or None."""
+        if backend not in ("hnsw", "faiss"):
+            raise ConfigError(f"`backend` must be 'hnsw' or 'faiss', but is {backend!r}.")
+        return self._hnsw_calibration if backend == "hnsw" else self._ivf.calibration
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -268,7 +286,8 @@ class GradientIndex(ProgressBarMixin):
             hnsw = f"saved ({self._hnsw_info.num_rows} rows)"
         return (
             f"GradientIndex(num_rows={len(self)}, num_timesteps={self.num_timesteps}, sketch_dim={self.sketch_dim}, "
-            f"dtype={self.dtype!r}, spec={'set' if self._spec is not None else 'unspecified'}, hnsw={hnsw})"
+            f"dtype={self.dtype!r}, spec={'set' if self._spec is not None else 'unspecified'}, hnsw={hnsw}, "
+            f"faiss={self._ivf.describe()})"
         )
 
     # ------------------------------------------------------------------------------------------------ building
@@ -510,6 +529,7 @@ class GradientIndex(ProgressBarMixin):
             # from the graph's own row count: an interrupted extension is completed by the next one
             self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
             self._hnsw_dirty = True
+        self._ivf.extend(self._exact_search(), progress=self._progress_enabled())
 
     def build_hnsw(
         self,
@@ -549,6 +569,157 @@ class GradientIndex(ProgressBarMixin):
         )
         graph.add_rows(self._exact_search(), start=0, progress=self._progress_enabled())
         self._hnsw, self._hnsw_dirty, self._hnsw_info, self._hnsw_params = graph, True, None, params
+        self._hnsw_calibration = None
+
+    def build_faiss(
+        self,
+        *,
+        codec: Literal["pq", "sq8", "sq4"] = "pq",
+        sketch_dim: int | None = None,
+        nlist: int | None = None,
+        pq_m: int | None = None,
+        nprobe: int | None = None,
+        num_candidates: int | None = None,
+        num_train: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        r"""
+        Build a FAISS IVF index (optional extra: `pip install "diffusers-dmin[faiss]"`) over all rows, replacing any
+        existing one: k-means lists over the rows folded to `sketch_dim` buckets per timestep, with PQ or SQ codes.
+        `search(..., backend="faiss")` then re-scores its candidates exactly at full K from the shards.
+        [`save_pretrained`] / [`push_to_hub`] save it as `faiss_ivf.safetensors` (arrays we write and validate; FAISS
+        never parses a file). Use [`calibrate`] to set `nprobe` and the candidate count for a recall target.
+
+        Args:
+            codec (`str`, *optional*, defaults to `"pq"`): `"pq"` (`pq_m` bytes per row), `"sq8"` (one byte per
+                coarse dimension) or `"sq4"`.
+            sketch_dim (`int`, *optional*): Coarse buckets per timestep (a divisor of K); defaults to the largest
+                with T x sketch_dim <= 1,024 (at most 32,768, the dimension limit of engines such as Milvus).
+            nlist (`int`, *optional*): Inverted lists; defaults to a power of two near sqrt(rows).
+            pq_m (`int`, *optional*): PQ sub-quantizers (divides T x sketch_dim); defaults to 16-dim sub-vectors.
+            nprobe (`int`, *optional*, defaults to 16), num_candidates (`int`, *optional*, defaults to 100): Lists
+                probed and candidates re-scored per query.
+            num_train (`int`, *optional*): Training rows (seeded sample); defaults to 64 per list.
+            seed (`int`, *optional*, defaults to 0): Seed of the training sample and k-means.
+            device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"` or `"auto"` (GPU when torch sees one
+                and faiss has GPU support).
+        """
+        self._check_nonempty()
+        if sketch_dim is not None:
+            sketch_dim = self._check_sketch_dim(sketch_dim)
+        options = {"nprobe": nprobe, "num_candidates": num_candidates}
+        self._ivf.build(
+            self._exact_search(),
+            progress=self._progress_enabled(),
+            device=device,
+            codec=codec,
+            sketch_dim=sketch_dim,
+            nlist=nlist,
+            pq_m=pq_m,
+            num_train=num_train,
+            seed=seed,
+            **{key: value for key, value in options.items() if value is not None},
+        )
+        self._faiss_folder = None
+
+    def calibrate(
+        self,
+        *,
+        backend: Literal["hnsw", "faiss"] = "faiss",
+        target: float = 0.95,
+        top_k: int = 10,
+        queries: torch.Tensor | np.ndarray | None = None,
+        num_queries: int = 200,
+        noise: float = 0.25,
+        seed: int = 0,
+        confidence: float | None = 0.95,
+        max_candidates: int = 1024,
+    ) -> RecallCalibration:
+        r"""
+        Calibrate the approximate search to a recall target: the smallest `ef` (HNSW) or `nprobe` and candidate
+        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its 95% lower
+        confidence bound, by default). The values are applied, and stored in the manifest by the next
+        [`save_pretrained`] / [`push_to_hub`]; the backend is built first when the index has none.
+
+        Args:
+            backend (`str`, *optional*, defaults to `"faiss"`): `"faiss"` or `"hnsw"`.
+            target (`float`, *optional*, defaults to 0.95): Requested recall@`top_k`.
+            top_k (`int`, *optional*, defaults to 10): The k of recall@k.
+            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches (e.g. of
+                generated images). By default `num_queries` rows are sampled from the index (seeded) and queried as
+                noisy copies of themselves (relative noise `noise`).
+            confidence (`float`, *optional*, defaults to 0.95): See
+                [`~diffusers_dmin.calibration.calibrate_recall`]; `None` compares the mean recall itself.
+            max_candidates (`int`, *optional*, defaults to 1024): FAISS only: most candidates re-scored per query.
+
+        Returns:
+            [`~diffusers_dmin.calibration.RecallCalibration`]: `reached=False` when even the widest search misses.
+
+        Examples:
+        ```py
+        >>> index.build_faiss(codec="pq")
+        >>> index.calibrate(backend="faiss", target=0.95).value  # nprobe
+        >>> index.save_pretrained("idx")  # the manifest records the calibration
+        ```
+        """
+        if backend not in ("hnsw", "faiss"):
+            raise ConfigError(f"`backend` must be 'hnsw' or 'faiss', but is {backend!r}.")
+        self._check_nonempty()
+        rows = self._exact_search()
+        if queries is None:
+            _, flat = held_out_queries(rows, num_queries, noise=noise, seed=seed)
+            used_noise: float | None = float(noise)
+        else:
+            with single_threaded_torch():
+                folded = self._prepare_queries(queries, None)
+                flat = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
+            used_noise = None
+        if backend == "faiss":
+            return self._ivf.calibrate(
+                rows,
+                flat,
+                top_k=top_k,
+                target=target,
+                noise=used_noise,
+                seed=seed,
+                confidence=confidence,
+                max_candidates=max_candidates,
+            )
+        graph = self._get_hnsw(self._hnsw_info.sketch_dim if self._hnsw_info is not None else self.sketch_dim)
+        k = min(int(top_k), len(self))
+        truth, _ = rows.search(flat, k)
+        k_graph = graph.dim // self.num_timesteps
+        with single_threaded_torch():
+            graph_queries = fold_sketch(flat.reshape(len(flat), self.num_timesteps, -1), k_graph).reshape(
+                len(flat), -1
+            )
+
+        def search_at(ef: int) -> np.ndarray:
+            graph.ef = ef
+            candidates, _ = graph.search(graph_queries, max(k, ef))
+            return rescore_candidates(rows, flat, candidates, k)[0]
+
+        previous = graph.ef
+        try:
+            calibration = calibrate_recall(
+                search_at,
+                truth,
+                parameter="ef",
+                target=target,
+                low=k,
+                high=len(self),
+                noise=used_noise,
+                seed=seed,
+                confidence=confidence,
+            )
+        finally:
+            graph.ef = previous
+        graph.ef = calibration.value
+        self._hnsw_params = {**self._hnsw_params, "ef": calibration.value}
+        self._hnsw_calibration = calibration
+        self._hnsw_dirty = True  # the manifest entry changes
+        return calibration
 
     # ------------------------------------------------------------------------------------------------ search
 
@@ -602,6 +773,8 @@ class GradientIndex(ProgressBarMixin):
         sketch_dim: int | None = None,
         rescore: bool = True,
         ef: int | None = None,
+        backend: Literal["exact", "hnsw", "faiss"] | None = None,
+        nprobe: int | None = None,
     ) -> list[InfluenceResult]:
         r"""
         Find the training samples whose sketches have the largest inner products with each query.
@@ -613,7 +786,9 @@ class GradientIndex(ProgressBarMixin):
             top_k (`int`, *optional*, defaults to 10):
                 Results per query (fewer when the index has fewer rows).
             exact (`bool`, *optional*, defaults to `True`):
-                Exact search over all rows; `False` uses the HNSW graph (loaded, downloaded or built on first use).
+                Exact search over all rows; `False` searches approximately: with the FAISS index when the index has
+                one (built, saved or listed in the manifest), else with the HNSW graph (loaded, downloaded or built
+                on first use).
             spec (`SketchSpec` or `DMinConfig`, *optional*):
                 How the queries were computed; checked with [`check_compatible`] before searching.
             largest (`bool`, *optional*, defaults to `True`):
@@ -627,6 +802,12 @@ class GradientIndex(ProgressBarMixin):
                 graph dimension must then equal the search dimension).
             ef (`int`, *optional*):
                 HNSW only: candidate list size for this call (default: the graph's `ef`, 100).
+            backend (`str`, *optional*):
+                `"exact"`, `"hnsw"` or `"faiss"`; overrides `exact`. FAISS (optional extra
+                `pip install "diffusers-dmin[faiss]"`) probes `nprobe` IVF lists of folded sketches and re-scores its
+                candidates exactly at full K (built with the defaults on first use; see [`build_faiss`]).
+            nprobe (`int`, *optional*):
+                FAISS only: lists probed for this call (default: the index's, calibrated or 16).
 
         Returns:
             `list[InfluenceResult]`: One per query: `sample_ids` (int64) and `scores` (float32 inner products),
@@ -652,8 +833,15 @@ class GradientIndex(ProgressBarMixin):
             num_queries, _, k_search = folded.shape
             full = expand_queries(folded, self.sketch_dim).reshape(num_queries, -1)
         exact_search = self._exact_search()
-        if exact:
+        backend = self._choose_backend(exact, backend)
+        if backend == "exact":
             positions, scores = exact_search.search(full, top_k, largest=largest)
+        elif backend == "faiss":
+            if not rescore:
+                raise ConfigError("The FAISS backend always re-scores its candidates exactly; drop `rescore=False`.")
+            ivf = self._ivf.get(exact_search, progress=self._progress_enabled())
+            with single_threaded_torch():
+                positions, scores = ivf.search_rescored(exact_search, full, top_k, largest=largest, nprobe=nprobe)
         else:
             positions, scores = self._search_hnsw(exact_search, folded, full, top_k, largest, rescore, ef)
         results = []
@@ -664,6 +852,15 @@ class GradientIndex(ProgressBarMixin):
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
         return results
+
+    def _choose_backend(self, exact: bool, backend: str | None) -> str:
+        if backend is None:
+            if exact:
+                return "exact"
+            return "faiss" if self._ivf.params is not None else "hnsw"
+        if backend not in ("exact", "hnsw", "faiss"):
+            raise ConfigError(f"`backend` must be 'exact', 'hnsw' or 'faiss', but is {backend!r}.")
+        return backend
 
     def _search_hnsw(
         self,
@@ -896,7 +1093,11 @@ class GradientIndex(ProgressBarMixin):
         if manifest.noise is not None:
             verify_file(folder, manifest.noise.name, manifest.noise.sha256, manifest.noise.num_bytes, "noise file")
             index._noise_info, index._noise_folder = manifest.noise, folder
+        if manifest.faiss is not None:
+            index._ivf.use_file(manifest.faiss, index._faiss_locator(manifest.faiss, folder))
+            index._faiss_folder = folder
         if manifest.hnsw is not None:
+            index._hnsw_calibration = manifest.hnsw.calibration
             index._hnsw_info, index._hnsw_folder = manifest.hnsw, folder
             index._hnsw_params = {
                 "M": manifest.hnsw.M,
@@ -1030,12 +1231,14 @@ class GradientIndex(ProgressBarMixin):
                     start = end
             noise_info = self._stage_noise(folder, link, staged)
             hnsw_info = self._stage_hnsw(folder, link, staged)
+            faiss_info = self._stage_faiss(folder, link, staged)
             manifest = Manifest(
                 config=self._config,
                 spec=self._spec,
                 shards=shards,
                 noise=noise_info,
                 hnsw=hnsw_info,
+                faiss=faiss_info,
                 metadata=self._metadata,
             )
             card = folder / README_NAME
@@ -1056,7 +1259,8 @@ class GradientIndex(ProgressBarMixin):
             committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
             if replaced:
                 if manifest.noise is None or (manifest.noise.name not in staged):
-                    write_manifest(folder, dataclasses.replace(manifest, hnsw=None))  # loadable while the graph moves
+                    # loadable while the graph and the FAISS index move
+                    write_manifest(folder, dataclasses.replace(manifest, hnsw=None, faiss=None))
                 else:
                     (folder / MANIFEST_NAME).unlink(missing_ok=True)
                     fsync_dir(folder)
@@ -1071,9 +1275,10 @@ class GradientIndex(ProgressBarMixin):
                 for name in written:
                     (folder / name).unlink(missing_ok=True)
         if current is not None:  # files of the index this one replaced
-            kept = {info.name for info in shards} | {f.name for f in (manifest.noise, manifest.hnsw) if f is not None}
+            kept = {info.name for info in shards}
+            kept |= {f.name for f in (manifest.noise, manifest.hnsw, manifest.faiss) if f is not None}
             for name in [info.name for info in current.shards] + [
-                f.name for f in (current.noise, current.hnsw) if f is not None
+                f.name for f in (current.noise, current.hnsw, current.faiss) if f is not None
             ]:
                 if name not in kept and name not in mine:
                     (folder / name).unlink(missing_ok=True)
@@ -1084,13 +1289,16 @@ class GradientIndex(ProgressBarMixin):
                 self._noise_info, self._noise_folder = noise_info, folder
             if self._hnsw is not None and hnsw_info is not None and (self._hnsw_dirty or self._hnsw_info is None):
                 self._hnsw_info, self._hnsw_folder, self._hnsw_dirty = hnsw_info, folder, False
+            if faiss_info is not None and (self._ivf.dirty or self._ivf.file is None):
+                self._ivf.saved(faiss_info, self._faiss_locator(faiss_info, folder))
+                self._faiss_folder = folder
         logger.info(f"Saved {len(self)} rows in {len(shards)} shards to {folder}.")
         return manifest
 
     def _backed_by(self, folder: Path) -> bool:
         """Whether any file of this index lives in `folder` (saving there again must keep them)."""
         folders = [b.folder for b in self._blocks if b.shard is not None]
-        folders += [self._noise_folder, self._hnsw_folder]
+        folders += [self._noise_folder, self._hnsw_folder, self._faiss_folder]
         return any(_same_path(f, folder) for f in folders)
 
     def _stage_noise(self, folder: Path, link: bool, staged: dict[str, Path]) -> FileInfo | None:
@@ -1137,6 +1345,7 @@ class GradientIndex(ProgressBarMixin):
                 M=graph.M,
                 ef_construction=graph.ef_construction,
                 ef=graph.ef,
+                calibration=self._hnsw_calibration,
             )
         info = self._hnsw_info
         if info is None:
@@ -1157,12 +1366,33 @@ class GradientIndex(ProgressBarMixin):
             staged[HNSW_NAME] = stage_copy(source, folder / HNSW_NAME)
         return info
 
+    def _stage_faiss(self, folder: Path, link: bool, staged: dict[str, Path]) -> FaissInfo | None:
+        ivf = self._ivf
+        if ivf.ivf is None and ivf.file is not None and _same_path(self._faiss_folder, folder):
+            return ivf.file  # unchanged, already there
+        if link and ivf.ivf is not None and not ivf.dirty and ivf.file is not None:
+            source = ivf.locate() if ivf.locate is not None else None
+            if source is not None:
+                verify_file(source.parent, source.name, ivf.file.sha256, ivf.file.num_bytes, "FAISS index")
+                _place(source, folder / FAISS_NAME, link)
+                return dataclasses.replace(ivf.file, name=FAISS_NAME)
+        tmp, info = ivf.stage(folder)
+        if tmp is not None:
+            staged[FAISS_NAME] = tmp
+        return info
+
+    def _faiss_locator(self, info: FaissInfo, folder: Path):
+        return lambda: self._source(info, folder, download=True)
+
     def _hnsw_source(self, *, download: bool) -> Path | None:
         """The local `hnsw.bin` of the manifest's graph (downloading it from the Hub origin), or None if absent."""
-        info = self._hnsw_info
-        if info is None or self._hnsw_folder is None:
+        return self._source(self._hnsw_info, self._hnsw_folder, download=download)
+
+    def _source(self, info: Any, folder: Path | None, *, download: bool) -> Path | None:
+        """The local file of a manifest entry (downloading it from the Hub origin), or None if absent."""
+        if info is None or folder is None:
             return None
-        path = self._hnsw_folder / info.name
+        path = folder / info.name
         if path.is_file():
             return path
         if download and self._origin is not None:
