@@ -127,6 +127,38 @@ def test_build_info_search_push_pull(artifacts, tmp_path, capsys, fake_hub):
     assert (pulled / "hnsw.bin").is_file()
 
 
+def test_build_with_faiss_and_recall_calibration_then_info_and_search(artifacts, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    index_dir = tmp_path / "index"
+    code, out, err = _run(
+        capsys, "build", artifacts / "pipe", "--dataset", artifacts / "data", "--num-timesteps", "2",
+        "--sketch-dim", "64", "--batch-size", "4", "--output-dir", index_dir, "--hnsw", "--faiss", "sq8",
+        "--calibrate-recall", "0.9", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert re.search(r"Calibrated hnsw: ef=\d+, recall@10 [01]\.\d+ \(target 0\.9\)", out)
+    assert re.search(r"Calibrated faiss: nprobe=\d+, \d+ candidates, recall@10 [01]\.\d+ \(target 0\.9\)", out)
+    manifest = json.loads((index_dir / "dmin_index.json").read_text())
+    assert manifest["faiss"]["codec"] == "sq8" and manifest["faiss"]["calibration"]["target"] == 0.9
+    assert manifest["hnsw"]["calibration"]["parameter"] == "ef"
+
+    code, out, err = _run(capsys, "info", index_dir)
+    assert code == 0, err
+    assert "faiss:       IVF-sq8, 12 rows at K=64" in out and "(calibrated: recall@10" in out
+    assert "noisy copies (noise 0.25) of index rows" in out
+
+    grid = tmp_path / "grid.png"
+    search = ["search", index_dir, "--pipeline", artifacts / "pipe", "--image", artifacts / "query.png"]
+    code, out, err = _run(
+        capsys, *search, "--prompt", "a digit", "--top-k", "3", "--output", grid, "--backend", "faiss"
+    )
+    assert code == 0, err
+    faiss_table = [line.split()[:3] for line in out.splitlines()[2:5]]
+    code, out, err = _run(capsys, *search, "--prompt", "a digit", "--top-k", "3", "--output", grid)
+    assert code == 0, err
+    assert faiss_table == [line.split()[:3] for line in out.splitlines()[2:5]]  # 12 rows: FAISS finds the exact top 3
+
+
 def test_user_errors_print_one_line_and_exit_2(artifacts, tmp_path, capsys, fake_hub):
     code, out, err = _run(
         capsys, "build", artifacts / "pipe", "--dataset", artifacts / "data", "--image-column", "img",

@@ -305,11 +305,30 @@ def _summary(manifest: Any, where: str) -> list[str]:
         "  hnsw:        none"
         if hnsw is None
         else f"  hnsw:        {hnsw.num_rows:,} rows at K={hnsw.sketch_dim}, M={hnsw.M}, "
-        f"ef_construction={hnsw.ef_construction}, ef={hnsw.ef}"
+        f"ef_construction={hnsw.ef_construction}, ef={hnsw.ef}" + _calibrated(hnsw.calibration)
+    )
+    faiss = manifest.faiss
+    lines.append(
+        "  faiss:       none"
+        if faiss is None
+        else f"  faiss:       IVF-{faiss.codec}, {faiss.num_rows:,} rows at K={faiss.sketch_dim}, nlist={faiss.nlist}"
+        + (f", pq_m={faiss.pq_m}" if faiss.codec == "pq" else "")
+        + f", nprobe={faiss.nprobe}, {faiss.num_candidates} re-scored candidates"
+        + _calibrated(faiss.calibration)
     )
     lines.append(f"  noise:       {'saved' if manifest.noise is not None else 'not saved'}")
     lines.append(f"  written by:  diffusers_dmin {manifest.library_version or '?'} (format {manifest.format_version})")
     return lines
+
+
+def _calibrated(calibration) -> str:
+    if calibration is None:
+        return ""
+    how = "real queries" if calibration.noise is None else f"noisy copies (noise {calibration.noise:g}) of index rows"
+    return (
+        f" (calibrated: recall@{calibration.top_k} {calibration.recall:.3f}, target {calibration.target:g}"
+        f"{'' if calibration.reached else ' NOT reached'}, {calibration.num_queries} {how})"
+    )
 
 
 def _is_local(path: str) -> bool:
@@ -482,6 +501,7 @@ class BuildCommand(BaseDMinCommand):
         "dmin build ./ddpm-digits --dataset ./digits.jsonl --image-column file --id-column id \\",
         "    --num-timesteps 10 --sketch-dim 4096 --batch-size 64 --output-dir digits-index",
         "accelerate launch --multi_gpu --num_processes 4 -m diffusers_dmin.cli build ... --output-dir big-index",
+        "dmin build ./ddpm-digits --dataset ./digits.jsonl --output-dir digits-index --faiss pq --calibrate-recall 0.95",
     )
 
     @classmethod
@@ -518,6 +538,20 @@ class BuildCommand(BaseDMinCommand):
             "--on-error", default="raise", choices=["raise", "skip"], help="Unreadable rows: stop, or skip them."
         )
         run.add_argument("--hnsw", action="store_true", help="Also build the HNSW graph for approximate search.")
+        run.add_argument(
+            "--faiss",
+            choices=("pq", "sq8", "sq4"),
+            default=None,
+            help='Also build a FAISS IVF index with these codes (needs `pip install "diffusers-dmin[faiss]"`).',
+        )
+        run.add_argument(
+            "--calibrate-recall",
+            type=float,
+            default=None,
+            metavar="TARGET",
+            help="Calibrate ef (HNSW) / nprobe (FAISS) of the built backends to this recall@10 on held-out rows "
+            "(e.g. 0.95) and store it in the manifest.",
+        )
         _threads_argument(run)
         run.add_argument(
             "--overwrite", action="store_true", help="Delete the index files in --output-dir and start over."
@@ -584,6 +618,20 @@ class BuildCommand(BaseDMinCommand):
         )
         from accelerate import PartialState
 
+        if PartialState().is_main_process and (args.faiss or args.calibrate_recall is not None):
+            if args.faiss:
+                index.build_faiss(codec=args.faiss)
+            if args.calibrate_recall is not None:
+                for backend in ("hnsw", "faiss"):
+                    if (backend == "hnsw" and args.hnsw) or (backend == "faiss" and index.faiss_params is not None):
+                        result = index.calibrate(backend=backend, target=args.calibrate_recall)
+                        extra = "" if result.num_candidates is None else f", {result.num_candidates} candidates"
+                        print(
+                            f"Calibrated {backend}: {result.parameter}={result.value}{extra}, recall@{result.top_k} "
+                            f"{result.recall:.3f} (target {result.target:g}"
+                            f"{'' if result.reached else ', NOT reached'})."
+                        )
+            index.save_pretrained(args.output_dir)
         if PartialState().is_main_process:
             skipped = len(index.metadata.extra.get("skipped") or [])
             print(
@@ -671,6 +719,7 @@ class SearchCommand(BaseDMinCommand):
         "dmin search pokemon-index --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \\",
         "    --lora-weights my-org/pokemon-lora --image generated.png --prompt 'a blue dragon' --top-k 8",
         "dmin search digits-index --pipeline ./ddpm-digits --image a.png b.png --output influence.png",
+        "dmin search digits-index --pipeline ./ddpm-digits --image a.png --backend faiss",
     )
 
     @classmethod
@@ -686,7 +735,14 @@ class SearchCommand(BaseDMinCommand):
         parser.add_argument("--prompt", nargs="+", default=None, help="The prompt (one, or one per image).")
         parser.add_argument("--top-k", type=int, default=10, help="Training samples per image (default 10).")
         parser.add_argument("--output", default="dmin_search.png", help="Grid PNG to write (default dmin_search.png).")
-        parser.add_argument("--hnsw", action="store_true", help="Approximate (HNSW) search instead of exact.")
+        backend = parser.add_mutually_exclusive_group()
+        backend.add_argument("--hnsw", action="store_true", help="Approximate (HNSW) search instead of exact.")
+        backend.add_argument(
+            "--backend",
+            choices=("exact", "hnsw", "faiss"),
+            default=None,
+            help="Search backend (default exact). faiss: the index's FAISS IVF index, candidates re-scored exactly.",
+        )
         _dataset_arguments(parser, required=False, image_column=None)
         parser.add_argument(
             "--caption-column",
@@ -784,7 +840,8 @@ class SearchCommand(BaseDMinCommand):
             )
         else:  # one by one: the images may differ in size
             pixels = torch.cat([prepare_images([image], (height, width), adapter.image_channels) for image in images])
-        results = pipe.attribute(pixels, prompts=prompts, top_k=top_k, exact=not args.hnsw)
+        backend = args.backend or ("hnsw" if args.hnsw else "exact")
+        results = pipe.attribute(pixels, prompts=prompts, top_k=top_k, backend=backend)
 
         thumbs_per_query = []
         for number, (name, result) in enumerate(zip(args.image, results)):

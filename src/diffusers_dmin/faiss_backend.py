@@ -318,6 +318,11 @@ class FaissIVFSearch(SearchBackend):
         num_train = min(_check_int("num_train", num_train, 1), rows.num_rows)
         if num_train < self.nlist:
             raise ConfigError(f"`num_train={num_train}` must be at least `nlist={self.nlist}`.")
+        if self.codec == "pq" and num_train < 2**PQ_NBITS:
+            raise ConfigError(
+                f"PQ codes need at least {2**PQ_NBITS} training rows (one per centroid), but only {num_train} are "
+                "used; use `codec='sq8'` for small indices, or raise `num_train`."
+            )
         rng = np.random.default_rng(seed)
         positions = np.sort(rng.choice(rows.num_rows, size=num_train, replace=False))
         sample = np.empty((num_train, self._dim), dtype=np.float32)
@@ -851,8 +856,10 @@ class IndexIVF:
                 self.ivf = FaissIVFSearch.load_info(source, self.file, rows.num_timesteps, device=self.device)
                 self.dirty = False
         if self.ivf is None:
-            logger.info("The index has no FAISS index yet; building one with the default parameters.")
-            self.build(rows, progress=progress)
+            # PQ trains 256 centroids per sub-quantizer on at least 39 rows each (FAISS's minimum)
+            codec = "pq" if rows.num_rows >= _MIN_TRAIN_PQ else "sq8"
+            logger.info(f"The index has no FAISS index yet; building IVF-{codec} with the default parameters.")
+            self.build(rows, progress=progress, codec=codec)
         self.extend(rows, progress=progress)
         return self.ivf
 

@@ -209,6 +209,8 @@ class InfluencePipeline:
         prompts: str | Sequence[str] | None = None,
         top_k: int = 10,
         exact: bool = True,
+        *,
+        backend: str | None = None,
     ) -> list[InfluenceResult]:
         r"""
         Attribute existing images (e.g. generated earlier, or found in the wild) to training samples.
@@ -223,7 +225,10 @@ class InfluencePipeline:
             prompts (`str` or `list[str]`, *optional*):
                 The prompt of each image (conditional pipelines).
             top_k (`int`, *optional*, defaults to 10): Training samples returned per image.
-            exact (`bool`, *optional*, defaults to `True`): Exact search; `False` uses HNSW.
+            exact (`bool`, *optional*, defaults to `True`): Exact search; `False` searches approximately (FAISS when
+                the index has a FAISS index, else HNSW).
+            backend (`str`, *optional*): `"exact"`, `"hnsw"` or `"faiss"`; overrides `exact` (see
+                [`GradientIndex.search`]).
 
         Returns:
             `list[InfluenceResult]`: One per image, with `query` set to the image.
@@ -237,7 +242,7 @@ class InfluencePipeline:
         start = time.perf_counter()
         sketches = self.sketcher(images=pixels, prompts=prompts)
         sketched = time.perf_counter()
-        influence = self.index.search(sketches, top_k=top_k, exact=exact)
+        influence = self.index.search(sketches, top_k=top_k, exact=exact, backend=backend)
         self._record_timings(gradient=sketched - start, search=time.perf_counter() - sketched)
         texts = [prompts] * len(influence) if prompts is None or isinstance(prompts, str) else list(prompts)
         for number, (result, image) in enumerate(zip(influence, pixels)):
