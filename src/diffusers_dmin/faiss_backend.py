@@ -331,8 +331,17 @@ class FaissIVFSearch(SearchBackend):
                 batch = rows.gather(positions[s : s + 4096])
                 sample[s : s + len(batch)] = self._fold(batch, rows.sketch_dim).numpy()
         self._index.cp.seed = int(seed) % 2**31
+        # FAISS prints an unconditional warning to stderr below 39 rows per centroid; we log it instead
+        self._index.cp.min_points_per_centroid = 1
+        if num_train < 39 * self.nlist or (self.codec == "pq" and num_train < _MIN_TRAIN_PQ):
+            logger.info(
+                f"Training on {num_train} rows: fewer than FAISS's recommended 39 per centroid (nlist={self.nlist}"
+                + (f", 256 per PQ sub-quantizer: {_MIN_TRAIN_PQ}" if self.codec == "pq" else "")
+                + "); the codes are coarser, and re-scoring keeps the returned scores exact."
+            )
         if self.codec == "pq":
             self._index.pq.cp.seed = int(seed) % 2**31
+            self._index.pq.cp.min_points_per_centroid = 1
         logger.info(f"Training IVF-{self.codec} (nlist={self.nlist}, dim={self._dim}) on {num_train} rows.")
         self._index.train(sample)
         self._gpu_index = None
