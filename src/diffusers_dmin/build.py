@@ -57,7 +57,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -147,14 +147,17 @@ def build_index(
     progress: bool = True,
     accelerator: Any = None,
     sketcher_kwargs: Mapping[str, Any] | None = None,
+    finish: Callable[[Path, Manifest], None] | None = None,
     **metadata: Any,
-):
+) -> Path:
     r"""
     Build (or resume, or extend) the index of `dataset` in `output_dir`; see [`GradientIndex.build`] for the
-    arguments. Returns the finished [`GradientIndex`], loaded from `output_dir`, in every process.
+    arguments. Writes the shards, the noise and the manifest; then `finish(folder, manifest)` runs in the main process
+    while the folder is still locked (the facade passes one that loads the index, extends or builds the HNSW graph and
+    writes the card); it is skipped when the folder already held every row and nothing was asked of it. Returns the
+    index folder, in every process, once every process is done.
     """
     from .gradients import GradientSketcher
-    from .index import GradientIndex
 
     start_time = time.perf_counter()
     config = DMinConfig() if config is None else config
@@ -247,22 +250,20 @@ def build_index(
                 pipeline=pipeline,
                 id_column=id_column,
                 hnsw=hnsw,
-                progress=progress,
+                finish=finish,
                 metadata=metadata,
                 changed=bool(units) or scan.has_unlisted(),
             )
         state.wait_for_everyone()
-        index = GradientIndex.from_pretrained(folder)
-        if not progress:
-            index.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - start_time
         if is_main:
             logger.info(
-                f"Index build finished: {len(index)} rows in {folder}; this run computed {len(pending)} rows in "
+                f"Index build finished: {read_manifest(folder).num_rows} rows in {folder}; this run computed "
+                f"{len(pending)} rows in "
                 f"{seconds:.1f} s ({len(pending) / max(seconds, 1e-9):.2f} samples/s over {world} process(es); this "
                 f"process: {computed} rows)."
             )
-        return index
+        return folder
 
 
 def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
@@ -1146,13 +1147,11 @@ def _finish(
     pipeline: Any,
     id_column: str | None,
     hnsw: bool,
-    progress: bool,
+    finish: Callable[[Path, Manifest], None] | None,
     metadata: Mapping[str, Any],
     changed: bool,
 ) -> None:
-    """Main process, after every shard exists: noise, manifest in dataset order, card, HNSW graph."""
-    from .index import GradientIndex
-
+    """Main process, after every shard exists: noise and manifest in dataset order; then `finish` (card, graph)."""
     spec = sketcher.spec
     scan = _scan(folder, spec, old)
     missing = table.pending_positions(scan.done_ids())
@@ -1186,13 +1185,8 @@ def _finish(
         metadata=_metadata(old, pipeline, table, id_column, scan.skipped, metadata),
     )
     write_manifest(folder, manifest)
-    # loading a saved graph extends it with the rows it does not hold yet
-    index = GradientIndex.from_pretrained(folder, load_hnsw=manifest.hnsw is not None)
-    if not progress:
-        index.set_progress_bar_config(disable=True)
-    if manifest.hnsw is None and hnsw:
-        index.build_hnsw()
-    index.save_pretrained(folder)  # the card, the graph when it changed, and the manifest again
+    if finish is not None:
+        finish(folder, manifest)  # the facade: the card, the graph when it changed, and the manifest again
     for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + _SKIPPED_SUFFIX)]:
         path.unlink(missing_ok=True)  # the manifest now records the spec and the skipped rows
     logger.info(f"Wrote {MANIFEST_NAME}: {manifest.num_rows} rows in {len(shards)} shards ({len(new)} new).")

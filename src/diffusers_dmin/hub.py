@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from .storage import Manifest
 
 logger = get_logger(__name__)
 
-__all__ = ["download_index", "download_file", "upload_index_folder", "dataset_card", "CARD_MARKER"]
+__all__ = ["HubLocation", "download_index", "download_file", "upload_index_folder", "dataset_card", "CARD_MARKER"]
 
 REPO_TYPES = ("dataset", "model")
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -122,6 +123,65 @@ def _hub_errors(
 
 
 # --------------------------------------------------------------------------------------------------- pull
+
+
+@dataclass(frozen=True)
+class HubLocation:
+    r"""
+    Where an index lives on the Hub, and how to reach it: one value instead of the repo id, type, revision, token,
+    cache folder, endpoint and offline flag forwarded one by one.
+
+    Args:
+        repo_id (`str`): The repo, e.g. `"org/my-dmin-index"`.
+        repo_type (`str`, *optional*, defaults to `"dataset"`): `"dataset"` or `"model"`.
+        revision (`str`, *optional*): Branch, tag or commit (a pulled index records the commit it came from).
+        token (`str` or `bool`, *optional*): Hub token; defaults to the saved login or `HF_TOKEN`.
+        cache_dir (`str`, *optional*): Hub cache folder.
+        endpoint (`str`, *optional*): Hub endpoint, e.g. a private Hub.
+        local_files_only (`bool`, *optional*, defaults to `False`): Use only the cache (no network).
+    """
+
+    repo_id: str
+    repo_type: str = DEFAULT_REPO_TYPE
+    revision: str | None = None
+    token: str | bool | None = None
+    cache_dir: str | os.PathLike | None = None
+    endpoint: str | None = None
+    local_files_only: bool = False
+
+    def at(self, revision: str | None) -> HubLocation:
+        """The same repo at another revision (e.g. the commit a download resolved)."""
+        return HubLocation(
+            self.repo_id, self.repo_type, revision, self.token, self.cache_dir, self.endpoint, self.local_files_only
+        )
+
+    def download_index(self, *, force_download: bool = False, include_hnsw: bool = False) -> str:
+        """[`download_index`] of this location; returns the local snapshot folder."""
+        return download_index(
+            self.repo_id,
+            repo_type=self.repo_type,
+            revision=self.revision,
+            token=self.token,
+            cache_dir=self.cache_dir,
+            local_files_only=self.local_files_only,
+            endpoint=self.endpoint,
+            force_download=force_download,
+            include_hnsw=include_hnsw,
+        )
+
+    def download_file(self, filename: str, *, force_download: bool = False) -> str:
+        """[`download_file`] of this location (a lazy download, e.g. `hnsw.bin` on first approximate search)."""
+        return download_file(
+            self.repo_id,
+            filename,
+            repo_type=self.repo_type,
+            revision=self.revision,
+            token=self.token,
+            cache_dir=self.cache_dir,
+            local_files_only=self.local_files_only,
+            endpoint=self.endpoint,
+            force_download=force_download,
+        )
 
 
 def download_index(

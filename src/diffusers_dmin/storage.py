@@ -600,7 +600,7 @@ def _umask() -> int:
     return mask
 
 
-def _temp_path(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
     """An empty temp file next to `path`, with the permissions a plain `open(path, "w")` would give (not 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -663,7 +663,7 @@ def stage_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temp file next to `path` and check it (size and content); the caller renames it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         tmp.write_bytes(data)
         if tmp.stat().st_size != len(data) or tmp.read_bytes() != data:
@@ -717,7 +717,7 @@ def stage_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(dst)
+    tmp = temp_path(dst)
     try:
         shutil.copyfile(src, tmp)
         if tmp.stat().st_size != os.stat(src).st_size or sha256_file(tmp) != sha256_file(src):
@@ -910,7 +910,7 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     ids_array = to_ids_array(ids, len(array))
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         _save_tensors({SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)}, tmp, path)
         _check_written_tensors(
@@ -1142,7 +1142,7 @@ def stage_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -
     tensor = _as_float_tensor(noise, "noise").detach().to("cpu", torch.float32).contiguous()
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         _save_tensors({NOISE_KEY: tensor}, tmp, path)
         _check_written_tensors(tmp, {NOISE_KEY: ("float32", tuple(tensor.shape))}, "noise file", path)
