@@ -21,14 +21,21 @@ from .constants import (
     DEFAULT_REPO_TYPE,
     HNSW_NAME,
 )
-from .errors import ConfigError, DatasetError, IndexCorruptError, IndexMismatchError, NonFiniteGradientError
+from .errors import ConfigError, DatasetError, IndexCorruptError, IndexMismatchError
 from .folder import Block, StoredFile, write_index_folder
 from .hub import HubLocation, upload_index_folder
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
-from .search import ExactSearch, HNSWSearch, expand_queries, single_threaded_torch
-from .search import rescore as rescore_candidates
-from .sketch import fold_sketch
+from .search import (
+    QUERY_FIX,
+    ExactSearch,
+    HNSWSearch,
+    approximate_search,
+    check_search_dim,
+    expand_queries,
+    prepare_queries,
+    single_threaded_torch,
+)
 from .storage import IndexMetadata, Manifest, iter_shards, read_manifest, read_noise, to_ids_array, to_storage_array
 
 
@@ -37,10 +44,6 @@ logger = get_logger(__name__)
 __all__ = ["GradientIndex"]
 
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-_QUERY_FIX = (
-    "Compute the queries with the index's spec: a `GradientSketcher` on the same model and adapter, with "
-    "`index.config`; or build a new index for this model."
-)
 
 
 class GradientIndex(ProgressBarMixin):
@@ -479,7 +482,7 @@ class GradientIndex(ProgressBarMixin):
             seed (`int`, *optional*, defaults to 0): hnswlib's random seed.
         """
         self._check_nonempty()
-        k = self._check_sketch_dim(sketch_dim) if sketch_dim is not None else self.sketch_dim
+        k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
         params = {
             "M": self._hnsw_params["M"] if M is None else M,
             "ef_construction": self._hnsw_params["ef_construction"] if ef_construction is None else ef_construction,
@@ -531,7 +534,7 @@ class GradientIndex(ProgressBarMixin):
         if k % kq and kq % k:
             differences["config.sketch_dim"] = (k, kq)
         if differences:
-            raise IndexMismatchError.from_differences(differences, what="queries", fix=_QUERY_FIX)
+            raise IndexMismatchError.from_differences(differences, what="queries", fix=QUERY_FIX)
 
     def search(
         self,
@@ -590,14 +593,32 @@ class GradientIndex(ProgressBarMixin):
         if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
             raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
         with single_threaded_torch():
-            folded = self._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
-            num_queries, _, k_search = folded.shape
-            full = expand_queries(folded, self.sketch_dim).reshape(num_queries, -1)
+            folded = prepare_queries(
+                queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
+            )  # (q, T, k_s)
+            full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
         exact_search = self._exact_search()
-        if exact:
+        if not exact and ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
+            raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
+        # with re-scoring, candidates covering every row (small indices) are just exact search
+        if exact or (rescore and max(int(top_k), ef or self._hnsw_params["ef"]) >= len(self)):
             positions, scores = exact_search.search(full, top_k, largest=largest)
         else:
-            positions, scores = self._search_hnsw(exact_search, folded, full, top_k, largest, rescore, ef)
+            graph = self._get_hnsw(folded.shape[-1])
+            graph_ef = graph.ef
+            graph.ef = graph_ef if ef is None else ef
+            try:
+                positions, scores = approximate_search(
+                    graph,
+                    exact_search,
+                    folded,
+                    top_k,
+                    largest=largest,
+                    rescore_candidates=rescore,
+                    num_candidates=graph.ef,
+                )
+            finally:
+                graph.ef = graph_ef
         results = []
         for row_positions, row_scores in zip(positions, scores):
             sample_ids = self._ids[row_positions]
@@ -606,47 +627,6 @@ class GradientIndex(ProgressBarMixin):
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
         return results
-
-    def _search_hnsw(
-        self,
-        exact_search: ExactSearch,
-        folded: torch.Tensor,
-        full: torch.Tensor,
-        top_k: int,
-        largest: bool,
-        rescore: bool,
-        ef: int | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        num_queries, _, k_search = folded.shape
-        if ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
-            raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
-        if rescore and max(int(top_k), ef or self._hnsw_params["ef"]) >= len(self):
-            # the candidates would be every row (small indices): re-scoring them all is exact search
-            return exact_search.search(full, top_k, largest=largest)
-        graph = self._get_hnsw(k_search)
-        k_graph = graph.dim // self.num_timesteps
-        if k_search % k_graph:
-            raise ConfigError(
-                f"The HNSW graph holds sketches folded to {k_graph}, which cannot serve a search at sketch_dim="
-                f"{k_search}. Use `exact=True`, or rebuild it with `index.build_hnsw(sketch_dim={k_search})`."
-            )
-        if not rescore and k_graph != k_search:
-            raise ConfigError(
-                f"`rescore=False` returns the graph's scores, computed at sketch_dim={k_graph}, but the search is at "
-                f"sketch_dim={k_search}. Pass `sketch_dim={k_graph}` or `rescore=True`."
-            )
-        graph_ef = graph.ef
-        graph.ef = graph_ef if ef is None else ef
-        try:
-            with single_threaded_torch():
-                graph_queries = fold_sketch(folded, k_graph).reshape(num_queries, -1)
-                if not rescore:
-                    return graph.search(graph_queries, top_k, largest=largest)
-                candidates, _ = graph.search(graph_queries, max(int(top_k), graph.ef), largest=largest)
-                positions, scores = rescore_candidates(exact_search, full, candidates, top_k, largest=largest)
-        finally:
-            graph.ef = graph_ef
-        return positions, scores
 
     def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         r"""
@@ -961,55 +941,6 @@ class GradientIndex(ProgressBarMixin):
         if self._exact is None:
             self._exact = ExactSearch([b.sketches for b in self._blocks], self.dtype)
         return self._exact
-
-    def _prepare_queries(self, queries: torch.Tensor | np.ndarray, sketch_dim: int | None) -> torch.Tensor:
-        if isinstance(queries, np.ndarray):
-            queries = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
-        if not isinstance(queries, torch.Tensor) or not queries.is_floating_point():
-            raise ConfigError(
-                f"`queries` must be a float torch.Tensor or numpy array of shape (num_queries, T, K), but is "
-                f"{type(queries).__name__}{'' if not isinstance(queries, torch.Tensor) else f' of dtype {queries.dtype}'}."
-            )
-        if queries.ndim != 3:
-            raise ConfigError(
-                f"`queries` must have shape (num_queries, T, K), but has shape {tuple(queries.shape)}. For a single "
-                "(T, K) sketch pass `queries[None]`."
-            )
-        if len(queries) == 0:
-            raise ConfigError(
-                f"`queries` holds no sketches (shape {tuple(queries.shape)}); pass at least one (num_queries >= 1)."
-            )
-        queries = queries.detach().to("cpu", torch.float32)
-        finite = torch.isfinite(queries.reshape(len(queries), -1)).all(dim=1)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()
-            raise NonFiniteGradientError(f"`queries` {bad} hold NaN or infinite values.", positions=bad)
-        _, t, kq = queries.shape
-        k = self.sketch_dim
-        if t != self.num_timesteps:
-            raise IndexMismatchError.from_differences(
-                {"num_timesteps": (self.num_timesteps, t)}, what="queries", fix=_QUERY_FIX
-            )
-        k_search = k if sketch_dim is None else self._check_sketch_dim(sketch_dim)
-        if kq < k_search or kq % k_search:
-            if sketch_dim is None and k % kq == 0:
-                fix = (
-                    f"The queries are folded to {kq}, a divisor of the index's {k}: pass `sketch_dim={kq}` to search "
-                    "at that dimension (the rows are folded too)."
-                )
-            else:
-                fix = f"Compute the queries at sketch_dim={k_search} or a multiple of it (sketches fold exactly)."
-            raise IndexMismatchError.from_differences({"config.sketch_dim": (k_search, kq)}, what="queries", fix=fix)
-        return fold_sketch(queries, k_search)
-
-    def _check_sketch_dim(self, sketch_dim: Any) -> int:
-        k = self.sketch_dim
-        if not isinstance(sketch_dim, int) or isinstance(sketch_dim, bool) or sketch_dim < 1 or k % sketch_dim:
-            divisors = [d for d in (k // 16, k // 8, k // 4, k // 2) if d >= 1 and k % d == 0]
-            raise ConfigError(
-                f"`sketch_dim={sketch_dim!r}` must be a positive divisor of the stored sketch_dim {k}, e.g. {divisors}."
-            )
-        return sketch_dim
 
     def _check_nonempty(self) -> None:
         if not len(self):
