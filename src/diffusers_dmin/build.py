@@ -67,7 +67,21 @@ import PIL.Image
 import torch
 
 from .config import DMinConfig, SketchSpec
-from .constants import HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
+from .constants import (
+    BUILD_MAX_SHARD_BYTES,
+    BUILD_MAX_SHARD_ROWS,
+    BUILD_STATE_NAME,
+    HNSW_NAME,
+    MANIFEST_NAME,
+    NOISE_NAME,
+    PARTIAL_DIR,
+    PARTIAL_SUFFIX_TEMPLATE,
+    README_NAME,
+    SHARD_SUFFIX,
+    SHARDS_DIR,
+    SKIPPED_SUFFIX,
+    TEMP_SUFFIX,
+)
 from .errors import (
     ConfigError,
     DatasetError,
@@ -84,6 +98,7 @@ from .storage import (
     Manifest,
     ShardInfo,
     atomic_write_bytes,
+    build_shard_name,
     describe_shard,
     read_manifest,
     to_storage_array,
@@ -91,6 +106,7 @@ from .storage import (
     write_noise,
     write_shard,
 )
+from .storage import default_shard_rows as storage_shard_rows
 from .video import decode_video, prepare_video
 
 
@@ -109,15 +125,7 @@ __all__ = [
     "PARTIAL_DIR",
 ]
 
-BUILD_STATE_NAME = "dmin_build.json"
-# Rows of unfinished shards, flushed during a build and read back by the next run (not part of a finished index).
-PARTIAL_DIR = ".dmin-partial"
 _STATE_VERSION = 1
-_SHARD_PREFIX = SHARDS_DIR + "/sketches-from-"
-_SKIPPED_SUFFIX = ".skipped.json"
-# A shard holds at most this many bytes of stored sketches and this many rows.
-_DEFAULT_SHARD_BYTES = 256 * 2**20
-_DEFAULT_MAX_SHARD_ROWS = 1024
 # An unfinished shard's rows are flushed to a partial file at the first batch boundary after this many rows or seconds
 # since the last durable write: a killed build loses at most that much work (plus the batch in flight).
 _FLUSH_ROWS = 256
@@ -270,9 +278,13 @@ def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
     """Rows per shard when `shard_rows` is not given: at most 256 MiB of stored sketches and at most 1,024 rows,
     rounded down to a multiple of `batch_size` (at least one batch)."""
     config = spec.config if isinstance(spec, SketchSpec) else spec
-    row_bytes = config.num_timesteps * config.sketch_dim * (4 if config.dtype == "float32" else 2)
-    rows = min(_DEFAULT_MAX_SHARD_ROWS, max(1, _DEFAULT_SHARD_BYTES // row_bytes))
-    return max(batch_size, rows // batch_size * batch_size)
+    return storage_shard_rows(
+        (config.num_timesteps, config.sketch_dim),
+        config.dtype,
+        max_bytes=BUILD_MAX_SHARD_BYTES,
+        max_rows=BUILD_MAX_SHARD_ROWS,
+        multiple_of=batch_size,
+    )
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -798,13 +810,13 @@ def _flush(folder: Path, unit: _Unit) -> None:
 
 
 def _partial_path(folder: Path, shard: str, number: int) -> Path:
-    stem = Path(shard).name[: -len(".safetensors")]
-    return folder / PARTIAL_DIR / f"{stem}.part-{number:05d}.safetensors"
+    stem = Path(shard).name[: -len(SHARD_SUFFIX)]
+    return folder / PARTIAL_DIR / (stem + PARTIAL_SUFFIX_TEMPLATE.format(number))
 
 
 def _partial_files(folder: Path, shard: str) -> list[Path]:
-    stem = Path(shard).name[: -len(".safetensors")]
-    return sorted((folder / PARTIAL_DIR).glob(f"{stem}.part-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+    stem = Path(shard).name[: -len(SHARD_SUFFIX)]
+    return sorted((folder / PARTIAL_DIR).glob(stem + PARTIAL_SUFFIX_TEMPLATE.replace("{:05d}", "[0-9]" * 5)))
 
 
 def _read_partial(folder: Path, unit: _Unit, ids: np.ndarray, spec: SketchSpec) -> tuple[list[_Done], int]:
@@ -985,7 +997,7 @@ def _remove_temp_files(folder: Path) -> None:
     removed = 0
     for directory in (folder, folder / SHARDS_DIR, folder / PARTIAL_DIR):
         if directory.is_dir():
-            for path in directory.glob(".*.tmp"):
+            for path in directory.glob(".*" + TEMP_SUFFIX):
                 path.unlink(missing_ok=True)
                 removed += 1
     if removed:
@@ -1001,8 +1013,8 @@ def _remove_index_files(folder: Path) -> None:
         paths.append(folder / README_NAME)
     shards = folder / SHARDS_DIR
     if shards.is_dir():
-        paths += [*shards.glob("*.safetensors"), *shards.glob("*" + _SKIPPED_SUFFIX), *shards.glob(".*.tmp")]
-    paths += list(folder.glob(".*.tmp")) if folder.is_dir() else []
+        paths += [*shards.glob("*.safetensors"), *shards.glob("*" + SKIPPED_SUFFIX), *shards.glob(".*" + TEMP_SUFFIX)]
+    paths += list(folder.glob(".*" + TEMP_SUFFIX)) if folder.is_dir() else []
     paths += list((folder / PARTIAL_DIR).glob("*")) if (folder / PARTIAL_DIR).is_dir() else []
     removed = [p for p in paths if p.is_file()]
     for path in removed:
@@ -1045,7 +1057,7 @@ class _Scan:
 
 
 def _skipped_name(shard: str) -> str:
-    return shard[: -len(".safetensors")] + _SKIPPED_SUFFIX
+    return shard[: -len(SHARD_SUFFIX)] + SKIPPED_SUFFIX
 
 
 def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
@@ -1067,11 +1079,11 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
             name = f"{SHARDS_DIR}/{path.name}"
             if name not in listed_names:
                 unlisted[name] = _shard_ids(folder, name, spec)
-        for path in sorted(shards.glob("*" + _SKIPPED_SUFFIX)):
+        for path in sorted(shards.glob("*" + SKIPPED_SUFFIX)):
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
                 skipped.update({int(r["id"]): str(r.get("reason", "")) for r in records})
-                recorded.add(f"{SHARDS_DIR}/{path.name[: -len(_SKIPPED_SUFFIX)]}.safetensors")
+                recorded.add(f"{SHARDS_DIR}/{path.name[: -len(SKIPPED_SUFFIX)]}{SHARD_SUFFIX}")
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise IndexCorruptError(
                     f"{path} (the record of skipped rows) is unreadable ({err}). Delete it and the shard of the same "
@@ -1126,10 +1138,10 @@ def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -
     new; a suffix keeps names unique should a foreign file use it."""
     names = []
     for positions in units:
-        base = f"{_SHARD_PREFIX}{int(ids[positions[0]]):012d}"
-        name, suffix = f"{base}.safetensors", 1
+        first_id = int(ids[positions[0]])
+        name, suffix = build_shard_name(first_id), 1
         while name in taken:
-            name, suffix = f"{base}-{suffix}.safetensors", suffix + 1
+            name, suffix = build_shard_name(first_id, suffix), suffix + 1
         taken.add(name)
         names.append(name)
     return names
@@ -1187,7 +1199,7 @@ def _finish(
     write_manifest(folder, manifest)
     if finish is not None:
         finish(folder, manifest)  # the facade: the card, the graph when it changed, and the manifest again
-    for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + _SKIPPED_SUFFIX)]:
+    for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + SKIPPED_SUFFIX)]:
         path.unlink(missing_ok=True)  # the manifest now records the spec and the skipped rows
     logger.info(f"Wrote {MANIFEST_NAME}: {manifest.num_rows} rows in {len(shards)} shards ({len(new)} new).")
 

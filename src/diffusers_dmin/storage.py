@@ -42,6 +42,7 @@ import torch
 
 from .config import DTYPES, DMinConfig, SketchSpec
 from .constants import (
+    BUILD_SHARD_STEM_TEMPLATE,
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT_VERSION,
     HNSW_NAME,
@@ -50,8 +51,10 @@ from .constants import (
     NOISE_KEY,
     NOISE_NAME,
     SHARD_NAME_TEMPLATE,
+    SHARD_SUFFIX,
     SHARDS_DIR,
     SKETCHES_KEY,
+    TEMP_SUFFIX,
 )
 from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError
 from .logging import get_logger
@@ -602,7 +605,7 @@ def _umask() -> int:
 
 def temp_path(path: Path) -> Path:
     """An empty temp file next to `path`, with the permissions a plain `open(path, "w")` would give (not 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     except (AttributeError, OSError):  # no fchmod (Windows)
@@ -875,6 +878,13 @@ def shard_name(index: int) -> str:
     return SHARD_NAME_TEMPLATE.format(index)
 
 
+def build_shard_name(first_id: int, duplicate: int = 0) -> str:
+    """The name of a build's shard whose first row has the id `first_id`: `shards/sketches-from-<id:012d>.safetensors`
+    (with `-<duplicate>` before the suffix when that name is taken)."""
+    stem = BUILD_SHARD_STEM_TEMPLATE.format(int(first_id))
+    return f"{stem}{f'-{duplicate}' if duplicate else ''}{SHARD_SUFFIX}"
+
+
 def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, dtype: str = "float16") -> ShardInfo:
     r"""
     Write one shard file atomically and return its record for the manifest.
@@ -963,10 +973,22 @@ def write_shards(
     return infos
 
 
-def default_shard_rows(row_shape: Sequence[int], dtype: str) -> int:
-    """Rows per shard so that a shard holds about `DEFAULT_MAX_SHARD_BYTES` of sketches."""
-    row_bytes = int(np.prod(row_shape)) * (4 if dtype == "float32" else 2)
-    return max(1, DEFAULT_MAX_SHARD_BYTES // max(1, row_bytes))
+def default_shard_rows(
+    row_shape: Sequence[int],
+    dtype: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_rows: int | None = None,
+    multiple_of: int = 1,
+) -> int:
+    """The one shard-size rule: as many rows as fit in `max_bytes` of stored sketches (at most `max_rows`), rounded
+    down to a multiple of `multiple_of` (a build's batch size), and at least `multiple_of` rows. Saves use the
+    defaults; builds pass `BUILD_MAX_SHARD_BYTES`, `BUILD_MAX_SHARD_ROWS` and their batch size."""
+    row_bytes = int(np.prod(row_shape)) * _SAFETENSORS_ITEMSIZE[dtype]
+    rows = max(1, max_bytes // max(1, row_bytes))
+    if max_rows is not None:
+        rows = min(max_rows, rows)
+    return max(multiple_of, rows // multiple_of * multiple_of)
 
 
 def _parse_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
