@@ -31,7 +31,7 @@ import torch
 
 from .config import DMinConfig, SketchSpec
 from .errors import ConfigError, NonFiniteGradientError
-from .families import DenoiserAdapter, adapter_for_pipeline
+from .families import ModelFamily, adapter_for_pipeline
 from .logging import ProgressBarMixin, get_logger
 from .objectives import Objective, fixed_noise, images_to_tensor, select_timesteps
 from .sketch import OPORPSketch
@@ -269,7 +269,7 @@ def fingerprint_modules(modules: Mapping[str, torch.nn.Module], samples: int = 6
     return digest.hexdigest()[:16]
 
 
-def _conditioning_modules(adapter: DenoiserAdapter) -> dict[str, torch.nn.Module]:
+def _conditioning_modules(adapter: ModelFamily) -> dict[str, torch.nn.Module]:
     """The pipeline's modules that shape a gradient: the denoiser (with any adapter), text encoders, VAE."""
     modules = {"denoiser": adapter.denoiser}
     components = getattr(getattr(adapter, "pipeline", None), "components", None) or {}
@@ -294,7 +294,7 @@ class GradientSketcher(ProgressBarMixin):
 
     Attributes:
         config (`DMinConfig`): The configuration.
-        adapter (`DenoiserAdapter`): How the pipeline's denoiser is fed.
+        adapter (`ModelFamily`): How the pipeline's denoiser is fed.
         timesteps (`tuple[int, ...]`): The T training timesteps, noisiest first.
         noise (`torch.Tensor` of shape `(num_noise_draws, C, H, W)`): The fixed noise, drawn on the CPU from the seed.
         param_names (`tuple[str, ...]`): The selected denoiser parameters, then any selected text-encoder parameters
@@ -321,7 +321,7 @@ class GradientSketcher(ProgressBarMixin):
 
     def __init__(
         self,
-        adapter: DenoiserAdapter,
+        adapter: ModelFamily,
         config: DMinConfig | None = None,
         *,
         mode: Literal["auto", "vmap", "loop"] = "auto",

@@ -315,6 +315,8 @@ class InfluencePipeline:
         else:
             scheduler = self.pipeline.scheduler
             step = scheduler.step
+            patched_before = "step" in vars(scheduler)  # someone else's patch of this instance: put it back after
+            previous = vars(scheduler).get("step")
 
             def observed_step(*args: Any, **step_kwargs: Any):
                 out = step(*args, **step_kwargs)
@@ -325,7 +327,10 @@ class InfluencePipeline:
             try:
                 output = self.pipeline(output_type=output_type, return_dict=True, **kwargs)
             finally:
-                del scheduler.step  # back to the class method
+                if patched_before:
+                    scheduler.step = previous
+                else:
+                    del scheduler.step  # back to the class method
         if "latents" not in captured:
             raise ConfigError(
                 f"{type(self.pipeline).__name__} finished without a denoising step to capture (num_inference_steps=0?)."
