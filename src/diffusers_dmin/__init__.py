@@ -1,5 +1,3 @@
-__version__ = "0.1.0.dev0"
-
 from typing import TYPE_CHECKING
 
 from .config import DMinConfig, SketchSpec
@@ -15,6 +13,7 @@ from .errors import (
     NonFiniteGradientError,
     UnsupportedPipelineError,
 )
+from .version import __version__
 
 
 # Names whose modules import torch, diffusers or huggingface_hub load on first use (PEP 562), so that

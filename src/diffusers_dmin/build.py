@@ -51,7 +51,6 @@ raises [`NonFiniteGradientError`] naming the row ids (or is skipped and recorded
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -63,7 +62,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import PIL.Image
 import torch
 
 from .config import DMinConfig, SketchSpec
@@ -85,14 +83,12 @@ from .constants import (
 from .errors import (
     ConfigError,
     DatasetError,
-    DMinError,
     IndexCorruptError,
     IndexMismatchError,
     NonFiniteGradientError,
 )
 from .folderlock import folder_lock
-from .logging import get_logger, quiet_local_dataset_loading, tqdm
-from .objectives import prepare_images
+from .logging import get_logger, tqdm
 from .storage import (
     IndexMetadata,
     Manifest,
@@ -107,13 +103,20 @@ from .storage import (
     write_shard,
 )
 from .storage import default_shard_rows as storage_shard_rows
-from .video import decode_video, prepare_video
+from .training_data import (  # noqa: F401  (load_training_dataset, decode_image: their old import path)
+    Batch,
+    BatchLoader,
+    DatasetView,
+    collate_batch,
+    decode_image,
+    load_training_dataset,
+    loader_worker_init,
+)
+from .version import __version__
 
 
 logger = get_logger(__name__)
 
-_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
-_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 __all__ = [
     "build_index",
@@ -188,7 +191,7 @@ def build_index(
             sketcher.set_progress_bar_config(disable=True)
         spec = sketcher.spec
         adapter = sketcher.adapter
-        table = _DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
+        table = DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
         if prompt_column is not None and not adapter.conditional:
             logger.info(
                 f"`prompt_column={prompt_column!r}` is ignored: the {adapter.family} pipeline is unconditional."
@@ -427,236 +430,6 @@ def _move_pipeline(pipeline: Any, state: Any) -> None:
         pipeline.to(device)
 
 
-# ---------------------------------------------------------------------------------------------- the dataset
-
-
-class _DatasetView:
-    """Columns, ids and raw (undecoded) rows of a `datasets.Dataset`."""
-
-    def __init__(self, dataset: Any, image_column: str, prompt_column: str | None, id_column: str | None):
-        import datasets
-
-        if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-            raise DatasetError(
-                f"`dataset` is a {type(dataset).__name__} with the splits {list(dataset)}; pass one split, e.g. "
-                f"`dataset[{next(iter(dataset), 'train')!r}]`."
-            )
-        if isinstance(dataset, datasets.IterableDataset):
-            raise DatasetError(
-                "`dataset` is a streaming IterableDataset; an index build needs random access to resume and to split "
-                "rows across processes. Load it without `streaming=True` (or `Dataset.from_generator(...)`)."
-            )
-        if not isinstance(dataset, datasets.Dataset):
-            raise DatasetError(
-                f"`dataset` must be a `datasets.Dataset`, but is {type(dataset).__name__}. Load one with "
-                "`datasets.load_dataset(...)`, `load_from_disk(...)` or `Dataset.from_dict(...)`."
-            )
-        self.column_names = list(dataset.column_names)
-        for argument, column in (("image_column", image_column), ("prompt_column", prompt_column)):
-            if column is not None and column not in self.column_names:
-                raise DatasetError(
-                    f"`{argument}={column!r}` is not a column of the dataset; its columns are {self.column_names}. "
-                    f"Pass `{argument}=` naming one of them."
-                )
-        if id_column is not None and id_column not in self.column_names:
-            raise DatasetError(
-                f"`id_column={id_column!r}` is not a column of the dataset; its columns are {self.column_names}. "
-                "Pass the column holding integer sample ids, or `id_column=None` to use row positions."
-            )
-        if len(dataset) == 0:
-            raise DatasetError("`dataset` has no rows; there is nothing to index.")
-        self.dataset = dataset
-        self.image_column, self.prompt_column, self.id_column = image_column, prompt_column, id_column
-        columns = [c for c in (image_column, prompt_column) if c is not None]
-        self.rows = dataset.select_columns(columns).with_format("arrow")
-        self.ids = self._read_ids()
-        order = np.argsort(self.ids, kind="stable")
-        self._sorted_ids, self._order = self.ids[order], order
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _read_ids(self) -> np.ndarray:
-        if self.id_column is None:
-            return np.arange(len(self.dataset), dtype=np.int64)
-        import pyarrow as pa
-
-        column = self.dataset.select_columns([self.id_column]).with_format("arrow")[:].column(self.id_column)
-        if not pa.types.is_integer(column.type):
-            raise DatasetError(
-                f"`id_column={self.id_column!r}` holds {column.type} values; sample ids must be integers. Pass an "
-                "integer column, or `id_column=None` to use row positions."
-            )
-        if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"`id_column={self.id_column!r}` has no value at row {row}; every row needs an id.")
-        ids = column.to_numpy().astype(np.int64, copy=False)
-        values, counts = np.unique(ids, return_counts=True)
-        if len(values) != len(ids):
-            duplicates = values[counts > 1][:10].tolist()
-            raise DatasetError(
-                f"`id_column={self.id_column!r}` holds the ids {duplicates} more than once; every row needs its own "
-                "id.",
-                sample_id=duplicates[0],
-            )
-        return np.ascontiguousarray(ids)
-
-    def positions_of(self, ids: np.ndarray) -> np.ndarray:
-        """Dataset positions of `ids`; `len(self)` for ids that are not in the dataset."""
-        slots = np.searchsorted(self._sorted_ids, ids)
-        slots = np.minimum(slots, len(self._sorted_ids) - 1)
-        found = self._sorted_ids[slots] == ids
-        return np.where(found, self._order[slots], len(self))
-
-    def pending_positions(self, done: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(~np.isin(self.ids, done))
-
-
-# ---------------------------------------------------------------------------------------------- loading rows
-
-
-@dataclass
-class _Batch:
-    unit: int
-    last: bool
-    ids: np.ndarray  # (b,) all rows of the batch
-    ok: np.ndarray  # (b,) bool: read successfully
-    pixels: torch.Tensor | None  # (ok.sum(), C, H, W) in [0, 1]; videos (ok.sum(), F, C, H, W)
-    prompts: list[str] | None
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (id, reason) of the rows that failed
-
-
-class _BatchLoader(torch.utils.data.Dataset):
-    """Item `i` is batch `i` of this process's units (computed on demand, so the plan takes memory per unit, not per
-    batch); the rows are read, decoded and preprocessed in the loader (and its workers)."""
-
-    def __init__(
-        self,
-        table: _DatasetView,
-        units: list[np.ndarray],
-        batch_size: int,
-        resolution: tuple[int, int],
-        channels: int,
-        image_root: str | os.PathLike | None,
-        num_frames: int | None = None,
-    ):
-        self.rows = table.rows
-        self.ids = table.ids
-        self.image_column, self.prompt_column = table.image_column, table.prompt_column
-        self.units, self.batch_size = units, batch_size
-        self.ends = np.cumsum([-(-len(positions) // batch_size) for positions in units])  # batches up to each unit
-        self.resolution, self.channels = resolution, channels
-        self.image_root = None if image_root is None else Path(image_root)
-        self.num_frames = num_frames  # a video family: the image column holds a video per row
-
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def locate(self, item: int) -> tuple[int, bool, np.ndarray]:
-        """(unit, last batch of the unit?, dataset positions) of batch `item`."""
-        unit = int(np.searchsorted(self.ends, item, side="right"))
-        first = item - (int(self.ends[unit - 1]) if unit else 0)
-        positions = self.units[unit][first * self.batch_size : (first + 1) * self.batch_size]
-        return unit, item == int(self.ends[unit]) - 1, positions
-
-    def __getitem__(self, item: int) -> _Batch:
-        unit, last, positions = self.locate(item)
-        rows = self.rows[positions.tolist()]
-        images = rows.column(self.image_column).to_pylist()
-        prompts = rows.column(self.prompt_column).to_pylist() if self.prompt_column is not None else None
-        ids = self.ids[positions]
-        ok = np.ones(len(positions), dtype=bool)
-        pixels, kept_prompts, errors = [], [], []
-        for i, value in enumerate(images):
-            try:
-                prompt = _prompt(prompts[i], self.prompt_column) if prompts is not None else None
-                if self.num_frames is None:
-                    image = prepare_images(decode_image(value, self.image_root), self.resolution, self.channels)
-                else:
-                    where = f"the video in column {self.image_column!r}"
-                    frames = decode_video(value, self.image_root)
-                    image = prepare_video(frames, self.resolution, self.channels, self.num_frames, source=where)
-            except Exception as err:  # any failure to read one row is reported with its id by the caller
-                ok[i] = False
-                errors.append((int(ids[i]), f"{type(err).__name__}: {err}"))
-                continue
-            pixels.append(image)
-            kept_prompts.append(prompt)
-        return _Batch(
-            unit=unit,
-            last=last,
-            ids=ids,
-            ok=ok,
-            pixels=torch.cat(pixels) if pixels else None,
-            prompts=kept_prompts if prompts is not None else None,
-            errors=errors,
-        )
-
-
-def decode_image(value: Any, image_root: str | os.PathLike | None = None) -> PIL.Image.Image | np.ndarray:
-    r"""
-    Turn one value of an image column into a PIL image (or an array in `[0, 1]`), the way a build reads it.
-
-    Args:
-        value: A PIL image; a `datasets.Image` value (`{"bytes": ..., "path": ...}`); a path (relative paths are
-            resolved against `image_root`); or an `(H, W[, C])` array (uint8 values are divided by 255).
-        image_root (`str` or `os.PathLike`, *optional*): Folder for relative paths (default: the working directory).
-
-    Raises:
-        `OSError`, `ValueError`: The image cannot be read (a missing or corrupt file, a missing value).
-    """
-    if value is None:
-        raise ValueError("the image is missing (None)")
-    if isinstance(value, PIL.Image.Image):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        return _open_image(_resolve(value, image_root))
-    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        if value.get("bytes") is not None:
-            return _open_image(io.BytesIO(value["bytes"]))
-        path = value.get("path")
-        if path is None:
-            raise ValueError("the image has neither bytes nor a path")
-        if "://" in path:  # remote files (hf://...) need datasets' resolver
-            import datasets
-
-            return datasets.Image().decode_example(dict(value))
-        return _open_image(_resolve(path, image_root))
-    array = np.asarray(value)
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    return array
-
-
-def _resolve(path: str | os.PathLike, image_root: str | os.PathLike | None) -> Path:
-    candidate = Path(path)
-    if not candidate.is_absolute() and image_root is not None:
-        candidate = Path(image_root) / candidate
-    return candidate
-
-
-def _open_image(source: Any) -> PIL.Image.Image:
-    image = PIL.Image.open(source)
-    image.load()  # decode now, so that a truncated file fails here, with its row id
-    return image
-
-
-def _prompt(value: Any, column: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"the prompt column {column!r} holds {type(value).__name__} {value!r}, not a string")
-    return value
-
-
-def _identity(batch: _Batch) -> _Batch:
-    return batch
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # loader workers only resize images; leave the cores to the gradient work
-
-
 # ---------------------------------------------------------------------------------------------- the compute loop
 
 
@@ -688,7 +461,7 @@ class _Unit:
 
 def _compute_units(
     sketcher: Any,
-    table: _DatasetView,
+    table: DatasetView,
     units: list[tuple[str, np.ndarray]],
     *,
     folder: Path,
@@ -723,7 +496,7 @@ def _compute_units(
     if reused:
         logger.info(f"Reusing {reused} rows from partial shards of an interrupted build in {folder / PARTIAL_DIR}.")
     loader = torch.utils.data.DataLoader(
-        _BatchLoader(
+        BatchLoader(
             table,
             [unit.positions[unit.covered() :] for unit in work],
             batch_size,
@@ -735,8 +508,8 @@ def _compute_units(
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_identity,
-        worker_init_fn=_worker_init if num_workers else None,
+        collate_fn=collate_batch,
+        worker_init_fn=loader_worker_init if num_workers else None,
         pin_memory=pin_memory,
     )
     total = sum(len(unit.positions) for unit in state)
@@ -872,7 +645,7 @@ def _read_partial(folder: Path, unit: _Unit, ids: np.ndarray, spec: SketchSpec) 
     return done, len(done)
 
 
-def _sketch_batch(sketcher: Any, batch: _Batch, on_error: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _sketch_batch(sketcher: Any, batch: Batch, on_error: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Sketches (storage dtype) and ids of the readable rows of a batch; non-finite rows raise or are dropped."""
     ids = batch.ids[batch.ok]
     pixels, prompts = batch.pixels, batch.prompts
@@ -981,8 +754,6 @@ def _read_existing(folder: Path) -> _Existing | None:
 
 
 def _write_state(folder: Path, spec: SketchSpec, id_column: str | None) -> None:
-    from . import __version__
-
     data = {
         "format_version": _STATE_VERSION,
         "library_version": __version__,
@@ -1153,7 +924,7 @@ def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -
 def _finish(
     folder: Path,
     sketcher: Any,
-    table: _DatasetView,
+    table: DatasetView,
     old: Manifest | None,
     *,
     pipeline: Any,
@@ -1207,7 +978,7 @@ def _finish(
 def _metadata(
     old: Manifest | None,
     pipeline: Any,
-    table: _DatasetView,
+    table: DatasetView,
     id_column: str | None,
     skipped: Mapping[int, str],
     given: Mapping[str, Any],
@@ -1234,45 +1005,3 @@ def _metadata(
         values.extra["skipped"] = [{"id": i, "reason": skipped[i]} for i in sorted(skipped)]
     values.extra["columns"] = {"image": table.image_column, "prompt": table.prompt_column}  # for `dmin search`
     return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
-
-
-@quiet_local_dataset_loading
-def load_training_dataset(
-    source: str,
-    *,
-    split: str = "train",
-    config_name: str | None = None,
-    revision: str | None = None,
-) -> tuple[Any, Path | None]:
-    r"""
-    Load a training set the way `dmin build` does: a `save_to_disk` folder, an image folder, a data file
-    (`.jsonl`, `.json`, `.parquet`, `.csv`) or a Hub dataset id.
-
-    Returns:
-        `(datasets.Dataset, image_root)`: the split, and the folder relative image paths are resolved against.
-    """
-    import datasets
-
-    path = Path(os.path.expanduser(source))
-    try:
-        if path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES):
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise DatasetError(f"{source!r} has the splits {list(dataset)}, not {split!r}; pass `--split`.")
-                dataset = dataset[split]
-            return dataset, path
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split), path
-        if path.is_file():
-            builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise DatasetError(
-                    f"Cannot read {source!r}: expected a folder, or a file ending in {sorted(_DATA_FILE_BUILDERS)}."
-                )
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split), path.parent
-        return datasets.load_dataset(source, name=config_name, split=split, revision=revision), None
-    except DMinError:
-        raise
-    except (OSError, ValueError, KeyError) as err:  # missing files, unknown splits, unreachable Hub
-        raise DatasetError(f"Could not load the dataset {source!r} (split {split!r}): {err}") from err

@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import __version__
 from .constants import DEFAULT_REPO_TYPE, MANIFEST_NAME
 from .errors import ConfigError, DatasetError, DMinError
+from .version import __version__
 
 
 __all__ = ["main", "BaseDMinCommand"]
@@ -198,7 +198,7 @@ def _load_pipeline(args: argparse.Namespace, sources: _Sources) -> Any:
 def _load_dataset(args: argparse.Namespace, sources: _Sources, source: str, *, split: str, revision: str | None):
     """`load_training_dataset` behind the local-or-Hub checks; a Hub dataset is read from the cache only when the Hub
     cannot be reached."""
-    from .build import load_training_dataset
+    from .training_data import load_training_dataset
 
     with sources.loading(source, "the training data (--dataset)", files=True) as cache_only:
         with _datasets_offline(cache_only):
@@ -524,7 +524,8 @@ class BuildCommand(BaseDMinCommand):
         )
 
     def run(self) -> int:
-        from . import DMinConfig, GradientIndex
+        from .config import DMinConfig
+        from .index import GradientIndex
 
         args = self.args
         params = args.params if args.params in ("auto", "lora", "attention", "all") else tuple(args.params.split(","))
@@ -639,7 +640,7 @@ class InfoCommand(BaseDMinCommand):
         manifest = read_manifest(folder)
         lines = _summary(manifest, args.index)
         if args.verify:
-            from . import GradientIndex
+            from .index import GradientIndex
 
             index = GradientIndex.from_pretrained(
                 args.index,
@@ -706,9 +707,10 @@ class SearchCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
-        from . import GradientIndex, InfluencePipeline
-        from .build import decode_image
+        from .images import decode_image
+        from .index import GradientIndex
         from .objectives import prepare_images
+        from .pipeline import InfluencePipeline
         from .video import decode_video, prepare_video
         from .viz import influence_grid
 
@@ -892,8 +894,8 @@ class PushCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch to push to (must exist).")
 
     def run(self) -> int:
-        from . import GradientIndex
         from .constants import DEFAULT_COMMIT_MESSAGE
+        from .index import GradientIndex
 
         args = self.args
         if not _is_local(args.index):
@@ -941,7 +943,7 @@ class PullCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch, tag or commit to download.")
 
     def run(self) -> int:
-        from . import GradientIndex
+        from .index import GradientIndex
 
         args = self.args
         sources = _Sources(args.endpoint)

@@ -45,7 +45,6 @@ from .constants import (
     BUILD_SHARD_STEM_TEMPLATE,
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT_VERSION,
-    HNSW_NAME,
     IDS_KEY,
     MANIFEST_NAME,
     NOISE_KEY,
@@ -58,6 +57,7 @@ from .constants import (
 )
 from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError
 from .logging import get_logger
+from .version import __version__
 
 
 logger = get_logger(__name__)
@@ -99,7 +99,6 @@ _SAFETENSORS_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "F32": ("float32", np.dtype(np.float32)),
     "I64": ("int64", np.dtype(np.int64)),
 }
-_STORAGE_TAGS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MAX_HEADER_BYTES = 100 * 2**20
 # a manifest lists ~250 bytes per shard: 64 MiB is far beyond any real index, and bounds what parsing may cost
@@ -388,7 +387,6 @@ class Manifest:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
 
         self.validate()
         return {
@@ -1189,7 +1187,3 @@ def read_noise(folder: str | os.PathLike, info: FileInfo) -> torch.Tensor:
         f.seek(offset)
         values = np.frombuffer(f.read(count * 4), dtype=np.float32).reshape(shape)
     return torch.from_numpy(values.copy())
-
-
-def hnsw_path(folder: str | os.PathLike) -> Path:
-    return Path(folder) / HNSW_NAME
