@@ -1,6 +1,6 @@
 from typing import TYPE_CHECKING
 
-from .config import DMinConfig, SketchSpec
+from .config import DMinConfig, SketcherOptions, SketchSpec
 from .errors import (
     ConfigError,
     DatasetError,
@@ -51,6 +51,7 @@ __all__ = [
     "__version__",
     "DMinConfig",
     "SketchSpec",
+    "SketcherOptions",
     "GradientSketcher",
     "GradientIndex",
     "InfluencePipeline",

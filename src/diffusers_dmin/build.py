@@ -31,7 +31,7 @@ second build or a `save_pretrained` into it from another process raises [`IndexL
 lock of a killed build is released by the operating system, so it never blocks a resume.
 
 **Threads.** The gradients run on one torch intra-op thread on the CPU unless told otherwise
-(`sketcher_kwargs={"num_threads": n}`, `DMIN_NUM_THREADS`, CLI `--threads`); see [`threads`] for why and the
+(`sketcher_kwargs={"num_threads": n}`, i.e. [`SketcherOptions`], `DMIN_NUM_THREADS`, CLI `--threads`); see [`threads`] for why and the
 measurements.
 
 **Multi-process.** Under `accelerate launch` (or `torchrun`), every process runs the same call: checks are repeated
@@ -64,7 +64,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .config import DMinConfig, SketchSpec
+from .config import DMinConfig, SketcherOptions, SketchSpec
 from .constants import (
     BUILD_MAX_SHARD_BYTES,
     BUILD_MAX_SHARD_ROWS,
@@ -86,6 +86,8 @@ from .errors import (
     IndexCorruptError,
     IndexMismatchError,
     NonFiniteGradientError,
+    check_choice,
+    check_int,
 )
 from .folderlock import folder_lock
 from .logging import get_logger, tqdm
@@ -97,6 +99,7 @@ from .storage import (
     build_shard_name,
     describe_shard,
     read_manifest,
+    read_shard_ids,
     to_storage_array,
     write_manifest,
     write_noise,
@@ -157,7 +160,7 @@ def build_index(
     hnsw: bool = False,
     progress: bool = True,
     accelerator: Any = None,
-    sketcher_kwargs: Mapping[str, Any] | None = None,
+    options: SketcherOptions | None = None,
     finish: Callable[[Path, Manifest], None] | None = None,
     **metadata: Any,
 ) -> Path:
@@ -186,7 +189,7 @@ def build_index(
         stack.enter_context(_sigterm_raises())
         _move_pipeline(pipeline, state)
 
-        sketcher = GradientSketcher.from_pipeline(pipeline, config, **dict(sketcher_kwargs or {}))
+        sketcher = GradientSketcher.from_pipeline(pipeline, config, options=options)
         if progress is False:
             sketcher.set_progress_bar_config(disable=True)
         spec = sketcher.spec
@@ -359,22 +362,11 @@ def _shard_files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- checks and setup
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_options(batch_size: Any, shard_rows: Any, num_workers: Any, on_error: Any, resume: Any) -> None:
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be a positive integer, but is {batch_size!r}. Example: `batch_size=8`.")
-    if shard_rows is not None and (not _is_int(shard_rows) or shard_rows < 1):
-        raise ConfigError(
-            f"`shard_rows` must be a positive integer (ideally a multiple of `batch_size`) or None, but is "
-            f"{shard_rows!r}."
-        )
-    if not _is_int(num_workers) or num_workers < 0:
-        raise ConfigError(f"`num_workers` must be a non-negative integer, but is {num_workers!r}.")
-    if on_error not in _ON_ERROR:
-        raise ConfigError(f"`on_error` must be one of {_ON_ERROR}, but is {on_error!r}.")
+    check_int(batch_size, "batch_size", hint="Example: `batch_size=8`.")
+    check_int(shard_rows, "shard_rows", optional=True, hint="Ideally a multiple of `batch_size`.")
+    check_int(num_workers, "num_workers", minimum=0)
+    check_choice(on_error, "on_error", _ON_ERROR)
     if not isinstance(resume, bool):
         raise ConfigError(f"`resume` must be True or False, but is {resume!r}.")
 
@@ -873,35 +865,18 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
     return scan
 
 
-_TAGS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-
-
 def _shard_ids(folder: Path, name: str, spec: SketchSpec) -> np.ndarray:
-    from safetensors import SafetensorError, safe_open
-
     path = folder / name
-    expected = (spec.config.num_timesteps, spec.config.sketch_dim)
     fix = "Delete the file to recompute its rows (it was not written by this build), or start over with resume=False."
     if not path.is_file():
         raise IndexCorruptError(f"The shard {name} listed in {MANIFEST_NAME} is missing from {folder}. {fix}")
+    config = spec.config
     try:
-        with safe_open(str(path), framework="np") as f:
-            keys = set(f.keys())
-            if not {"sketches", "ids"} <= keys:
-                raise IndexCorruptError(f"The shard {path} holds {sorted(keys)}, not 'sketches' and 'ids'. {fix}")
-            sketches = f.get_slice("sketches")
-            shape, dtype = tuple(sketches.get_shape()), _TAGS.get(sketches.get_dtype(), sketches.get_dtype())
-            ids = f.get_tensor("ids")
-    except SafetensorError as err:
-        raise IndexCorruptError(f"The shard {path} is not a readable safetensors file ({err}). {fix}") from err
-    if len(shape) != 3 or shape[1:] != expected or dtype != spec.config.dtype:
-        raise IndexCorruptError(
-            f"The shard {path} holds sketches of shape {shape} ({dtype}), but this build writes (n, {expected[0]}, "
-            f"{expected[1]}) ({spec.config.dtype}). {fix}"
+        return read_shard_ids(
+            path, num_timesteps=config.num_timesteps, sketch_dim=config.sketch_dim, dtype=config.dtype
         )
-    if ids.dtype != np.int64 or ids.shape != (shape[0],):
-        raise IndexCorruptError(f"The shard {path} holds ids of shape {ids.shape} ({ids.dtype}). {fix}")
-    return ids
+    except IndexCorruptError as err:
+        raise IndexCorruptError(f"{err} {fix}") from err
 
 
 def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -> list[str]:

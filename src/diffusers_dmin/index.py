@@ -12,24 +12,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .config import DMinConfig, SketchSpec
+from .config import DMinConfig, SketcherOptions, SketchSpec
 from .constants import (
     DEFAULT_COMMIT_MESSAGE,
-    DEFAULT_HNSW_EF,
-    DEFAULT_HNSW_EF_CONSTRUCTION,
-    DEFAULT_HNSW_M,
     DEFAULT_REPO_TYPE,
-    HNSW_NAME,
 )
-from .errors import ConfigError, DatasetError, IndexCorruptError, IndexMismatchError
+from .errors import ConfigError, IndexCorruptError, IndexMismatchError, check_int
 from .folder import Block, StoredFile, write_index_folder
+from .graph import IndexGraph
 from .hub import HubLocation, upload_index_folder
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
 from .search import (
     QUERY_FIX,
     ExactSearch,
-    HNSWSearch,
     approximate_search,
     check_search_dim,
     expand_queries,
@@ -37,6 +33,7 @@ from .search import (
     single_threaded_torch,
 )
 from .storage import IndexMetadata, Manifest, iter_shards, read_manifest, read_noise, to_ids_array, to_storage_array
+from .training_data import TrainingRows
 
 
 logger = get_logger(__name__)
@@ -125,18 +122,10 @@ class GradientIndex(ProgressBarMixin):
         self._noise_file: StoredFile | None = None
         if noise is not None:
             self._noise = _as_noise(noise)
-        self._hnsw: HNSWSearch | None = None
+        self._graph = IndexGraph()  # the HNSW graph: in memory, saved, or to download
         self._warned_weak_fingerprint = False
-        self._hnsw_dirty = False  # the graph in memory differs from `_hnsw_file`
-        self._hnsw_file: StoredFile | None = None
-        self._hnsw_params = {
-            "M": DEFAULT_HNSW_M,
-            "ef_construction": DEFAULT_HNSW_EF_CONSTRUCTION,
-            "ef": DEFAULT_HNSW_EF,
-        }
         self._source_folder: Path | None = None
-        self._dataset: Any = None
-        self._row_of_id: dict[int, int] | None = None
+        self._rows: TrainingRows | None = None  # the attached training set
         self._warned_unspecified = False
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -186,17 +175,13 @@ class GradientIndex(ProgressBarMixin):
     @property
     def hnsw_params(self) -> dict[str, int]:
         """`M`, `ef_construction` and `ef` of the HNSW graph (the paper's 16, 200, 100 unless built otherwise)."""
-        return dict(self._hnsw_params)
+        return dict(self._graph.params)
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __repr__(self) -> str:
-        hnsw = "none"
-        if self._hnsw is not None:
-            hnsw = f"{self._hnsw.num_rows} rows in memory"
-        elif self._hnsw_file is not None:
-            hnsw = f"saved ({self._hnsw_file.info.num_rows} rows)"
+        hnsw = self._graph.describe()
         return (
             f"GradientIndex(num_rows={len(self)}, num_timesteps={self.num_timesteps}, sketch_dim={self.sketch_dim}, "
             f"dtype={self.dtype!r}, spec={'set' if self._spec is not None else 'unspecified'}, hnsw={hnsw})"
@@ -268,7 +253,7 @@ class GradientIndex(ProgressBarMixin):
         hnsw: bool = False,
         progress: bool = True,
         accelerator: Any = None,
-        sketcher_kwargs: Mapping[str, Any] | None = None,
+        sketcher_kwargs: SketcherOptions | Mapping[str, Any] | None = None,
         **metadata: Any,
     ) -> GradientIndex:
         r"""
@@ -335,8 +320,9 @@ class GradientIndex(ProgressBarMixin):
                 Show a progress bar (samples/s, ETA) on the main process.
             accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*):
                 The distributed state; by default `accelerate.PartialState()` (a single process unless launched).
-            sketcher_kwargs (`dict`, *optional*):
-                Passed to [`GradientSketcher.from_pipeline`] (`mode`, `max_pairs_per_batch`, ...).
+            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*):
+                How the sketcher runs (`mode`, `max_pairs_per_batch`, `num_threads`, ...): a [`SketcherOptions`] or a
+                dict of its fields.
             **metadata:
                 Provenance for the manifest and dataset card: `dataset_id`, `dataset_revision`, `dataset_split`,
                 `adapter_id`, `adapter_revision`, `base_model_id`, `base_model_revision`, `extra`. The base model id
@@ -395,7 +381,7 @@ class GradientIndex(ProgressBarMixin):
             hnsw=hnsw,
             progress=progress,
             accelerator=accelerator,
-            sketcher_kwargs=sketcher_kwargs,
+            options=SketcherOptions.from_value(sketcher_kwargs),
             finish=finish,
             **metadata,
         )
@@ -451,10 +437,7 @@ class GradientIndex(ProgressBarMixin):
         self._ids = np.concatenate([self._ids, ids_array])
         self._exact = None
         self._sorted_ids = None
-        if self._hnsw is not None:
-            # from the graph's own row count: an interrupted extension is completed by the next one
-            self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
-            self._hnsw_dirty = True
+        self._graph.extend(self._exact_search(), progress=self._progress_enabled())
 
     def build_hnsw(
         self,
@@ -483,17 +466,16 @@ class GradientIndex(ProgressBarMixin):
         """
         self._check_nonempty()
         k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
-        params = {
-            "M": self._hnsw_params["M"] if M is None else M,
-            "ef_construction": self._hnsw_params["ef_construction"] if ef_construction is None else ef_construction,
-            "ef": self._hnsw_params["ef"] if ef is None else ef,
-        }
-        logger.info(f"Building an HNSW graph over {len(self)} rows of dimension {self.num_timesteps}x{k} ({params}).")
-        graph = HNSWSearch(
-            self.num_timesteps * k, max_elements=len(self), num_threads=num_threads, seed=seed, **params
+        self._graph.build(
+            self._exact_search(),
+            k,
+            M=M,
+            ef_construction=ef_construction,
+            ef=ef,
+            num_threads=num_threads,
+            seed=seed,
+            progress=self._progress_enabled(),
         )
-        graph.add_rows(self._exact_search(), start=0, progress=self._progress_enabled())
-        self._hnsw, self._hnsw_dirty, self._hnsw_file, self._hnsw_params = graph, True, None, params
 
     # ------------------------------------------------------------------------------------------------ search
 
@@ -590,21 +572,20 @@ class GradientIndex(ProgressBarMixin):
         if spec is not None:
             self.check_compatible(spec)
         self._check_nonempty()
-        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
-            raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
+        check_int(top_k, "top_k")
         with single_threaded_torch():
             folded = prepare_queries(
                 queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
             )  # (q, T, k_s)
             full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
         exact_search = self._exact_search()
-        if not exact and ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
-            raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
+        if not exact:
+            check_int(ef, "ef", optional=True)
         # with re-scoring, candidates covering every row (small indices) are just exact search
-        if exact or (rescore and max(int(top_k), ef or self._hnsw_params["ef"]) >= len(self)):
+        if exact or (rescore and max(int(top_k), ef or self._graph.params["ef"]) >= len(self)):
             positions, scores = exact_search.search(full, top_k, largest=largest)
         else:
-            graph = self._get_hnsw(folded.shape[-1])
+            graph = self._graph.get(exact_search, folded.shape[-1], progress=self._progress_enabled())
             graph_ef = graph.ef
             graph.ef = graph_ef if ef is None else ef
             try:
@@ -622,7 +603,7 @@ class GradientIndex(ProgressBarMixin):
         results = []
         for row_positions, row_scores in zip(positions, scores):
             sample_ids = self._ids[row_positions]
-            samples = self._samples(sample_ids) if self._dataset is not None else None
+            samples = self._rows.rows(sample_ids) if self._rows is not None else None
             results.append(
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
@@ -664,47 +645,8 @@ class GradientIndex(ProgressBarMixin):
         Returns:
             [`GradientIndex`]: `self`, for chaining.
         """
-        if dataset is None:
-            self._dataset, self._row_of_id = None, None
-            return self
-        column = id_column or self._metadata.id_column
-        row_of_id = None
-        if column is not None:
-            names = getattr(dataset, "column_names", None)
-            if names is None or column not in names:
-                raise DatasetError(
-                    f"`id_column={column!r}` is not a column of the dataset (columns: {names}). Pass the column "
-                    "holding the sample ids, or `id_column=None` to use row positions."
-                )
-            row_of_id = {}
-            for row, value in enumerate(dataset[column]):
-                try:
-                    key = int(value)
-                except (TypeError, ValueError) as err:
-                    raise DatasetError(
-                        f"Id column {column!r} holds a non-integer value {value!r} at row {row}."
-                    ) from err
-                if key in row_of_id:
-                    raise DatasetError(
-                        f"Id column {column!r} holds the id {key} twice (rows {row_of_id[key]}, {row})."
-                    )
-                row_of_id[key] = row
-        self._dataset, self._row_of_id = dataset, row_of_id
+        self._rows = None if dataset is None else TrainingRows(dataset, id_column or self._metadata.id_column)
         return self
-
-    def _samples(self, sample_ids: np.ndarray) -> list[dict[str, Any]]:
-        samples = []
-        for sample_id in sample_ids.tolist():
-            row = sample_id if self._row_of_id is None else self._row_of_id.get(sample_id)
-            if row is None or not 0 <= row < len(self._dataset):
-                raise DatasetError(
-                    f"Sample id {sample_id} has no row in the attached dataset ({len(self._dataset)} rows"
-                    f"{'' if self._row_of_id is None else ', looked up by id column'}). Attach the dataset the index "
-                    "was built from.",
-                    sample_id=sample_id,
-                )
-            samples.append(self._dataset[row])
-        return samples
 
     # ------------------------------------------------------------------------------------------------ save / load
 
@@ -788,8 +730,10 @@ class GradientIndex(ProgressBarMixin):
             # files fetched later (the graph) come from the commit the manifest came from
             origin = location.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else location
         index = cls._from_folder(folder, origin=origin)
-        if load_hnsw and index._hnsw_file is not None:
-            index._get_hnsw(index._hnsw_file.info.sketch_dim)
+        if load_hnsw and index._graph.file is not None:
+            index._graph.get(
+                index._exact_search(), index._graph.file.info.sketch_dim, progress=index._progress_enabled()
+            )
         return index
 
     @classmethod
@@ -811,12 +755,7 @@ class GradientIndex(ProgressBarMixin):
             index._noise_file = StoredFile(manifest.noise, folder, origin)
             index._noise_file.verify("noise file")
         if manifest.hnsw is not None:
-            index._hnsw_file = StoredFile(manifest.hnsw, folder, origin)
-            index._hnsw_params = {
-                "M": manifest.hnsw.M,
-                "ef_construction": manifest.hnsw.ef_construction,
-                "ef": manifest.hnsw.ef,
-            }
+            index._graph.use_file(StoredFile(manifest.hnsw, folder, origin))
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
         return index
@@ -883,9 +822,9 @@ class GradientIndex(ProgressBarMixin):
             blocks=self._blocks,
             noise=self._noise,
             noise_file=self._noise_file,
-            graph=self._hnsw,
-            graph_file=self._hnsw_file,
-            graph_dirty=self._hnsw_dirty,
+            graph=self._graph.graph,
+            graph_file=self._graph.file,
+            graph_dirty=self._graph.dirty,
             source_folder=self._source_folder,
             link=link,
             repo_id=repo_id,
@@ -901,41 +840,8 @@ class GradientIndex(ProgressBarMixin):
         self._exact = None
         if self._noise is not None and self._noise_file is None:
             self._noise_file = written.noise
-        if self._hnsw is not None and written.graph is not None and (self._hnsw_dirty or self._hnsw_file is None):
-            self._hnsw_file, self._hnsw_dirty = written.graph, False
+        self._graph.saved(written.graph)
         return written.manifest
-
-    def _get_hnsw(self, k_search: int) -> HNSWSearch:
-        if self._hnsw is None and self._hnsw_file is not None:
-            info = self._hnsw_file.info
-            source = self._hnsw_file.local_path(download=True)
-            if source is None:
-                logger.warning(f"{HNSW_NAME} is listed in the manifest but absent; rebuilding the HNSW graph.")
-                self.build_hnsw(sketch_dim=info.sketch_dim)
-            else:
-                self._hnsw_file.verify("HNSW graph", source)
-                # validated completely against the manifest before hnswlib reads a byte of it
-                graph = HNSWSearch.load(
-                    source,
-                    self.num_timesteps * info.sketch_dim,
-                    max_elements=len(self),
-                    ef=info.ef,
-                    num_rows=info.num_rows,
-                    M=info.M,
-                    ef_construction=info.ef_construction,
-                )
-                if graph.num_rows != info.num_rows:
-                    raise IndexCorruptError(
-                        f"{source} holds {graph.num_rows} rows, but the manifest expects {info.num_rows}. Delete it "
-                        "to rebuild the graph, or re-download the index with `force_download=True`."
-                    )
-                self._hnsw, self._hnsw_dirty = graph, False
-        if self._hnsw is None:
-            self.build_hnsw(sketch_dim=k_search if k_search != self.sketch_dim else None)
-        if self._hnsw.num_rows < len(self):
-            self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
-            self._hnsw_dirty = True
-        return self._hnsw
 
     def _exact_search(self) -> ExactSearch:
         if self._exact is None:

@@ -26,10 +26,20 @@ import numpy as np
 import torch
 
 from .constants import DEFAULT_HNSW_EF, DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
-from .errors import ConfigError, DMinError, IndexCorruptError, IndexMismatchError, NonFiniteGradientError, require
+from .errors import (
+    ConfigError,
+    DMinError,
+    IndexCorruptError,
+    IndexMismatchError,
+    NonFiniteGradientError,
+    check_choice,
+    check_int,
+    require,
+)
 from .hnsw_file import MAX_M, validate_hnsw_file
 from .logging import get_logger, tqdm
 from .sketch import fold_sketch
+from .storage import TORCH_DTYPES, commit_temp, temp_path
 
 
 logger = get_logger(__name__)
@@ -52,7 +62,6 @@ QUERY_FIX = (
     "`index.config`; or build a new index for this model."
 )
 
-_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Float32 bytes of one widened chunk: small enough to stay in cache between the cast and the product.
 _CHUNK_BYTES = 8 * 2**20
 # Rows whose scores are kept before each top-k merge.
@@ -103,12 +112,11 @@ def rows_as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
             `dtype="bfloat16"` (numpy has no bfloat16). Must be writeable (memory-map with `mode="c"`).
         dtype (`str`): `"float16"`, `"bfloat16"` or `"float32"`.
     """
-    if dtype not in _TORCH_STORAGE:
-        raise ConfigError(f"`dtype` must be one of {tuple(_TORCH_STORAGE)}, but is {dtype!r}.")
+    check_choice(dtype, "dtype", tuple(TORCH_DTYPES))
     tensor = torch.from_numpy(block).reshape(len(block), -1)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
-    if tensor.dtype != _TORCH_STORAGE[dtype]:
+    if tensor.dtype != TORCH_DTYPES[dtype]:
         raise ConfigError(f"A row block of numpy dtype {block.dtype} cannot hold {dtype} values.")
     return tensor
 
@@ -430,8 +438,7 @@ class ExactSearch(SearchBackend):
 
 
 def _check_top_k(top_k: int, num_rows: int) -> int:
-    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
-        raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
+    check_int(top_k, "top_k")
     if num_rows < 1:
         raise ConfigError("The index holds no rows; add sketches with `index.add(...)` before searching.")
     return int(min(top_k, num_rows))
@@ -608,8 +615,6 @@ class HNSWSearch(SearchBackend):
         hnswlib does not report write errors (a full disk gives a truncated file): callers that keep the file should
         check it with [`~diffusers_dmin.hnsw_file.validate_hnsw_file`] before trusting it, as `GradientIndex` does.
         """
-        import tempfile
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # the file records the capacity; store the exact row count (what a validated file must hold)
@@ -618,19 +623,12 @@ class HNSWSearch(SearchBackend):
         if not atomic:
             self._index.save_index(str(path))
             return
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = temp_path(path)  # the one atomic-write protocol (storage): temp file, fsync, rename, fsync folder
         try:
-            self._index.save_index(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, path)
+            self._index.save_index(str(tmp))
+            commit_temp(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def rescore(

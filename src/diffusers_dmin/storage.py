@@ -55,7 +55,7 @@ from .constants import (
     SKETCHES_KEY,
     TEMP_SUFFIX,
 )
-from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError
+from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError, check_int
 from .logging import get_logger
 from .version import __version__
 
@@ -99,7 +99,8 @@ _SAFETENSORS_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "F32": ("float32", np.dtype(np.float32)),
     "I64": ("int64", np.dtype(np.int64)),
 }
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# the one dtype table: storage dtype name -> torch dtype (`config.DTYPES` lists the names)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MAX_HEADER_BYTES = 100 * 2**20
 # a manifest lists ~250 bytes per shard: 64 MiB is far beyond any real index, and bounds what parsing may cost
 MAX_MANIFEST_BYTES = 64 * 2**20
@@ -808,7 +809,7 @@ def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np
         [`ConfigError`]: Not a 3-d float tensor/array, or `dtype` unknown.
         [`NonFiniteGradientError`]: A value is NaN or infinite (also after the cast, e.g. float16 overflow).
     """
-    if dtype not in _TORCH_DTYPES:
+    if dtype not in TORCH_DTYPES:
         raise ConfigError(f"`dtype` must be one of {DTYPES}, but is {dtype!r}.")
     tensor = _as_float_tensor(sketches, name)
     if tensor.ndim != 3:
@@ -816,7 +817,7 @@ def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np
             f"`{name}` must have shape (num_samples, num_timesteps, sketch_dim), but has shape {tuple(tensor.shape)}."
         )
     # always a copy: the index must not change when the caller later modifies its tensor
-    stored = tensor.detach().to("cpu", _TORCH_DTYPES[dtype], copy=True).contiguous()
+    stored = tensor.detach().to("cpu", TORCH_DTYPES[dtype], copy=True).contiguous()
     finite = torch.isfinite(stored.reshape(len(stored), -1)).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
@@ -954,9 +955,8 @@ def write_shards(
     else:
         array = to_storage_array(sketches, dtype)
     ids_array = to_ids_array(ids, len(array))
-    rows = default_shard_rows(array.shape[1:], dtype) if max_shard_rows is None else max_shard_rows
-    if not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"`max_shard_rows` must be a positive integer, but is {max_shard_rows!r}.")
+    check_int(max_shard_rows, "max_shard_rows", optional=True)
+    rows = default_shard_rows(array.shape[1:], dtype) if max_shard_rows is None else int(max_shard_rows)
     infos = []
     for number, start in enumerate(range(0, len(array), rows)):
         infos.append(
@@ -1131,6 +1131,29 @@ def describe_shard(folder: str | os.PathLike, name: str) -> ShardInfo:
     if len(shape) != 1 or shape[0] < 1:
         raise IndexCorruptError(f"The shard {path} holds ids of shape {shape}; expected (n,) with n >= 1.")
     return ShardInfo(name=name, num_rows=shape[0], sha256=sha256_file(path), num_bytes=size)
+
+
+def read_shard_ids(path: Path, *, num_timesteps: int, sketch_dim: int, dtype: str) -> np.ndarray:
+    r"""
+    The ids of a shard file that no manifest vouches for yet (a build's own, on resume): header and ids only, no
+    hashing. The header must hold "sketches" `(n, num_timesteps, sketch_dim)` in `dtype` and "ids" `(n,)` int64.
+
+    Raises:
+        [`IndexCorruptError`]: The file is not such a shard (or is truncated).
+    """
+    header, data_start, size = _parse_header(path, "shard")
+    s_dtype, _, s_shape, _ = _tensor_entry(header, SKETCHES_KEY, path, data_start, size, "shard")
+    i_dtype, i_np, i_shape, i_offset = _tensor_entry(header, IDS_KEY, path, data_start, size, "shard")
+    if len(s_shape) != 3 or s_shape[1:] != (num_timesteps, sketch_dim) or s_dtype != dtype:
+        raise IndexCorruptError(
+            f"The shard {path} holds sketches of shape {s_shape} ({s_dtype}), but this build writes (n, "
+            f"{num_timesteps}, {sketch_dim}) ({dtype})."
+        )
+    if i_dtype != "int64" or i_shape != (s_shape[0],):
+        raise IndexCorruptError(f"The shard {path} holds ids of shape {i_shape} ({i_dtype}).")
+    with open(path, "rb") as f:
+        f.seek(i_offset)
+        return np.frombuffer(f.read(i_shape[0] * 8), dtype=i_np).copy()
 
 
 def iter_shards(folder: str | os.PathLike, manifest: Manifest) -> Iterator[ShardData]:

@@ -19,7 +19,15 @@ from .objectives import prepare_images
 from .video import decode_video, prepare_video
 
 
-__all__ = ["load_training_dataset", "DatasetView", "Batch", "BatchLoader", "collate_batch", "loader_worker_init"]
+__all__ = [
+    "load_training_dataset",
+    "TrainingRows",
+    "DatasetView",
+    "Batch",
+    "BatchLoader",
+    "collate_batch",
+    "loader_worker_init",
+]
 
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -105,6 +113,48 @@ class DatasetView:
 
     def pending_positions(self, done: np.ndarray) -> np.ndarray:
         return np.flatnonzero(~np.isin(self.ids, done))
+
+
+class TrainingRows:
+    """The rows of an attached training set by sample id (for search results): through `id_column`, or by position."""
+
+    def __init__(self, dataset: Any, id_column: str | None):
+        row_of_id = None
+        if id_column is not None:
+            names = getattr(dataset, "column_names", None)
+            if names is None or id_column not in names:
+                raise DatasetError(
+                    f"`id_column={id_column!r}` is not a column of the dataset (columns: {names}). Pass the column "
+                    "holding the sample ids, or `id_column=None` to use row positions."
+                )
+            row_of_id = {}
+            for row, value in enumerate(dataset[id_column]):
+                try:
+                    key = int(value)
+                except (TypeError, ValueError) as err:
+                    raise DatasetError(
+                        f"Id column {id_column!r} holds a non-integer value {value!r} at row {row}."
+                    ) from err
+                if key in row_of_id:
+                    raise DatasetError(
+                        f"Id column {id_column!r} holds the id {key} twice (rows {row_of_id[key]}, {row})."
+                    )
+                row_of_id[key] = row
+        self.dataset, self._row_of_id = dataset, row_of_id
+
+    def rows(self, sample_ids: np.ndarray) -> list[dict[str, Any]]:
+        samples = []
+        for sample_id in sample_ids.tolist():
+            row = sample_id if self._row_of_id is None else self._row_of_id.get(sample_id)
+            if row is None or not 0 <= row < len(self.dataset):
+                raise DatasetError(
+                    f"Sample id {sample_id} has no row in the attached dataset ({len(self.dataset)} rows"
+                    f"{'' if self._row_of_id is None else ', looked up by id column'}). Attach the dataset the index "
+                    "was built from.",
+                    sample_id=sample_id,
+                )
+            samples.append(self.dataset[row])
+        return samples
 
 
 @dataclass
