@@ -27,7 +27,6 @@ import contextlib
 import os
 import re
 import shlex
-import socket
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -327,28 +326,6 @@ def _looks_like_path(value: str) -> bool:
     return value.count("/") > 1
 
 
-def _offline_reason(endpoint: str | None) -> str | None:
-    """Why the Hub cannot be asked right now (offline mode, or the endpoint refuses a connection within 3 s), or
-    `None`. huggingface_hub retries a failed connection 5 times with back-off (about 25 s) before giving up; asking
-    once with a short timeout lets a mistyped name fail at once."""
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "offline mode is on (HF_HUB_OFFLINE=1)"
-    url = endpoint or constants.ENDPOINT
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return None  # the proxy decides; let huggingface_hub try
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=3).close()
-    except OSError as err:
-        return f"the Hub at {url} cannot be reached ({err})"
-    return None
-
-
 class _Sources:
     """Checks names that may be local paths or Hub ids, before anything is loaded.
 
@@ -364,7 +341,9 @@ class _Sources:
     @property
     def offline_reason(self) -> str | None:
         if not self._asked:
-            self._reason, self._asked = _offline_reason(self.endpoint), True
+            from .hub import offline_reason  # imports huggingface_hub: only when a command asks
+
+            self._reason, self._asked = offline_reason(self.endpoint), True
         return self._reason
 
     def check(self, value: str, what: str, *, files: bool = False) -> bool:
@@ -627,15 +606,10 @@ class InfoCommand(BaseDMinCommand):
             if _is_local(args.index):
                 folder = Path(os.path.expanduser(args.index))
             else:
-                path = hub.download_file(
-                    args.index,
-                    MANIFEST_NAME,
-                    repo_type=args.repo_type,
-                    revision=args.revision,
-                    token=args.token,
-                    endpoint=args.endpoint,
-                    local_files_only=cache_only,
+                location = hub.HubLocation(
+                    args.index, args.repo_type, args.revision, args.token, None, args.endpoint, cache_only
                 )
+                path = location.download_file(MANIFEST_NAME)
                 folder = Path(path).parent
         manifest = read_manifest(folder)
         lines = _summary(manifest, args.index)
@@ -1019,9 +993,9 @@ def _verbosity(args: argparse.Namespace) -> Iterator[None]:
 
 def _logging_state() -> dict[str, Any]:
     import diffusers.utils.logging
-    import huggingface_hub.utils
 
     from . import logging
+    from .hub import progress_bar_switches
 
     modules = [diffusers.utils.logging]
     try:
@@ -1034,8 +1008,8 @@ def _logging_state() -> dict[str, Any]:
         "level": logging.get_verbosity(),
         "disabled": logging.are_progress_bars_disabled(),
         "modules": {m: (m.get_verbosity(), m.is_progress_bar_enabled()) for m in modules},
-        "hub": huggingface_hub.utils,
-        "hub_disabled": huggingface_hub.utils.are_progress_bars_disabled(),
+        "hub": progress_bar_switches(),
+        "hub_disabled": progress_bar_switches().are_progress_bars_disabled(),
     }
 
 

@@ -14,6 +14,7 @@ import html
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +49,15 @@ from .storage import Manifest
 
 logger = get_logger(__name__)
 
-__all__ = ["HubLocation", "download_index", "download_file", "upload_index_folder", "dataset_card", "CARD_MARKER"]
+__all__ = [
+    "HubLocation",
+    "offline_reason",
+    "download_index",
+    "download_file",
+    "upload_index_folder",
+    "dataset_card",
+    "CARD_MARKER",
+]
 
 REPO_TYPES = ("dataset", "model")
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -117,6 +126,36 @@ def _hub_errors(
                 "`token=False` sends no token."
             ) from err
         raise
+
+
+def offline_reason(endpoint: str | None) -> str | None:
+    """Why the Hub cannot be asked right now (offline mode, or the endpoint refuses a connection within 3 s), or
+    `None`. huggingface_hub retries a failed connection 5 times with back-off (about 25 s) before giving up; asking
+    once with a short timeout lets a mistyped name fail at once."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    url = endpoint or constants.ENDPOINT
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None  # the proxy decides; let huggingface_hub try
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=3).close()
+    except OSError as err:
+        return f"the Hub at {url} cannot be reached ({err})"
+    return None
+
+
+def progress_bar_switches() -> Any:
+    """huggingface_hub's progress-bar switches (`disable_progress_bars`, `enable_progress_bars`,
+    `are_progress_bars_disabled`), for `dmin -q`."""
+    import huggingface_hub.utils
+
+    return huggingface_hub.utils
 
 
 # --------------------------------------------------------------------------------------------------- pull

@@ -217,6 +217,7 @@ class InfluencePipeline:
         self,
         images: Any,
         prompts: str | Sequence[str] | None = None,
+        *,
         top_k: int = 10,
         exact: bool = True,
     ) -> list[InfluenceResult]:
