@@ -36,8 +36,12 @@ measurements.
 
 **Multi-process.** Under `accelerate launch` (or `torchrun`), every process runs the same call: checks are repeated
 identically in every process, the main process prepares the folder, all processes scan it between two barriers (so
-they agree on the units), each writes only its own shards, and after a final barrier the main process writes the
-noise, the manifest (shards in dataset order) and the dataset card.
+they agree on the units), each writes only its own shards, and after a barrier the main process writes the noise
+and the manifest (shards in dataset order), then runs the caller's `finish` step ([`GradientIndex.build`] passes one
+that loads the index, extends or builds the HNSW graph and writes the dataset card through [`folder`]).
+
+**Layering.** This module writes shards and the manifest through [`storage`] and never imports [`GradientIndex`];
+reading the training data is [`training_data`].
 
 **Incremental add.** Run the build again on the grown dataset with the same config, model and id column: only new
 ids are computed, new shards are appended after the old ones (old files are not touched) and a saved HNSW graph is
@@ -254,7 +258,7 @@ def build_index(
             raise BuildInterrupted(message, getattr(err, "signal_name", "SIGINT"), resumable=True) from err
         state.wait_for_everyone()
 
-        # 4. the main process writes noise, manifest, card (and graph); then everybody loads the result
+        # 4. the main process writes noise and manifest, then the caller's `finish` (graph, card)
         if is_main:
             _finish(
                 folder,
