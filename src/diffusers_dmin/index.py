@@ -1,4 +1,10 @@
-"""[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub)."""
+"""[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub).
+
+The facade keeps state (rows, ids, spec, metadata, noise, graph, attached dataset) and composes the modules that own
+each concern: [`search`] (query checks and folding, exact search, candidate re-scoring), [`graph`] (the HNSW graph's
+lifecycle), [`folder`] (writing an index folder crash-safely), [`storage`] (reading shards and the manifest),
+[`hub`] (push and pull), [`build`] (building over a dataset, finished here).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,7 @@ import numpy as np
 import torch
 
 from .config import DMinConfig, SketcherOptions, SketchSpec
-from .constants import (
-    DEFAULT_COMMIT_MESSAGE,
-    DEFAULT_REPO_TYPE,
-)
+from .constants import DEFAULT_COMMIT_MESSAGE, DEFAULT_REPO_TYPE
 from .errors import ConfigError, IndexCorruptError, IndexMismatchError, check_int
 from .folder import Block, StoredFile, write_index_folder
 from .graph import IndexGraph
