@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +38,6 @@ from .constants import (
     DEFAULT_FAISS_CANDIDATES,
     DEFAULT_FAISS_NPROBE,
     FAISS_CODECS,
-    FAISS_NAME,
     MAX_FAISS_COARSE_DIM,
     MAX_FAISS_NLIST,
 )
@@ -46,14 +45,13 @@ from .errors import ConfigError, DMinError, IndexCorruptError, MissingDependency
 from .logging import get_logger, tqdm
 from .search import ExactSearch, SearchBackend, _as_query_matrix, _check_top_k, single_threaded_torch
 from .sketch import fold_sketch
-from .storage import FaissInfo, _parse_header, commit_temp, sha256_file, stage_bytes, stage_copy, verify_file
+from .storage import FaissInfo, _parse_header, commit_temp, stage_bytes, verify_file
 
 
 logger = get_logger(__name__)
 
 __all__ = [
     "FaissIVFSearch",
-    "IndexIVF",
     "require_faiss",
     "default_coarse_sketch_dim",
     "default_nlist",
@@ -789,114 +787,3 @@ def _read_checked(path: Path, expected: Mapping[str, tuple[str, tuple[int, ...]]
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
         raise IndexCorruptError(f"Tensors of the FAISS index {path} overlap.")
     return arrays
-
-
-class IndexIVF:
-    r"""
-    The FAISS IVF index of one [`~diffusers_dmin.GradientIndex`], one owner for its lifecycle: `ivf` (in memory, or
-    None), `file` (its manifest entry, or None) with `locate` (returns the saved file, downloading it if needed, or
-    None when absent), `dirty` (the index in memory differs from the file) and `calibration`.
-    """
-
-    def __init__(self):
-        self.ivf: FaissIVFSearch | None = None
-        self.file: FaissInfo | None = None
-        self.locate: Callable[[], Path | None] | None = None
-        self.dirty = False
-        self.calibration: RecallCalibration | None = None
-        self.device = "cpu"
-
-    @property
-    def params(self) -> dict[str, Any] | None:
-        """`codec`, `sketch_dim`, `nlist`, `pq_m`, `nprobe`, `num_candidates` (None when there is no FAISS index)."""
-        source = self.ivf if self.ivf is not None else self.file
-        if source is None:
-            return None
-        keys = ("codec", "sketch_dim", "nlist", "pq_m", "nprobe", "num_candidates")
-        return {key: getattr(source, key) for key in keys}
-
-    def describe(self) -> str:
-        if self.ivf is not None:
-            return f"IVF-{self.ivf.codec}, {self.ivf.num_rows} rows in memory"
-        if self.file is not None:
-            return f"IVF-{self.file.codec}, saved ({self.file.num_rows} rows)"
-        return "none"
-
-    def use_file(self, file: FaissInfo, locate: Callable[[], Path | None]) -> None:
-        """A loaded index: its manifest lists this FAISS file (loaded on first use)."""
-        self.file, self.locate, self.calibration = file, locate, file.calibration
-
-    def saved(self, file: FaissInfo | None, locate: Callable[[], Path | None]) -> None:
-        """The index was just written as `file`: it now backs the index in memory."""
-        if file is not None:
-            self.file, self.locate, self.dirty = file, locate, False
-
-    def build(self, rows: ExactSearch, *, progress: bool, device: str = "cpu", **kwargs: Any) -> None:
-        """Train and fill a new IVF index over all `rows` (see [`FaissIVFSearch.from_rows`]), replacing any other."""
-        self.ivf = FaissIVFSearch.from_rows(rows, progress=progress, device=device, **kwargs)
-        self.device = device
-        self.dirty, self.file, self.locate, self.calibration = True, None, None, None
-
-    def extend(self, rows: ExactSearch, *, progress: bool) -> None:
-        """Add the rows the index in memory does not hold yet."""
-        if self.ivf is not None and self.ivf.num_rows < rows.num_rows:
-            self.ivf.add_rows(rows, progress=progress)
-            self.dirty = True
-
-    def get(self, rows: ExactSearch, *, progress: bool) -> FaissIVFSearch:
-        """The index, ready to search all `rows`: loaded from its file (validated completely first), rebuilt with the
-        file's parameters when the file is absent, or built with the defaults; then extended with rows added since."""
-        if self.ivf is None and self.file is not None:
-            source = self.locate() if self.locate is not None else None
-            if source is None:
-                info = self.file
-                logger.warning(f"{info.name} is listed in the manifest but absent; rebuilding the FAISS index.")
-                self.build(
-                    rows,
-                    progress=progress,
-                    sketch_dim=info.sketch_dim,
-                    nlist=info.nlist,
-                    codec=info.codec,
-                    pq_m=info.pq_m or None,
-                    nprobe=info.nprobe,
-                    num_candidates=info.num_candidates,
-                )
-            else:
-                self.ivf = FaissIVFSearch.load_info(source, self.file, rows.num_timesteps, device=self.device)
-                self.dirty = False
-        if self.ivf is None:
-            # PQ trains 256 centroids per sub-quantizer on at least 39 rows each (FAISS's minimum)
-            codec = "pq" if rows.num_rows >= _MIN_TRAIN_PQ else "sq8"
-            logger.info(f"The index has no FAISS index yet; building IVF-{codec} with the default parameters.")
-            self.build(rows, progress=progress, codec=codec)
-        self.extend(rows, progress=progress)
-        return self.ivf
-
-    def calibrate(self, rows: ExactSearch, queries: torch.Tensor, **kwargs: Any) -> RecallCalibration:
-        """[`FaissIVFSearch.calibrate`] on the index; the result is kept for the manifest."""
-        ivf = self.get(rows, progress=False)
-        self.calibration = ivf.calibrate(rows, queries, **kwargs)
-        self.dirty = True  # the manifest entry changes (nprobe, num_candidates, calibration)
-        return self.calibration
-
-    def stage(self, folder: Path, *, progress: bool = False) -> tuple[Path | None, FaissInfo | None]:
-        """Prepare `folder/FAISS_NAME` for a save: `(temp file to rename, manifest entry)`; `(None, entry)` when the
-        file there is already this one; `(None, None)` when there is nothing to save (or the file is unavailable)."""
-        target = folder / FAISS_NAME
-        if self.ivf is not None and (self.dirty or self.file is None):
-            tmp = self.ivf.stage(target)
-            return tmp, self.ivf.info(FAISS_NAME, sha256_file(tmp), tmp.stat().st_size, self.calibration)
-        if self.file is None:
-            return None, None
-        source = self.locate() if self.locate is not None else None
-        if source is None:
-            logger.warning(
-                f"The FAISS index of this index is not available locally; {folder} gets no {FAISS_NAME} (it will be "
-                "rebuilt on first use)."
-            )
-            return None, None
-        verify_file(source.parent, source.name, self.file.sha256, self.file.num_bytes, "FAISS index")
-        info = dataclasses.replace(self.file, name=FAISS_NAME)
-        if target.is_file() and os.path.realpath(target) == os.path.realpath(source):
-            return None, info
-        return stage_copy(source, target), info
