@@ -277,14 +277,14 @@ def task_hnsw(folder: Path, n: int) -> dict[str, Any]:
     return result
 
 
-def task_faiss(folder: Path, n: int, codec: str) -> dict[str, Any]:
+def task_faiss(folder: Path, n: int, codec: str, nlist: int | None = None) -> dict[str, Any]:
     from diffusers_dmin.faiss_backend import FaissIVFSearch
 
     rows = _open_rows(folder)
     eval_q, eval_truth, cal_q, cal_truth = _load_queries(folder)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        ivf = FaissIVFSearch.from_rows(rows, sketch_dim=COARSE_K, codec=codec, progress=False)
+        ivf = FaissIVFSearch.from_rows(rows, sketch_dim=COARSE_K, codec=codec, nlist=nlist, progress=False)
         result: dict[str, Any] = {"build_s": time.perf_counter() - start}
     result.update(
         build_peak_rss_anon_mib=memory.peak_anon / 2**20,
@@ -314,14 +314,17 @@ TASKS = {
     "generate": lambda a: task_generate(Path(a.folder), a.n, a.spread),
     "exact": lambda a: task_exact(Path(a.folder), a.n),
     "hnsw": lambda a: task_hnsw(Path(a.folder), a.n),
-    "faiss-pq": lambda a: task_faiss(Path(a.folder), a.n, "pq"),
-    "faiss-sq8": lambda a: task_faiss(Path(a.folder), a.n, "sq8"),
+    "faiss-pq": lambda a: task_faiss(Path(a.folder), a.n, "pq", a.nlist),
+    "faiss-sq8": lambda a: task_faiss(Path(a.folder), a.n, "sq8", a.nlist),
 }
 
 
-def run_task(task: str, folder: Path, n: int, spread: float, timeout: float) -> dict[str, Any]:
+def run_task(
+    task: str, folder: Path, n: int, spread: float, timeout: float, nlist: int | None = None
+) -> dict[str, Any]:
     """Run one task in a fresh process; returns its JSON (or an error record)."""
     cmd = [sys.executable, __file__, "--worker", task, "--folder", str(folder), "--n", str(n), "--spread", str(spread)]
+    cmd += [] if nlist is None else ["--nlist", str(nlist)]
     print(f"[{time.strftime('%H:%M:%S')}] N={n:>9,} {task} ...", flush=True)
     start = time.perf_counter()
     try:
@@ -484,6 +487,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--root", type=str, default=None, help="where the benchmark indices go (deleted after)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark indices")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per task")
+    parser.add_argument("--nlist", type=int, default=None, help="FAISS lists (default: a power of two near sqrt(N))")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=str, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -532,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if backend == "hnsw" and n > args.hnsw_max_n:
                     per_n[backend] = {"skipped": f"N > --hnsw-max-n {args.hnsw_max_n:g}"}
                     continue
-                per_n[backend] = run_task(backend, folder, n, args.spread, args.timeout)
+                per_n[backend] = run_task(backend, folder, n, args.spread, args.timeout, args.nlist)
                 per_n[backend]["load_average_after"] = os.getloadavg()
             per_n["disk_bytes"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
             if not args.keep:
