@@ -702,15 +702,26 @@ class SearchCommand(BaseDMinCommand):
             help="Without --dataset, load the Hub dataset id recorded in the index (local paths and URLs are refused).",
         )
         parser.add_argument("--thumb-size", type=int, default=96, help="Thumbnail size in the grid (default 96).")
+        parser.add_argument(
+            "--distributed",
+            action="store_true",
+            help="Split the index's shards between the processes of `accelerate launch` / `torchrun` (on by itself "
+            "when WORLD_SIZE > 1): each verifies and maps only its shards; exact search, results equal to one "
+            "process; only process 0 computes the query and prints. INDEX must be a local folder.",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=1800.0,
+            help="With --distributed: seconds a process waits for the others, e.g. for process 0 to load the "
+            "pipeline and compute the query (default 1800).",
+        )
         _threads_argument(parser)
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
-        from . import GradientIndex, InfluencePipeline
-        from .build import decode_image
-        from .objectives import prepare_images
-        from .video import decode_video, prepare_video
-        from .viz import influence_grid
+        from . import GradientIndex
+        from .video import decode_video
 
         args = self.args
         if args.top_k < 1:
@@ -734,15 +745,46 @@ class SearchCommand(BaseDMinCommand):
             prompts = prompts * len(images)
 
         sources = _Sources(args.endpoint)
-        with sources.loading(args.index, "the index") as cache_only:
-            index = GradientIndex.from_pretrained(
-                args.index,
-                revision=args.revision,
-                token=args.token,
-                endpoint=args.endpoint,
-                repo_type=args.repo_type,
-                local_files_only=cache_only,
-            )
+        if args.distributed or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            from .distributed import DistributedSearch
+
+            if args.hnsw:
+                raise ConfigError("`--hnsw` cannot be combined with a distributed search, which is exact.")
+            index = DistributedSearch(args.index, timeout=args.timeout, num_threads=args.threads)
+            if index.rank != 0:  # the other processes search their shards for process 0's query, and print nothing
+                try:
+                    index.search(None)
+                finally:
+                    index.close()
+                return EXIT_OK
+        else:
+            with sources.loading(args.index, "the index") as cache_only:
+                index = GradientIndex.from_pretrained(
+                    args.index,
+                    revision=args.revision,
+                    token=args.token,
+                    endpoint=args.endpoint,
+                    repo_type=args.repo_type,
+                    local_files_only=cache_only,
+                )
+        try:
+            return self._search(index, sources, images, channels, videos, prompts)
+        except Exception as err:
+            if not isinstance(index, GradientIndex):
+                index._abort(err)  # process 0 failed before searching: the others wait for its query
+            raise
+        finally:
+            if not isinstance(index, GradientIndex):
+                index.close()
+
+    def _search(self, index: Any, sources: _Sources, images: list, channels: list, videos: list, prompts: Any) -> int:
+        from . import InfluencePipeline
+        from .build import decode_image
+        from .objectives import prepare_images
+        from .video import decode_video, prepare_video
+        from .viz import influence_grid
+
+        args = self.args
         top_k = args.top_k
         if top_k > len(index):
             _note(

@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 
 from .config import DMinConfig
+from .distributed import DistributedSearch
 from .errors import ConfigError
 from .gradients import GradientSketcher
 from .index import GradientIndex
@@ -62,8 +63,9 @@ class InfluencePipeline:
         pipeline (`DiffusionPipeline`):
             A `DDPMPipeline`/`DDIMPipeline`, `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or
             `StableDiffusion3Pipeline`, with or without a LoRA loaded.
-        index (`GradientIndex`):
-            The index of the training set.
+        index (`GradientIndex` or `DistributedSearch`):
+            The index of the training set; a [`~diffusers_dmin.distributed.DistributedSearch`] searches shards held
+            by several processes (exact search; the other processes call its `search(None)` meanwhile).
         sketcher_kwargs:
             Passed to [`GradientSketcher`] (`mode`, `max_pairs_per_batch`, `gradient_memory_bytes`, ...).
 
@@ -77,11 +79,11 @@ class InfluencePipeline:
     ```
     """
 
-    def __init__(self, pipeline: Any, index: GradientIndex, **sketcher_kwargs: Any):
-        if not isinstance(index, GradientIndex):
+    def __init__(self, pipeline: Any, index: GradientIndex | DistributedSearch, **sketcher_kwargs: Any):
+        if not isinstance(index, (GradientIndex, DistributedSearch)):
             raise ConfigError(
-                f"`index` must be a GradientIndex, but is {type(index).__name__}; load one with "
-                "`GradientIndex.from_pretrained(...)`."
+                f"`index` must be a GradientIndex or a DistributedSearch, but is {type(index).__name__}; load one "
+                "with `GradientIndex.from_pretrained(...)`."
             )
         self.pipeline = pipeline
         self.index = index

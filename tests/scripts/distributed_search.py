@@ -1,0 +1,79 @@
+"""Run `DistributedSearch` scenarios in every process of a torch.distributed job (for tests/test_distributed_search.py).
+
+    accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_search.py --plan plan.json --out DIR
+
+The plan (JSON) holds `searches`: a list of {"index": folder, "queries": file.npy, "kwargs": {...}, "all_ranks":
+whether every rank passes the queries (else only rank 0)}, and optionally `cli`: the argv of a `dmin` command run in
+every process. Each process writes DIR/<n>-rank<r>.npz (sample ids and scores) for search n, or DIR/<n>-rank<r>.err
+(the error), and DIR/cli-rank<r>.out / .code for the command. `--stall-rank R --stall-seconds S` makes rank R sleep S
+seconds before its first search (a process that stalls); `--timeout` is the search's timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--stall-rank", type=int, default=None)
+    parser.add_argument("--stall-seconds", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from diffusers_dmin.distributed import DistributedSearch
+    from diffusers_dmin.errors import DistributedSearchError
+
+    plan = json.loads(Path(args.plan).read_text())
+    out = Path(args.out)
+    rank = int(os.environ.get("RANK", "0"))
+    opened: dict[str, DistributedSearch] = {}
+    code = 0
+    for number, item in enumerate(plan.get("searches", [])):
+        try:
+            if item["index"] not in opened:
+                opened[item["index"]] = DistributedSearch(item["index"], timeout=args.timeout)
+            search = opened[item["index"]]
+            if number == 0 and rank == args.stall_rank:
+                time.sleep(args.stall_seconds)
+            queries = np.load(item["queries"]) if rank == 0 or item.get("all_ranks") else None
+            results = search.search(queries, **item.get("kwargs", {}))
+            np.savez(
+                out / f"{number}-rank{rank}.npz",
+                ids=np.stack([r.sample_ids for r in results]),
+                scores=np.stack([r.scores for r in results]),
+            )
+        except DistributedSearchError as err:
+            (out / f"{number}-rank{rank}.err").write_text(str(err))
+            code = 3
+            if item.get("stop_on_error"):
+                return code
+    if plan.get("cli"):
+        from diffusers_dmin.cli import main as dmin
+
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            result = dmin(plan["cli"])
+        (out / f"cli-rank{rank}.out").write_text(stdout.getvalue())
+        (out / f"cli-rank{rank}.errout").write_text(stderr.getvalue())
+        (out / f"cli-rank{rank}.code").write_text(str(result))
+    for search in opened.values():
+        search.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
