@@ -5,8 +5,8 @@
 The plan (JSON) holds `searches`: a list of {"index": folder, "queries": file.npy, "kwargs": {...}, "all_ranks":
 whether every rank passes the queries (else only rank 0)}, and optionally `cli`: the argv of a `dmin` command run in
 every process. Each process writes DIR/<n>-rank<r>.npz (sample ids and scores) for search n, or DIR/<n>-rank<r>.err
-(the error), and DIR/cli-rank<r>.out / .code for the command. `--stall-rank R --stall-seconds S` makes rank R sleep S
-seconds before its first search (a process that stalls); `--timeout` is the search's timeout.
+(the error), and DIR/cli-rank<r>.out / .code for the command. `--stall-rank R --stall-seconds S --stall-search N` makes
+rank R sleep S seconds before search N (a process that stalls); `--timeout` is the search's timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--stall-rank", type=int, default=None)
     parser.add_argument("--stall-seconds", type=float, default=0.0)
+    parser.add_argument("--stall-search", type=int, default=0)
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             if item["index"] not in opened:
                 opened[item["index"]] = DistributedSearch(item["index"], timeout=args.timeout)
             search = opened[item["index"]]
-            if number == 0 and rank == args.stall_rank:
+            if number == args.stall_search and rank == args.stall_rank:
                 time.sleep(args.stall_seconds)
             queries = np.load(item["queries"]) if rank == 0 or item.get("all_ranks") else None
             results = search.search(queries, **item.get("kwargs", {}))
