@@ -6,6 +6,7 @@ from .config import DMinConfig, SketchSpec
 from .errors import (
     ConfigError,
     DatasetError,
+    DistributedSearchError,
     DMinError,
     HubAuthenticationError,
     IndexCorruptError,
@@ -60,6 +61,7 @@ __all__ = [
     "DMinError",
     "ConfigError",
     "DatasetError",
+    "DistributedSearchError",
     "HubAuthenticationError",
     "IndexCorruptError",
     "IndexMismatchError",
