@@ -149,7 +149,10 @@ def test_two_processes_equal_one_process_and_the_cli_too(indices, tmp_path):
             {"index": str(root / name), "queries": str(root / f"{query}.npy"), "kwargs": kwargs, "all_ranks": both}
             for name, query, kwargs, both in SEARCHES
         ],
-        "cli": [*cli[:-4], "--output", str(tmp_path / "grid-distributed.png"), *cli[-2:], "--distributed"],
+        "cli": [
+            [*cli[:-4], "--output", str(tmp_path / "grid-distributed.png"), *cli[-2:], "--distributed"],
+            [*cli[:3], str(tmp_path / "no-pipeline"), *cli[4:], "--distributed"],  # process 0 fails before searching
+        ],
     }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = tmp_path / "out"
@@ -179,13 +182,19 @@ def test_two_processes_equal_one_process_and_the_cli_too(indices, tmp_path):
     assert (np.diff(ties["scores"], axis=1) == 0).sum() > 100  # the tie test holds ties
 
     # the command: process 0 prints what one process prints (but the grid's name), process 1 prints nothing
-    assert (out / "cli-rank0.code").read_text() == "0" and (out / "cli-rank1.code").read_text() == "0"
-    assert (out / "cli-rank1.out").read_text() == ""
-    lines = (out / "cli-rank0.out").read_text().splitlines()
+    assert (out / "cli0-rank0.code").read_text() == "0" and (out / "cli0-rank1.code").read_text() == "0"
+    assert (out / "cli0-rank1.out").read_text() == ""
+    lines = (out / "cli0-rank0.out").read_text().splitlines()
     expected = _captured(dmin, cli).splitlines()
     assert lines[0] == f"query 0: {tmp_path / 'query.png'}" and len(lines) == 2 + 5 + 1
     assert lines[:-1] == expected[:-1]  # the ranks, sample ids and scores
     assert (tmp_path / "grid-distributed.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+    # process 0 cannot load the pipeline: it says so, and process 1, waiting for the query, stops with its error
+    assert (out / "cli1-rank0.code").read_text() == "2" and (out / "cli1-rank1.code").read_text() == "2"
+    assert "Could not load the pipeline (--pipeline)" in (out / "cli1-rank0.errout").read_text()
+    waiting = (out / "cli1-rank1.errout").read_text()
+    assert "failed while preparing the queries, on 1 of 2 processes" in waiting
+    assert "process 0: ConfigError: Could not load the pipeline (--pipeline)" in waiting
 
 
 def _captured(function, argv):

@@ -3,9 +3,9 @@
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_search.py --plan plan.json --out DIR
 
 The plan (JSON) holds `searches`: a list of {"index": folder, "queries": file.npy, "kwargs": {...}, "all_ranks":
-whether every rank passes the queries (else only rank 0)}, and optionally `cli`: the argv of a `dmin` command run in
-every process. Each process writes DIR/<n>-rank<r>.npz (sample ids and scores) for search n, or DIR/<n>-rank<r>.err
-(the error), and DIR/cli-rank<r>.out / .code for the command. `--stall-rank R --stall-seconds S --stall-search N` makes
+whether every rank passes the queries (else only rank 0)}, and optionally `cli`: a list of `dmin` argvs run in every
+process. Each process writes DIR/<n>-rank<r>.npz (sample ids and scores) for search n, or DIR/<n>-rank<r>.err
+(the error), and DIR/cli<n>-rank<r>.out / .errout / .code for command n. `--stall-rank R --stall-seconds S --stall-search N` makes
 rank R sleep S seconds before search N (a process that stalls); `--timeout` is the search's timeout.
 """
 
@@ -65,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     if plan.get("cli"):
         from diffusers_dmin.cli import main as dmin
 
-        stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            result = dmin(plan["cli"])
-        (out / f"cli-rank{rank}.out").write_text(stdout.getvalue())
-        (out / f"cli-rank{rank}.errout").write_text(stderr.getvalue())
-        (out / f"cli-rank{rank}.code").write_text(str(result))
+        for number, command in enumerate(plan["cli"]):
+            stdout, stderr = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                result = dmin(command)
+            (out / f"cli{number}-rank{rank}.out").write_text(stdout.getvalue())
+            (out / f"cli{number}-rank{rank}.errout").write_text(stderr.getvalue())
+            (out / f"cli{number}-rank{rank}.code").write_text(str(result))
     for search in opened.values():
         search.close()
     return code
