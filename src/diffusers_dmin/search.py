@@ -156,10 +156,10 @@ def from_ranking_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _top_keys(scores: torch.Tensor, offset: int, k: int) -> torch.Tensor:
     """Ranking keys of the top `k` rows of `(n, num_queries)` scores (row i has position `offset + i`), unsorted."""
-    top, rows = torch.topk(scores, k, dim=0, sorted=False)
-    kth = top.min(dim=0).values
-    if int((scores >= kth).sum()) == top.numel():  # nothing ties with the k-th score: the float top-k is the one
-        return ranking_keys(top, rows + offset)
+    if k < len(scores):
+        top, rows = torch.topk(scores, k + 1, dim=0)
+        if bool((top[k] < top[k - 1]).all()):  # no tie across the cut: the float top-k is the canonical one
+            return ranking_keys(top[:k], rows[:k] + offset)
     positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None].expand_as(scores)
     return torch.topk(ranking_keys(scores, positions), k, dim=0, sorted=False).values
 
