@@ -22,7 +22,7 @@ import torch
 
 from diffusers_dmin import DMinConfig, GradientIndex
 from diffusers_dmin.distributed import DistributedSearch, assign_shards
-from diffusers_dmin.errors import ConfigError, IndexMismatchError
+from diffusers_dmin.errors import ConfigError, IndexMismatchError, IndexNotFoundError
 from diffusers_dmin.storage import read_manifest
 
 
@@ -119,6 +119,8 @@ def test_one_process_equals_gradient_index_search(indices):
         assert [r.scores.tobytes() for r in got] == [r.scores.tobytes() for r in expected]
     with pytest.raises(ConfigError, match="exact only"):
         search.search(queries["single"], exact=False)
+    with pytest.raises(IndexNotFoundError, match="dmin pull"):
+        DistributedSearch("my-org/an-index-on-the-hub")
 
 
 def test_two_processes_equal_one_process_and_the_cli_too(indices, tmp_path):
@@ -237,11 +239,12 @@ def test_a_failing_shard_or_a_stalled_process_stops_both_processes_with_a_clear_
     plan = {
         "searches": [
             {"index": str(folder), "queries": str(root / "q5.npy")},  # process 1's shard fails its sha256
+            {"index": str(root / "uneven"), "index_of_rank": {"1": str(root / "single")}},  # another index
             {"index": str(root / "uneven"), "queries": str(root / "q5.npy")},  # process 1 stalls 8 s before it
         ]
     }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    stall = ["--stall-rank", "1", "--stall-seconds", "8", "--stall-search", "1"]
+    stall = ["--stall-rank", "1", "--stall-seconds", "8", "--stall-search", "2"]
     processes = _start_two(tmp_path / "plan.json", tmp_path, "--timeout", "4", *stall)
     try:
         codes = [p.wait(timeout=120) for p in processes]
@@ -253,8 +256,24 @@ def test_a_failing_shard_or_a_stalled_process_stops_both_processes_with_a_clear_
         message = (tmp_path / f"0-rank{rank}.err").read_text()
         assert "while verifying this process's shards, on 1 of 2 processes" in message
         assert f"process 1: IndexCorruptError: The shard {folder / victim.name} failed its checksum" in message
+    for rank in (0, 1):
+        message = (tmp_path / f"1-rank{rank}.err").read_text()
+        assert "The dmin_index.json of process(es) [1] differs from that of process 0" in message
     # process 0 waits 4 s for process 1 in the next search, then stops; process 1 then finds process 0 gone
-    message = (tmp_path / "1-rank0.err").read_text()
+    message = (tmp_path / "2-rank0.err").read_text()
     assert "Process 0 of 2 stopped waiting while preparing the queries" in message
     assert "within the timeout (4 s)" in message
-    assert "Process 1 of 2 stopped waiting while preparing the queries" in (tmp_path / "1-rank1.err").read_text()
+    assert "Process 1 of 2 stopped waiting while preparing the queries" in (tmp_path / "2-rank1.err").read_text()
+
+
+def test_the_command_refuses_hnsw_with_a_distributed_search(indices, tmp_path, capsys):
+    import PIL.Image
+
+    from diffusers_dmin.cli import main as dmin
+
+    root, _ = indices
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "query.png")
+    code = dmin(["search", str(root / "uneven"), "--pipeline", str(tmp_path), "--image", str(tmp_path / "query.png"),
+                 "--hnsw", "--distributed"])  # fmt: skip
+    assert code == 2
+    assert "`--hnsw` cannot be combined with a distributed search" in capsys.readouterr().err

@@ -671,6 +671,8 @@ class SearchCommand(BaseDMinCommand):
         "dmin search pokemon-index --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \\",
         "    --lora-weights my-org/pokemon-lora --image generated.png --prompt 'a blue dragon' --top-k 8",
         "dmin search digits-index --pipeline ./ddpm-digits --image a.png b.png --output influence.png",
+        "accelerate launch --multi_gpu --num_processes 2 -m diffusers_dmin.cli search digits-index \\",
+        "    --pipeline ./ddpm-digits --image a.png --distributed   # shards split between 2 processes",
     )
 
     @classmethod
@@ -750,7 +752,7 @@ class SearchCommand(BaseDMinCommand):
 
             if args.hnsw:
                 raise ConfigError("`--hnsw` cannot be combined with a distributed search, which is exact.")
-            index = DistributedSearch(args.index, timeout=args.timeout, num_threads=args.threads)
+            index = DistributedSearch(args.index, timeout=args.timeout)
             if index.rank != 0:  # the other processes search their shards for process 0's query, and print nothing
                 try:
                     index.search(None)

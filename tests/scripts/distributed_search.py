@@ -3,7 +3,7 @@
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_search.py --plan plan.json --out DIR
 
 The plan (JSON) holds `searches`: a list of {"index": folder, "queries": file.npy, "kwargs": {...}, "all_ranks":
-whether every rank passes the queries (else only rank 0)}, and optionally `cli`: a list of `dmin` argvs run in every
+whether every rank passes the queries (else only rank 0), "index_of_rank": {"1": another folder for rank 1}}, and optionally `cli`: a list of `dmin` argvs run in every
 process. Each process writes DIR/<n>-rank<r>.npz (sample ids and scores) for search n, or DIR/<n>-rank<r>.err
 (the error), and DIR/cli<n>-rank<r>.out / .errout / .code for command n. `--stall-rank R --stall-seconds S --stall-search N` makes
 rank R sleep S seconds before search N (a process that stalls); `--timeout` is the search's timeout.
@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     opened: dict[str, DistributedSearch] = {}
     code = 0
     for number, item in enumerate(plan.get("searches", [])):
+        folder = item.get("index_of_rank", {}).get(str(rank), item["index"])
         try:
-            if item["index"] not in opened:
-                opened[item["index"]] = DistributedSearch(item["index"], timeout=args.timeout)
-            search = opened[item["index"]]
+            if folder not in opened:
+                opened[folder] = DistributedSearch(folder, timeout=args.timeout)
+            search = opened[folder]
             if number == args.stall_search and rank == args.stall_rank:
                 time.sleep(args.stall_seconds)
             queries = np.load(item["queries"]) if rank == 0 or item.get("all_ranks") else None
