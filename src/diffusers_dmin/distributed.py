@@ -113,7 +113,8 @@ class DistributedSearch(ProgressBarMixin):
 
     Raises:
         [`DistributedSearchError`]: On every process, when any process fails to read the manifest or verify its
-            shards (the message names the rank and its error), sees another manifest, or a process stops.
+            shards (the message names the rank and its error), sees another manifest, or a process stops. In one
+            process alone, the original error (e.g. [`IndexCorruptError`]).
 
     Examples:
     ```py
@@ -347,7 +348,8 @@ class DistributedSearch(ProgressBarMixin):
 
         Raises:
             [`DistributedSearchError`]: On every process, when the queries are invalid on rank 0 (the message holds
-                the `ConfigError` / `IndexMismatchError`), a process's search fails, or a process stops.
+                the `ConfigError` / `IndexMismatchError`), a process's search fails, or a process stops. A search
+                in one process alone raises the original error instead.
         """
         self._searches += 1
         error, full, mine = None, None, None
