@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                 "num_timesteps": args.num_timesteps,
                 "sketch_dim": args.sketch_dim,
                 "dtype": "float16",
-                "shard_rows": args.shard_rows,
+                "max_shard_rows": args.shard_rows,
                 **built,
             },
             "top_k": TOP_K,
