@@ -191,6 +191,7 @@ def test_two_processes_equal_one_process_and_the_cli_too(indices, tmp_path):
     assert lines[0] == f"query 0: {tmp_path / 'query.png'}" and len(lines) == 2 + 5 + 1
     assert lines[:-1] == expected[:-1]  # the ranks, sample ids and scores
     assert (tmp_path / "grid-distributed.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+    assert _captured(dmin, [*cli, "--distributed"]).splitlines() == expected  # --distributed in one process
     # process 0 cannot load the pipeline: it says so, and process 1, waiting for the query, stops with its error
     assert (out / "cli1-rank0.code").read_text() == "2" and (out / "cli1-rank1.code").read_text() == "2"
     assert "Could not load the pipeline (--pipeline)" in (out / "cli1-rank0.errout").read_text()
