@@ -90,6 +90,7 @@ SEARCHES = [
     ("uneven", "bad", {"top_k": 3}, False),  # fails on rank 0: both processes raise, and go on searching
     ("tied", "ties", {"top_k": 60}, False),
     ("single", "single", {"top_k": 10}, False),
+    ("tied", "ties", {"top_k": 5, "largest": False}, False),  # through an explicit `group=`
 ]
 
 
@@ -148,8 +149,14 @@ def test_two_processes_equal_one_process_and_the_cli_too(indices, tmp_path):
 
     plan = {
         "searches": [
-            {"index": str(root / name), "queries": str(root / f"{query}.npy"), "kwargs": kwargs, "all_ranks": both}
-            for name, query, kwargs, both in SEARCHES
+            {
+                "index": str(root / name),
+                "queries": str(root / f"{query}.npy"),
+                "kwargs": kwargs,
+                "all_ranks": both,
+                "new_group": number == len(SEARCHES) - 1,
+            }
+            for number, (name, query, kwargs, both) in enumerate(SEARCHES)
         ],
         "cli": [
             [*cli[:-4], "--output", str(tmp_path / "grid-distributed.png"), *cli[-2:], "--distributed"],

@@ -3,7 +3,8 @@
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/distributed_search.py --plan plan.json --out DIR
 
 The plan (JSON) holds `searches`: a list of {"index": folder, "queries": file.npy, "kwargs": {...}, "all_ranks":
-whether every rank passes the queries (else only rank 0), "index_of_rank": {"1": another folder for rank 1}}, and optionally `cli`: a list of `dmin` argvs run in every
+whether every rank passes the queries (else only rank 0), "index_of_rank": {"1": another folder for rank 1},
+"new_group": search through a new process group passed as `group=`}, and optionally `cli`: a list of `dmin` argvs run in every
 process. Each process writes DIR/<n>-rank<r>.npz (sample ids and scores) for search n, or DIR/<n>-rank<r>.err
 (the error), and DIR/cli<n>-rank<r>.out / .errout / .code for command n. `--stall-rank R --stall-seconds S --stall-search N` makes
 rank R sleep S seconds before search N (a process that stalls); `--timeout` is the search's timeout.
@@ -46,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     for number, item in enumerate(plan.get("searches", [])):
         folder = item.get("index_of_rank", {}).get(str(rank), item["index"])
         try:
-            if folder not in opened:
-                opened[folder] = DistributedSearch(folder, timeout=args.timeout)
-            search = opened[folder]
+            if item.get("new_group"):  # an explicit process group (a new gloo group of every process)
+                import torch.distributed as dist
+
+                search = DistributedSearch(folder, group=dist.new_group(backend="gloo"), timeout=args.timeout)
+            elif folder not in opened:
+                opened[folder] = search = DistributedSearch(folder, timeout=args.timeout)
+            else:
+                search = opened[folder]
             if number == args.stall_search and rank == args.stall_rank:
                 time.sleep(args.stall_seconds)
             queries = np.load(item["queries"]) if rank == 0 or item.get("all_ranks") else None
