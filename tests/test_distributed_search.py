@@ -271,7 +271,8 @@ def test_a_failing_shard_or_a_stalled_process_stops_both_processes_with_a_clear_
     message = (tmp_path / "2-rank0.err").read_text()
     assert "Process 0 of 2 stopped waiting while preparing the queries" in message
     assert "within the timeout (4 s)" in message
-    assert "Process 1 of 2 stopped waiting while preparing the queries" in (tmp_path / "2-rank1.err").read_text()
+    # (at the same step, or the next one if its share of the first exchange had already arrived)
+    assert "Process 1 of 2 stopped waiting while" in (tmp_path / "2-rank1.err").read_text()
 
 
 def test_the_command_refuses_hnsw_with_a_distributed_search(indices, tmp_path, capsys):
