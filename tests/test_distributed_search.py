@@ -174,6 +174,8 @@ def test_two_processes_equal_one_process_and_the_cli_too(indices, tmp_path):
     run = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode != 0  # the script exits 3 after the planned error
     assert "exitcode  : 3" in run.stderr, run.stderr[-4000:]
+    assert "The index has 1 shard(s) for 2 processes: process(es) [1] hold none" in run.stderr  # said once, by rank 0
+    assert run.stderr.count("hold none and only take part in the merge") == 1
 
     for number, (name, query, kwargs, _) in enumerate(SEARCHES):
         if query == "bad":
