@@ -152,7 +152,9 @@ def test_hnsw_opponents_save_and_load(tmp_path):
 
 
 def test_ranking_keys_round_trip_and_order_scores_then_lower_position():
-    scores = torch.tensor([1.5, -0.0, 0.0, -2.25, float("inf"), -float("inf"), 1.5, 3e-41, -3e-41], dtype=torch.float32)
+    scores = torch.tensor(
+        [1.5, -0.0, 0.0, -2.25, float("inf"), -float("inf"), 1.5, 3e-41, -3e-41], dtype=torch.float32
+    )
     positions = torch.tensor([7, 1, 2, 0, 4, 5, 3, 8, 9], dtype=torch.int64)
     keys = ranking_keys(scores, positions)
     back_scores, back_positions = from_ranking_keys(keys)
@@ -175,6 +177,25 @@ def test_exactly_tied_rows_rank_by_position_whatever_the_threads_and_chunks(dtyp
     for threads, chunk_rows, split in ((1, 1000, 500), (2, 7, 250), (3, 33, 1), (2, 64, 499)):
         search = ExactSearch([rows[:split], rows[split:]] if split < 500 else [rows], dtype,
                              chunk_bytes=4 * 16 * chunk_rows, num_threads=threads)  # fmt: skip
+        positions, found = search.search(queries, top_k=150)
+        np.testing.assert_array_equal(positions, expected)
+        np.testing.assert_array_equal(found, np.take_along_axis(scores, expected, axis=1))
+
+
+def test_ties_in_some_queries_only_rank_by_position_and_the_others_by_score():
+    # 500 distinct rows: the base-5 digits of the row number (minus 2). Query 0 reads the first digit (100 rows per
+    # value: ties across the top-150 cut); query 1 reads the whole number (no ties). All arithmetic is exact.
+    digits = np.stack([(np.arange(500) // 5**d) % 5 - 2 for d in range(4)], axis=1).astype(np.float32)
+    rows = np.zeros((500, 2, 8), dtype=np.float32)
+    rows[:, 0, :4] = digits
+    rows = rows[np.random.default_rng(0).permutation(500)]
+    queries = np.zeros((2, 16), dtype=np.float32)
+    queries[0, 0] = 1.0
+    queries[1, :4] = [1, 5, 25, 125]
+    scores = queries @ rows.reshape(500, -1).T
+    expected = np.stack([np.lexsort((np.arange(500), -row))[:150] for row in scores])
+    for threads, chunk_rows in ((1, 1000), (2, 7), (3, 61)):
+        search = ExactSearch([rows[:123], rows[123:]], "float32", chunk_bytes=4 * 16 * chunk_rows, num_threads=threads)
         positions, found = search.search(queries, top_k=150)
         np.testing.assert_array_equal(positions, expected)
         np.testing.assert_array_equal(found, np.take_along_axis(scores, expected, axis=1))

@@ -156,12 +156,17 @@ def from_ranking_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _top_keys(scores: torch.Tensor, offset: int, k: int) -> torch.Tensor:
     """Ranking keys of the top `k` rows of `(n, num_queries)` scores (row i has position `offset + i`), unsorted."""
-    if k < len(scores):
-        top, rows = torch.topk(scores, k + 1, dim=0)
-        if bool((top[k] < top[k - 1]).all()):  # no tie across the cut: the float top-k is the canonical one
-            return ranking_keys(top[:k], rows[:k] + offset)
-    positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None].expand_as(scores)
-    return torch.topk(ranking_keys(scores, positions), k, dim=0, sorted=False).values
+    if k == len(scores):
+        positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None].expand_as(scores)
+        return ranking_keys(scores, positions)
+    top, rows = torch.topk(scores, k + 1, dim=0)
+    keys = ranking_keys(top[:k], rows[:k] + offset)
+    tied = torch.nonzero(top[k] >= top[k - 1]).flatten()  # queries whose k-th score ties with the next row's
+    if len(tied):  # there the float top-k kept arbitrary tied rows: rank those queries' rows by key instead
+        sub = scores[:, tied]
+        positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None].expand_as(sub)
+        keys[:, tied] = torch.topk(ranking_keys(sub, positions), k, dim=0, sorted=False).values
+    return keys
 
 
 def _as_query_matrix(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
