@@ -136,14 +136,19 @@ def ranking_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
     Args:
         scores (`torch.Tensor`, float32): Scores (finite, or +-inf).
-        positions (`torch.Tensor`, int64, same shape): Row positions in `[0, MAX_ROWS)`.
+        positions (`torch.Tensor`, int64, the same shape or broadcastable to it): Row positions in `[0, MAX_ROWS)`.
 
     Returns:
-        `torch.Tensor`: int64 keys of the same shape.
+        `torch.Tensor`: int64 keys of the shape of `scores`.
     """
     bits = scores.contiguous().view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign bit
-    return (ordered.to(torch.int64) << 32) | (_POSITION_MASK - positions)
+    ordered = bits >> 31  # in place from here on: one pass per step over a tensor of the scores' size
+    ordered &= 0x7FFFFFFF
+    ordered ^= bits  # negative floats: all but the sign bit flipped
+    keys = ordered.to(torch.int64)
+    keys <<= 32
+    keys |= _POSITION_MASK - positions
+    return keys
 
 
 def from_ranking_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,16 +161,14 @@ def from_ranking_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _top_keys(scores: torch.Tensor, offset: int, k: int) -> torch.Tensor:
     """Ranking keys of the top `k` rows of `(n, num_queries)` scores (row i has position `offset + i`), unsorted."""
+    positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None]
     if k == len(scores):
-        positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None].expand_as(scores)
         return ranking_keys(scores, positions)
     top, rows = torch.topk(scores, k + 1, dim=0)
     keys = ranking_keys(top[:k], rows[:k] + offset)
     tied = torch.nonzero(top[k] >= top[k - 1]).flatten()  # queries whose k-th score ties with the next row's
     if len(tied):  # there the float top-k kept arbitrary tied rows: rank those queries' rows by key instead
-        sub = scores[:, tied]
-        positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None].expand_as(sub)
-        keys[:, tied] = torch.topk(ranking_keys(sub, positions), k, dim=0, sorted=False).values
+        keys[:, tied] = torch.topk(ranking_keys(scores[:, tied], positions), k, dim=0, sorted=False).values
     return keys
 
 
