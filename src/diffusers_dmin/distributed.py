@@ -31,12 +31,20 @@ import torch
 
 from .config import DMinConfig, SketchSpec
 from .constants import MANIFEST_NAME
-from .errors import ConfigError, DistributedSearchError, IndexCorruptError, IndexNotFoundError
+from .errors import ConfigError, DistributedSearchError, IndexCorruptError, IndexNotFoundError, check_int
 from .index import GradientIndex
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
-from .search import ExactSearch, expand_queries, from_ranking_keys, ranking_keys, single_threaded_torch
+from .search import (
+    ExactSearch,
+    expand_queries,
+    from_ranking_keys,
+    prepare_queries,
+    ranking_keys,
+    single_threaded_torch,
+)
 from .storage import IndexMetadata, Manifest, ShardInfo, open_shard, read_manifest
+from .training_data import TrainingRows
 
 
 logger = get_logger(__name__)
@@ -75,8 +83,7 @@ def assign_shards(manifest: Manifest, world_size: int) -> list[list[ShardInfo]]:
     ...     print(rank, [shard.name for shard in shards])  # the files node/process `rank` needs
     ```
     """
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ConfigError(f"`world_size` must be a positive integer, but is {world_size!r}.")
+    check_int(world_size, "world_size")
     rows = [0] * world_size
     owned: list[list[int]] = [[] for _ in range(world_size)]
     for number in sorted(range(len(manifest.shards)), key=lambda i: (-manifest.shards[i].num_rows, i)):
@@ -139,8 +146,7 @@ class DistributedSearch(ProgressBarMixin):
     ):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"`timeout` must be a positive number of seconds, but is {timeout!r}.")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ConfigError(f"`num_threads` must be a positive integer or None, but is {num_threads!r}.")
+        check_int(num_threads, "num_threads", optional=True)
         self._timeout = timedelta(seconds=float(timeout))
         self._group, self.rank, self.world_size, self._owns_group = _process_group(group, backend, self._timeout)
         self._device = torch.device("cpu")
@@ -151,6 +157,7 @@ class DistributedSearch(ProgressBarMixin):
                 self._device = torch.device("cuda", torch.cuda.current_device())
         self.folder = Path(os.path.expanduser(os.fspath(folder)))
         self._searches = 0
+        self._rows: TrainingRows | None = None  # the attached training set
         try:
             self._open(num_threads)
         except BaseException:
@@ -182,7 +189,7 @@ class DistributedSearch(ProgressBarMixin):
                 "same index folder to every machine."
             )
         self.manifest = manifest
-        # check the queries' spec and shape, and fold them, exactly as `GradientIndex.search` does (same code)
+        # an index without rows that checks a query spec as `GradientIndex.check_compatible` does (same code)
         self._header = GradientIndex(manifest.config, spec=manifest.spec, metadata=manifest.metadata)
         split = assign_shards(manifest, self.world_size)
         self.shards = split[self.rank]
@@ -310,8 +317,8 @@ class DistributedSearch(ProgressBarMixin):
 
     def attach_dataset(self, dataset: Any, id_column: str | None = None) -> DistributedSearch:
         """Attach the training dataset so that results carry the training rows (`samples`), in this process (as
-        [`GradientIndex.attach_dataset`]); returns `self`."""
-        self._header.attach_dataset(dataset, id_column)
+        [`GradientIndex.attach_dataset`]; `None` detaches it); returns `self`."""
+        self._rows = None if dataset is None else TrainingRows(dataset, id_column or self.metadata.id_column)
         return self
 
     # ------------------------------------------------------------------------------------------------ search
@@ -366,10 +373,11 @@ class DistributedSearch(ProgressBarMixin):
             if queries is not None:
                 if spec is not None:
                     self.check_compatible(spec)
-                if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
-                    raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
-                with single_threaded_torch():
-                    folded = self._header._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
+                check_int(top_k, "top_k")
+                with single_threaded_torch():  # the queries are checked and folded as `GradientIndex.search` does
+                    folded = prepare_queries(
+                        queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
+                    )  # (q, T, k_s)
                     full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1).contiguous()
                 mine = (full, int(top_k), bool(largest))
         except Exception as err:
@@ -426,7 +434,7 @@ class DistributedSearch(ProgressBarMixin):
         scores = scores.numpy()
         results = []
         for row_ids, row_scores in zip(sample_ids, scores):
-            samples = self._header._samples(row_ids) if self._header._dataset is not None else None
+            samples = self._rows.rows(row_ids) if self._rows is not None else None
             results.append(InfluenceResult(sample_ids=row_ids, scores=row_scores.astype(np.float32), samples=samples))
         return results
 
