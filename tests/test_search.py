@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusers_dmin.errors import ConfigError
-from diffusers_dmin.search import ExactSearch, HNSWSearch, expand_queries, rescore
+from diffusers_dmin.search import ExactSearch, HNSWSearch, expand_queries, from_ranking_keys, ranking_keys, rescore
 from diffusers_dmin.sketch import fold_sketch
 
 
@@ -149,3 +149,53 @@ def test_hnsw_opponents_save_and_load(tmp_path):
     again, again_scores = loaded.search(queries, top_k=10, largest=False)
     np.testing.assert_array_equal(again, positions)
     np.testing.assert_array_equal(again_scores, scores)
+
+
+def test_ranking_keys_round_trip_and_order_scores_then_lower_position():
+    scores = torch.tensor(
+        [1.5, -0.0, 0.0, -2.25, float("inf"), -float("inf"), 1.5, 3e-41, -3e-41], dtype=torch.float32
+    )
+    positions = torch.tensor([7, 1, 2, 0, 4, 5, 3, 8, 9], dtype=torch.int64)
+    keys = ranking_keys(scores, positions)
+    back_scores, back_positions = from_ranking_keys(keys)
+    assert torch.equal(back_positions, positions)
+    assert torch.equal(back_scores.view(torch.int32), scores.view(torch.int32))  # bit for bit (signed zeros too)
+    order = torch.argsort(keys, descending=True).tolist()
+    # inf, the two 1.5 (position 3 before 7), subnormal, +0, -0, -subnormal, -2.25, -inf
+    assert positions[order].tolist() == [4, 3, 7, 8, 2, 1, 9, 0, 5]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_exactly_tied_rows_rank_by_position_whatever_the_threads_and_chunks(dtype):
+    # small integers: every product and sum is exact, so equal rows give bit-identical scores in any chunk
+    rng = np.random.default_rng(5)
+    distinct = rng.integers(-2, 3, size=(6, 2, 8)).astype(dtype)
+    rows = distinct[rng.integers(0, 6, size=500)]  # ~80 copies of each of 6 rows
+    queries = rng.integers(-2, 3, size=(4, 16)).astype(np.float32)
+    scores = queries @ rows.reshape(500, -1).astype(np.float32).T
+    expected = np.stack([np.lexsort((np.arange(500), -row))[:150] for row in scores])  # by score, then position
+    for threads, chunk_rows, split in ((1, 1000, 500), (2, 7, 250), (3, 33, 1), (2, 64, 499)):
+        search = ExactSearch([rows[:split], rows[split:]] if split < 500 else [rows], dtype,
+                             chunk_bytes=4 * 16 * chunk_rows, num_threads=threads)  # fmt: skip
+        positions, found = search.search(queries, top_k=150)
+        np.testing.assert_array_equal(positions, expected)
+        np.testing.assert_array_equal(found, np.take_along_axis(scores, expected, axis=1))
+
+
+def test_ties_in_some_queries_only_rank_by_position_and_the_others_by_score():
+    # 500 distinct rows: the base-5 digits of the row number (minus 2). Query 0 reads the first digit (100 rows per
+    # value: ties across the top-150 cut); query 1 reads the whole number (no ties). All arithmetic is exact.
+    digits = np.stack([(np.arange(500) // 5**d) % 5 - 2 for d in range(4)], axis=1).astype(np.float32)
+    rows = np.zeros((500, 2, 8), dtype=np.float32)
+    rows[:, 0, :4] = digits
+    rows = rows[np.random.default_rng(0).permutation(500)]
+    queries = np.zeros((2, 16), dtype=np.float32)
+    queries[0, 0] = 1.0
+    queries[1, :4] = [1, 5, 25, 125]
+    scores = queries @ rows.reshape(500, -1).T
+    expected = np.stack([np.lexsort((np.arange(500), -row))[:150] for row in scores])
+    for threads, chunk_rows in ((1, 1000), (2, 7), (3, 61)):
+        search = ExactSearch([rows[:123], rows[123:]], "float32", chunk_bytes=4 * 16 * chunk_rows, num_threads=threads)
+        positions, found = search.search(queries, top_k=150)
+        np.testing.assert_array_equal(positions, expected)
+        np.testing.assert_array_equal(found, np.take_along_axis(scores, expected, axis=1))

@@ -4,6 +4,7 @@ from .config import DMinConfig, SketcherOptions, SketchSpec
 from .errors import (
     ConfigError,
     DatasetError,
+    DistributedSearchError,
     DMinError,
     HubAuthenticationError,
     IndexCorruptError,
@@ -60,6 +61,7 @@ __all__ = [
     "DMinError",
     "ConfigError",
     "DatasetError",
+    "DistributedSearchError",
     "HubAuthenticationError",
     "IndexCorruptError",
     "IndexMismatchError",

@@ -695,6 +695,8 @@ class SearchCommand(BaseDMinCommand):
         "    --lora-weights my-org/pokemon-lora --image generated.png --prompt 'a blue dragon' --top-k 8",
         "dmin search digits-index --pipeline ./ddpm-digits --image a.png b.png --output influence.png",
         "dmin search digits-index --pipeline ./ddpm-digits --image a.png --backend faiss",
+        "accelerate launch --multi_gpu --num_processes 2 -m diffusers_dmin.cli search digits-index \\",
+        "    --pipeline ./ddpm-digits --image a.png --distributed   # shards split between 2 processes",
     )
 
     @classmethod
@@ -733,16 +735,26 @@ class SearchCommand(BaseDMinCommand):
             help="Without --dataset, load the Hub dataset id recorded in the index (local paths and URLs are refused).",
         )
         parser.add_argument("--thumb-size", type=int, default=96, help="Thumbnail size in the grid (default 96).")
+        parser.add_argument(
+            "--distributed",
+            action="store_true",
+            help="Split the index's shards between the processes of `accelerate launch` / `torchrun` (on by itself "
+            "when WORLD_SIZE > 1): each verifies and maps only its shards; exact search, results equal to one "
+            "process; only process 0 computes the query and prints. INDEX must be a local folder.",
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=1800.0,
+            help="With --distributed: seconds a process waits for the others, e.g. for process 0 to load the "
+            "pipeline and compute the query (default 1800).",
+        )
         _threads_argument(parser)
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
-        from .images import decode_image
         from .index import GradientIndex
-        from .objectives import prepare_images
-        from .pipeline import InfluencePipeline
-        from .video import decode_video, prepare_video
-        from .viz import influence_grid
+        from .video import decode_video
 
         args = self.args
         if args.top_k < 1:
@@ -766,15 +778,47 @@ class SearchCommand(BaseDMinCommand):
             prompts = prompts * len(images)
 
         sources = _Sources(args.endpoint)
-        with sources.loading(args.index, "the index") as cache_only:
-            index = GradientIndex.from_pretrained(
-                args.index,
-                revision=args.revision,
-                token=args.token,
-                endpoint=args.endpoint,
-                repo_type=args.repo_type,
-                local_files_only=cache_only,
-            )
+        if args.distributed or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            from .distributed import DistributedSearch
+
+            if args.hnsw or args.backend in ("hnsw", "faiss"):
+                flag = "--hnsw" if args.hnsw else f"--backend {args.backend}"
+                raise ConfigError(f"`{flag}` cannot be combined with a distributed search, which is exact.")
+            index = DistributedSearch(args.index, timeout=args.timeout)
+            if index.rank != 0:  # the other processes search their shards for process 0's query, and print nothing
+                try:
+                    index.search(None)
+                finally:
+                    index.close()
+                return EXIT_OK
+        else:
+            with sources.loading(args.index, "the index") as cache_only:
+                index = GradientIndex.from_pretrained(
+                    args.index,
+                    revision=args.revision,
+                    token=args.token,
+                    endpoint=args.endpoint,
+                    repo_type=args.repo_type,
+                    local_files_only=cache_only,
+                )
+        try:
+            return self._search(index, sources, images, channels, videos, prompts)
+        except Exception as err:
+            if not isinstance(index, GradientIndex):
+                index._abort(err)  # process 0 failed before searching: the others wait for its query
+            raise
+        finally:
+            if not isinstance(index, GradientIndex):
+                index.close()
+
+    def _search(self, index: Any, sources: _Sources, images: list, channels: list, videos: list, prompts: Any) -> int:
+        from .images import decode_image
+        from .objectives import prepare_images
+        from .pipeline import InfluencePipeline
+        from .video import decode_video, prepare_video
+        from .viz import influence_grid
+
+        args = self.args
         top_k = args.top_k
         if top_k > len(index):
             _note(
@@ -816,7 +860,7 @@ class SearchCommand(BaseDMinCommand):
             )
         else:  # one by one: the images may differ in size
             pixels = torch.cat([prepare_images([image], (height, width), adapter.image_channels) for image in images])
-        backend = args.backend or ("hnsw" if args.hnsw else "exact")
+        backend = args.backend or ("hnsw" if args.hnsw else None)
         results = pipe.attribute(pixels, prompts=prompts, top_k=top_k, backend=backend)
 
         thumbs_per_query = []

@@ -12,7 +12,8 @@ Every error is a [`DMinError`] and also subclasses the builtin exception a calle
     ├── IndexCorruptError           (OSError)             a checksum, shape or manifest check failed on read
     ├── DatasetError                (ValueError)          a missing column, an unreadable image
     ├── HubAuthenticationError      (PermissionError)     the Hub refused the token
-    └── MissingDependencyError      (ImportError)         an optional dependency is not installed
+    ├── MissingDependencyError      (ImportError)         an optional dependency is not installed
+    └── DistributedSearchError      (RuntimeError)        a process of a distributed search failed or stopped
 
 Messages name the argument, the value and the fix. Nothing here logs: callers raise, users read.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetError",
     "HubAuthenticationError",
     "MissingDependencyError",
+    "DistributedSearchError",
     "check_int",
     "check_choice",
 ]
@@ -112,6 +114,19 @@ class HubAuthenticationError(DMinError, PermissionError):
 
 class MissingDependencyError(DMinError, ImportError):
     """An optional dependency needed by the requested feature is not installed."""
+
+
+class DistributedSearchError(DMinError, RuntimeError):
+    """A process of a [`~diffusers_dmin.distributed.DistributedSearch`] failed, stopped or stalled; raised on every
+    process of the search.
+
+    Attributes:
+        failures (`dict[int, str]`): rank -> its error, for the processes that reported one.
+    """
+
+    def __init__(self, message: str, failures: Mapping[int, str] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
 
 
 def check_int(value: Any, name: str, *, minimum: int = 1, optional: bool = False, hint: str = "") -> int | None:

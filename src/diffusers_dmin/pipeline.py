@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 
 from .config import DMinConfig, SketcherOptions
+from .distributed import DistributedSearch
 from .errors import ConfigError, check_choice, check_int
 from .gradients import GradientSketcher
 from .index import GradientIndex
@@ -62,8 +63,9 @@ class InfluencePipeline:
         pipeline (`DiffusionPipeline`):
             A `DDPMPipeline`/`DDIMPipeline`, `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or
             `StableDiffusion3Pipeline`, with or without a LoRA loaded.
-        index (`GradientIndex`):
-            The index of the training set.
+        index (`GradientIndex` or `DistributedSearch`):
+            The index of the training set; a [`~diffusers_dmin.distributed.DistributedSearch`] searches shards held
+            by several processes (exact search; the other processes call its `search(None)` meanwhile).
         sketcher_options ([`SketcherOptions`], *optional*):
             How the sketcher runs (`mode`, `max_pairs_per_batch`, `gradient_memory_bytes`, `num_threads`, ...).
         sketcher_kwargs:
@@ -82,15 +84,15 @@ class InfluencePipeline:
     def __init__(
         self,
         pipeline: Any,
-        index: GradientIndex,
+        index: GradientIndex | DistributedSearch,
         *,
         sketcher_options: SketcherOptions | None = None,
         **sketcher_kwargs: Any,
     ):
-        if not isinstance(index, GradientIndex):
+        if not isinstance(index, (GradientIndex, DistributedSearch)):
             raise ConfigError(
-                f"`index` must be a GradientIndex, but is {type(index).__name__}; load one with "
-                "`GradientIndex.from_pretrained(...)`."
+                f"`index` must be a GradientIndex or a DistributedSearch, but is {type(index).__name__}; load one "
+                "with `GradientIndex.from_pretrained(...)`."
             )
         self.pipeline = pipeline
         self.index = index
@@ -252,7 +254,8 @@ class InfluencePipeline:
         start = time.perf_counter()
         sketches = self.sketcher(images=pixels, prompts=prompts)
         sketched = time.perf_counter()
-        influence = self.index.search(sketches, top_k=top_k, exact=exact, backend=backend)
+        options = {} if backend is None else {"backend": backend}  # a DistributedSearch takes no backend
+        influence = self.index.search(sketches, top_k=top_k, exact=exact, **options)
         self._record_timings(gradient=sketched - start, search=time.perf_counter() - sketched)
         texts = [prompts] * len(influence) if prompts is None or isinstance(prompts, str) else list(prompts)
         for number, (result, image) in enumerate(zip(influence, pixels)):

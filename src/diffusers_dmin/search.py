@@ -6,7 +6,10 @@ best first. `largest=False` returns the most negative inner products first (oppo
 
 - [`ExactSearch`] multiplies the queries with every row, chunk by chunk, straight from the (memory-mapped) row blocks:
   float16/bfloat16 chunks are widened into a small float32 buffer that stays in cache, products accumulate in float32,
-  and a running top-k is merged across chunks and blocks.
+  and a running top-k is merged across chunks and blocks. Rows are ranked by score, and rows with bit-identical
+  scores (duplicate training images) by position, lowest first ([`ranking_keys`]): the result does not depend on the
+  thread count, and top-k lists of disjoint row sets merge into exactly the top-k of their union (how
+  [`~diffusers_dmin.distributed.DistributedSearch`] merges the ranks' results).
 - [`HNSWSearch`] wraps an hnswlib graph in inner-product space (`M`, `ef_construction`, `ef`); hnswlib's distance is
   `1 - <a, b>`, which is turned back into the inner product. It can hold folded rows (a divisor of the stored K) to
   keep the graph small; candidates can then be re-scored exactly with [`ExactSearch.score`].
@@ -53,6 +56,8 @@ __all__ = [
     "check_search_dim",
     "expand_queries",
     "rescore",
+    "ranking_keys",
+    "from_ranking_keys",
     "approximate_search",
     "QUERY_FIX",
 ]
@@ -68,6 +73,9 @@ _CHUNK_BYTES = 8 * 2**20
 _SUPER_ROWS = 2**16
 # Multiply-adds below which one more search thread costs more (thread hand-off) than it saves.
 _MIN_WORK_PER_THREAD = 2**23
+# A ranking key holds the row position in its low 32 bits (see `ranking_keys`).
+_POSITION_MASK = 2**32 - 1
+MAX_ROWS = _POSITION_MASK
 
 
 _pool_lock = threading.Lock()
@@ -205,6 +213,53 @@ def expand_queries(queries: torch.Tensor, sketch_dim: int) -> torch.Tensor:
     return queries if k == sketch_dim else queries.repeat_interleave(sketch_dim // k, dim=-1)
 
 
+def ranking_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    r"""
+    Pack float32 scores and row positions into int64 keys that order rows as exact search ranks them.
+
+    A larger key means a higher score; for bit-identical scores, the lower position. The score's bits sit in the high
+    32 bits (remapped so that integer order is float order; +0.0 ranks above -0.0), `MAX_ROWS - position` in the low
+    32 bits, so keys are unique and `torch.topk` over them has no ties to break arbitrarily. [`from_ranking_keys`]
+    recovers both exactly.
+
+    Args:
+        scores (`torch.Tensor`, float32): Scores (finite, or +-inf).
+        positions (`torch.Tensor`, int64, the same shape or broadcastable to it): Row positions in `[0, MAX_ROWS)`.
+
+    Returns:
+        `torch.Tensor`: int64 keys of the shape of `scores`.
+    """
+    bits = scores.contiguous().view(torch.int32)
+    ordered = bits >> 31  # in place from here on: one pass per step over a tensor of the scores' size
+    ordered &= 0x7FFFFFFF
+    ordered ^= bits  # negative floats: all but the sign bit flipped
+    keys = ordered.to(torch.int64)
+    keys <<= 32
+    keys |= _POSITION_MASK - positions
+    return keys
+
+
+def from_ranking_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(scores, positions)` packed by [`ranking_keys`]: float32 scores (bit for bit) and int64 positions."""
+    positions = _POSITION_MASK - (keys & _POSITION_MASK)
+    ordered = (keys >> 32).to(torch.int32)
+    scores = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return scores, positions
+
+
+def _top_keys(scores: torch.Tensor, offset: int, k: int) -> torch.Tensor:
+    """Ranking keys of the top `k` rows of `(n, num_queries)` scores (row i has position `offset + i`), unsorted."""
+    positions = torch.arange(offset, offset + len(scores), dtype=torch.int64)[:, None]
+    if k == len(scores):
+        return ranking_keys(scores, positions)
+    top, rows = torch.topk(scores, k + 1, dim=0)
+    keys = ranking_keys(top[:k], rows[:k] + offset)
+    tied = torch.nonzero(top[k] >= top[k - 1]).flatten()  # queries whose k-th score ties with the next row's
+    if len(tied):  # there the float top-k kept arbitrary tied rows: rank those queries' rows by key instead
+        keys[:, tied] = torch.topk(ranking_keys(scores[:, tied], positions), k, dim=0, sorted=False).values
+    return keys
+
+
 def _as_query_matrix(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tensor:
     tensor = torch.as_tensor(queries)
     if tensor.ndim != 2 or tensor.shape[1] != dim:
@@ -263,8 +318,8 @@ class ExactSearch(SearchBackend):
         chunk_bytes (`int`, *optional*): Float32 bytes of a widened chunk (default 8 MiB, small enough to stay in
             cache between the cast and the product).
         num_threads (`int`, *optional*): Worker threads, each running torch single-threaded on its own run of chunks;
-            defaults to `torch.get_num_threads()`. Results do not depend on it, except which of several exactly
-            tied rows (duplicate training images) fill the last places of a top-k.
+            defaults to `torch.get_num_threads()`. Results do not depend on it: rows with bit-identical scores rank
+            by position, lowest first.
 
     Examples:
     ```py
@@ -292,6 +347,8 @@ class ExactSearch(SearchBackend):
             raise ConfigError(f"All row blocks must have shape (n, T, K) with the same (T, K); got {sorted(shapes)}.")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ConfigError(f"`num_threads` must be a positive integer or None, but is {num_threads!r}.")
+        if sum(len(block) for block in blocks) > MAX_ROWS:
+            raise ConfigError(f"`ExactSearch` ranks at most {MAX_ROWS:,} rows; split the index between processes.")
         self.num_timesteps, self.sketch_dim = next(iter(shapes))
         self.dtype = dtype
         self.num_threads = num_threads
@@ -331,12 +388,12 @@ class ExactSearch(SearchBackend):
         if group:
             yield group
 
-    def _scan(self, chunks: Sequence[int], qt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k `(scores, positions)`, each `(k', num_queries)`, over `chunks`; runs torch single-threaded."""
+    def _scan(self, chunks: Sequence[int], qt: torch.Tensor, k: int) -> torch.Tensor:
+        """Ranking keys of the top `k'` rows per query over `chunks`, `(k', num_queries)` unsorted; torch runs
+        single-threaded."""
         num_queries = qt.shape[1]
         widened = None if self.dtype == "float32" else torch.empty((self.chunk_rows, self._dim), dtype=torch.float32)
-        best_scores = torch.empty((0, num_queries), dtype=torch.float32)
-        best_positions = torch.empty((0, num_queries), dtype=torch.int64)
+        best = torch.empty((0, num_queries), dtype=torch.int64)
         with single_threaded_torch(), torch.no_grad():
             for group in self._groups(chunks):
                 block, first, _ = self._chunk_list[group[0]]
@@ -349,14 +406,13 @@ class ExactSearch(SearchBackend):
                         buffer = widened[: e - s]
                         buffer.copy_(chunk)
                         chunk = buffer
+                    # a row's float32 score depends on its chunk's shape and alignment (BLAS kernels), which are
+                    # fixed by the block: the same row block always gives the same bits
                     torch.mm(chunk, qt, out=scores[s - first : e - first])
-                top_scores, top_rows = torch.topk(scores, min(k, len(scores)), dim=0)
-                best_scores = torch.cat([best_scores, top_scores])
-                best_positions = torch.cat([best_positions, top_rows + (int(self._starts[block]) + first)])
-                if len(best_scores) > k:
-                    best_scores, order = torch.topk(best_scores, k, dim=0)
-                    best_positions = torch.gather(best_positions, 0, order)
-        return best_scores, best_positions
+                best = torch.cat([best, _top_keys(scores, int(self._starts[block]) + first, min(k, len(scores)))])
+                if len(best) > k:
+                    best = torch.topk(best, k, dim=0, sorted=False).values
+        return best
 
     def search(
         self, queries: torch.Tensor | np.ndarray, top_k: int, *, largest: bool = True
@@ -379,10 +435,7 @@ class ExactSearch(SearchBackend):
             groups = [range(bounds[i], bounds[i + 1]) for i in range(workers)]
             futures = [_thread_pool(workers - 1).submit(self._scan, group, qt, k) for group in groups[1:]]
             parts = [self._scan(groups[0], qt, k)] + [future.result() for future in futures]
-        scores = torch.cat([p[0] for p in parts])
-        positions = torch.cat([p[1] for p in parts])
-        best_scores, order = torch.topk(scores, k, dim=0)
-        best_positions = torch.gather(positions, 0, order)
+        best_scores, best_positions = from_ranking_keys(torch.topk(torch.cat(parts), k, dim=0).values)
         if not largest:
             best_scores = -best_scores
         return best_positions.T.contiguous().numpy(), best_scores.T.contiguous().numpy()
