@@ -158,3 +158,16 @@ def test_push_and_pull_carry_the_faiss_files_lazily(fake_hub, built):
     for a, b in zip(pulled.search(queries, 10, backend="faiss"), built.search(queries, 10, backend="faiss")):
         np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
     assert fake_hub.count("GET", rf"/resolve/[^/]+/{FAISS_NAME}") == 1
+
+
+def test_the_command_refuses_faiss_with_a_distributed_search(tmp_path, capsys):
+    import PIL.Image
+
+    from diffusers_dmin.cli import main as dmin
+
+    _index(300).save_pretrained(tmp_path / "idx")
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "query.png")
+    code = dmin(["search", str(tmp_path / "idx"), "--pipeline", str(tmp_path), "--image", str(tmp_path / "query.png"),
+                 "--backend", "faiss", "--distributed"])  # fmt: skip
+    assert code == 2
+    assert "`--backend faiss` cannot be combined with a distributed search" in capsys.readouterr().err
