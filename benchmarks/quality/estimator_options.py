@@ -1,0 +1,409 @@
+"""Issue 12, part 3: the estimator options, measured with a held-out split, on the digits DDPM and the tiny SD.
+
+Options (each a change from the library default `DMinConfig()`, K = 4,096):
+
+- `sketch_normalize=True`: each timestep's sketch divided by its own norm (cosine of sketches), also at K = 1,024
+  and 256 (sketches of one pass folded, which equals sketching at that K with the same seed);
+- `output_function="output_norm"`: D-TRAK's output function `||eps_theta(x_t, t)||^2` instead of the loss;
+- 4 noise draws, combined as `"mean"` (the library's) or `"separate"` (per-draw blocks: matched-noise scores only),
+  with and without `sketch_normalize`; all four come from one pass with `noise_draws="separate"` at K = 4 x 4,096
+  (the mean of the blocks is the K = 4,096 sketch of the mean, since the sketch is linear);
+- query-side transforms fitted on the index's own training sketches (applied to the query only):
+  *centred* (the mean training sketch per timestep subtracted from the query; subtracting it from the training rows
+  too would shift every score of a query by the same constant, so rankings and LDS are those of fully centred
+  sketches) and *preconditioned* (the query multiplied per timestep by `(Sigma_t + lambda_t I)^-1`, `Sigma_t` the
+  K x K second moment of the training sketches, `lambda_t = alpha tr(Sigma_t) / K`: TRAK's damped kernel inverse).
+
+Held-out protocol: the queries are split in two halves (digits: even/odd positions; SD: alternating within each
+subset). Everything chosen (the damping alpha, and whether an option becomes the default) is chosen on half A; the
+tables report half B next to it. Spread: mean ± sd over sketch seeds (the config seed: sketch and noise).
+
+Digits ground truth: LDS over 32 random-half retrains (ablations.py's protocol; models cached in --cache-dir) and
+class detection@10 on SVM-confident queries. Tiny SD: detection@10 (share of the top-10 from the caption's subset)
+on 36 generated queries per subset (the test captions), one generation each.
+
+Usage:
+    python -m benchmarks.quality.estimator_options --threads 1 --cache-dir /work/cache/digits --model digits
+    python -m benchmarks.quality.estimator_options --threads 1 --model sd
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusers_dmin import DMinConfig, GradientSketcher
+from diffusers_dmin.sketch import fold_sketch
+
+from .common import base_parser, command_line, log, set_threads, write_json, write_markdown
+from .metrics import detection_table, lds, subset_predictions, summary, top_k
+
+
+K = 4096
+ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # damping grid, in units of tr(Sigma_t) / K
+DRAWS = 4
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
+
+
+# ---------------------------------------------------------------------------------------------- sketches
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def sketch_all(sketcher: GradientSketcher, inputs: dict, batch: int) -> torch.Tensor:
+    """Sketches of all rows of `inputs` ({"images"| "latents", optional "prompts"}), batch by batch."""
+    key = "images" if "images" in inputs else "latents"
+    n = len(inputs[key])
+    out = []
+    for start in range(0, n, batch):
+        kwargs = {key: inputs[key][start : start + batch]}
+        if inputs.get("prompts") is not None:
+            kwargs["prompts"] = inputs["prompts"][start : start + batch]
+        out.append(sketcher(**kwargs))
+    return torch.cat(out)
+
+
+def variants_of_pass(kind: str, sketches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The variants one sketching pass yields (float32 `(n, T, k)` each)."""
+    if kind == "default":
+        out = {"default: DMinConfig()": sketches, "sketch_normalize": _unit(sketches)}
+        for k in (1024, 256):
+            folded = fold_sketch(sketches, k)
+            out[f"K={k}"] = folded
+            out[f"K={k} + sketch_normalize"] = _unit(folded)
+        return out
+    if kind == "output_norm":
+        return {"output_function=output_norm": sketches, "output_norm + sketch_normalize": _unit(sketches)}
+    if kind == "draws":  # noise_draws="separate" at K = 4 x 4096: block r = S_4096(g_r) / 2
+        n, t, _ = sketches.shape
+        blocks = sketches.reshape(n, t, DRAWS, K)
+        mean = blocks.sum(2) / math.sqrt(DRAWS)  # = S_4096(mean_r g_r), the library's noise_draws="mean"
+        separate = fold_sketch(blocks, K // DRAWS).flatten(2)  # = noise_draws="separate" at K = 4096
+        unit_blocks = (_unit(fold_sketch(blocks, K // DRAWS)) / math.sqrt(DRAWS)).flatten(2)
+        return {
+            "4 draws, mean": mean,
+            "4 draws, mean + sketch_normalize": _unit(mean),
+            "4 draws, separate": separate,
+            "4 draws, separate + sketch_normalize": unit_blocks,
+        }
+    raise ValueError(kind)
+
+
+PASSES = {
+    "default": {},
+    "output_norm": {"output_function": "output_norm"},
+    "draws": {"num_noise_draws": DRAWS, "noise_draws": "separate", "sketch_dim": DRAWS * K},
+}
+TRANSFORM_VARIANTS = ("default: DMinConfig()", "sketch_normalize", "K=1024", "K=1024 + sketch_normalize")
+
+
+# ---------------------------------------------------------------------------------------------- query transforms
+
+
+def transformed_scores(train: torch.Tensor, queries: torch.Tensor, transforms: bool) -> dict[str, np.ndarray]:
+    """`{transform name: (Q, N) scores}`. Train rows are cast to float16 first (the index's storage)."""
+    x = train.half().double()
+    q = queries.double()
+    out = {"plain": torch.einsum("qtk,ntk->qn", q, x).numpy()}
+    mu = x.mean(0, keepdim=True)
+    out["centred"] = torch.einsum("qtk,ntk->qn", q - mu, x).numpy()
+    if not transforms:
+        return out
+    for centred in (False, True):
+        xs, qs = (x - mu, q - mu) if centred else (x, q)
+        n, t, k = xs.shape
+        per_alpha = {a: torch.zeros(q.shape[0], n, dtype=torch.float64) for a in ALPHAS}
+        for step in range(t):
+            xt, qt = xs[:, step], qs[:, step]
+            gram = xt @ xt.T  # (N, N): its eigenvectors U give X = U S V^T
+            evals, u = torch.linalg.eigh(gram)
+            e = evals.clamp_min(0) / n  # eigenvalues of Sigma = X^T X / N (the rest are 0)
+            w = xt @ qt.T  # (N, Q) plain scores
+            uw = u.T @ w
+            scale = float(xt.pow(2).sum() / n / k)  # tr(Sigma) / K
+            for alpha in ALPHAS:
+                lam = alpha * scale
+                f = e / (e + lam)
+                # X (Sigma + lam I)^-1 q = (1/lam) (W - U diag(f) U^T W)
+                per_alpha[alpha] += ((w - u @ (f[:, None] * uw)) / lam).T
+        for alpha in ALPHAS:
+            out[f"{'centred + ' if centred else ''}preconditioned a={alpha:g}"] = per_alpha[alpha].numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+
+def digits_halves(num_queries: int) -> dict[str, np.ndarray]:
+    idx = np.arange(num_queries)
+    return {"A": idx[idx % 2 == 0], "B": idx[idx % 2 == 1]}
+
+
+def wait_for_models(ctx, masks, poll_s: float = 20.0) -> None:
+    """The LDS retrains are trained once into the shared cache (by ablations.py or any run); wait for them rather
+    than train a second copy concurrently."""
+    for mask in masks:
+        removed = np.unique(np.flatnonzero(mask == 0))
+        path = ctx.cache_dir / f"ddpm-{ctx._key(removed)}.pt"
+        while not path.exists():
+            time.sleep(poll_s)
+        time.sleep(1.0)  # a file that just appeared may still be being written
+
+
+def evaluate_digits(scores: np.ndarray, ctx, labels, confident, masks, actual, halves) -> dict:
+    rankings = top_k(scores, 10)
+    per_query_lds = lds(subset_predictions(scores, masks), actual)
+    out = {}
+    for half, rows in halves.items():
+        conf = rows[confident[rows]]
+        det = detection_table(rankings[conf], ctx.labels, labels[conf], (10,), groups=list(range(10)))
+        out[half] = {"lds": float(np.nanmean(per_query_lds[rows])), "det10": det["k=10"]["mean"]}
+    return out
+
+
+def run_digits(args) -> dict:
+    from .digits_context import DigitsContext, recipe_for
+
+    ctx = DigitsContext(recipe_for(False, args.seed), args.cache_dir)
+    queries, labels, confidence = ctx.queries(128)
+    confident = confidence >= 0.8
+    halves = digits_halves(len(queries))
+    train_inputs, query_inputs = {"images": ctx.images}, {"images": queries}
+    scores = compute_all_scores(ctx.reference, train_inputs, query_inputs, args, batch=256)
+    masks = ctx.lds_masks(32)
+    if args.cache_dir is not None and not args.train_missing:
+        wait_for_models(ctx, masks)
+    actual = ctx.subset_losses(masks, queries)
+    rows = {}
+    for (seed, variant, transform), s in scores.items():
+        rows.setdefault(variant, {}).setdefault(transform, {})[seed] = evaluate_digits(
+            s, ctx, labels, confident, masks, actual, halves
+        )
+    from .baselines import pixel_cosine_scores, ssim_scores
+
+    baselines = {
+        "pixel cosine": evaluate_digits(pixel_cosine_scores(queries, ctx.images), ctx, labels, confident, masks,
+                                        actual, halves),
+        "SSIM": evaluate_digits(ssim_scores(queries, ctx.images), ctx, labels, confident, masks, actual, halves),
+    }
+    return {
+        "model": "digits",
+        "recipe": ctx.recipe.to_dict(),
+        "num_queries": len(queries),
+        "num_confident": {h: int(confident[r].sum()) for h, r in halves.items()},
+        "num_subsets": len(masks),
+        "metrics": ("lds", "det10"),
+        "select_metric": "lds",
+        "rows": rows,
+        "baselines": baselines,
+        "seconds_per_sample": TIMES,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- tiny SD
+
+
+def sd_halves(labels: list[str]) -> dict[str, np.ndarray]:
+    a, b = [], []
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        (a if seen.get(label, 0) % 2 == 0 else b).append(i)
+        seen[label] = seen.get(label, 0) + 1
+    return {"A": np.asarray(a), "B": np.asarray(b)}
+
+
+def run_sd(args) -> dict:
+    from .data import SUBSETS, build_mixed_set
+    from .detection import select_queries
+    from .models import load_sd_pipeline
+    from .train_sd_mixed import DEFAULT_DIR
+
+    pipe = load_sd_pipeline(DEFAULT_DIR)
+    mixed = build_mixed_set()
+    train_rows = mixed.rows("train")
+    train_labels = np.asarray(mixed.subsets)[train_rows]
+    prompts, labels = select_queries(mixed, 36)
+    generators = [torch.Generator().manual_seed(args.seed + 500 + i) for i in range(len(prompts))]
+    latents = []
+    for start in range(0, len(prompts), 16):
+        out = pipe(
+            prompts[start : start + 16],
+            generator=generators[start : start + 16],
+            num_inference_steps=25,
+            guidance_scale=3.0,
+            output_type="latent",
+        )
+        latents.append(out.images)
+    latents = torch.cat(latents)
+    halves = sd_halves(labels)
+    train_inputs = {"images": mixed.pixels(train_rows), "prompts": [mixed.captions[i] for i in train_rows]}
+    query_inputs = {"latents": latents, "prompts": prompts}
+    scores = compute_all_scores(pipe, train_inputs, query_inputs, args, batch=64)
+    labels_arr = np.asarray(labels)
+
+    def evaluate(s):
+        rankings = top_k(s, 10)
+        out = {}
+        for half, rows in halves.items():
+            det = detection_table(rankings[rows], train_labels, labels_arr[rows], (10,), SUBSETS)
+            out[half] = {"det10": det["k=10"]["mean"]}
+        return out
+
+    rows = {}
+    for (seed, variant, transform), s in scores.items():
+        rows.setdefault(variant, {}).setdefault(transform, {})[seed] = evaluate(s)
+    from .baselines import pixel_cosine_scores, ssim_scores
+    from .detection import decode
+
+    images = decode(pipe, latents)
+    train_pixels = train_inputs["images"]
+    baselines = {
+        "pixel cosine": evaluate(pixel_cosine_scores(images, train_pixels)),
+        "SSIM": evaluate(ssim_scores(images, train_pixels)),
+    }
+    return {
+        "model": "sd",
+        "num_train": len(train_rows),
+        "num_queries": {h: len(r) for h, r in halves.items()},
+        "metrics": ("det10",),
+        "select_metric": "det10",
+        "rows": rows,
+        "baselines": baselines,
+        "seconds_per_sample": TIMES,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- shared driver
+
+TIMES: dict[str, float] = {}
+
+
+def compute_all_scores(pipe, train_inputs, query_inputs, args, batch: int) -> dict:
+    scores = {}
+    for seed in args.seeds:
+        for kind in args.passes:
+            if kind == "draws" and seed not in args.draw_seeds:
+                continue
+            config = DMinConfig(**{"sketch_dim": K, "seed": seed, **PASSES[kind]})
+            sketcher = GradientSketcher.from_pipeline(pipe, config)
+            sketcher.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            train = sketch_all(sketcher, train_inputs, batch)
+            n = len(train)
+            TIMES[f"{kind} (seed {seed})"] = (time.perf_counter() - start) / n
+            query = sketch_all(sketcher, query_inputs, batch)
+            log(f"seed {seed}, pass {kind}: {n} rows in {TIMES[f'{kind} (seed {seed})'] * n:.0f}s")
+            train_v, query_v = variants_of_pass(kind, train), variants_of_pass(kind, query)
+            del train, query
+            for name in list(train_v):
+                found = transformed_scores(train_v[name], query_v[name], transforms=name in TRANSFORM_VARIANTS)
+                for transform, s in found.items():
+                    scores[(seed, name, transform)] = s
+                del train_v[name], query_v[name]
+    return scores
+
+
+def aggregate(result: dict) -> dict:
+    """Per (variant, transform): mean/sd over seeds of each metric on halves A and B; the damping chosen on A."""
+    table = {}
+    for variant, transforms in result["rows"].items():
+        for transform, per_seed in transforms.items():
+            entry = {}
+            for half in ("A", "B"):
+                for metric in result["metrics"]:
+                    values = [per_seed[s][half][metric] for s in per_seed]
+                    entry[f"{metric}_{half}"] = summary(values)
+            table[(variant, transform)] = entry
+    chosen = {}
+    select = result["select_metric"]
+    for variant, transforms in result["rows"].items():
+        for prefix in ("preconditioned", "centred + preconditioned"):
+            cands = [t for t in transforms if t.startswith(prefix + " a=")]
+            if cands:
+                best = max(cands, key=lambda t: table[(variant, t)][f"{select}_A"]["mean"])
+                chosen[(variant, prefix)] = best
+    return {"table": table, "chosen": chosen}
+
+
+def markdown(result: dict, command: str) -> str:
+    agg = aggregate(result)
+    table, chosen = agg["table"], agg["chosen"]
+    metrics = result["metrics"]
+    names = {"lds": "LDS", "det10": "det@10"}
+    header = ["variant", "query transform"]
+    for metric in metrics:
+        header += [f"{names[metric]} A (selection)", f"{names[metric]} B (held out)", f"Δ{names[metric]} B vs default"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = table[("default: DMinConfig()", "plain")]
+
+    def fmt(s):
+        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 and s["std"] is not None else f"{s['mean']:.3f}"
+
+    for (variant, transform), entry in table.items():
+        if transform.startswith(("preconditioned", "centred + preconditioned")) and transform not in chosen.values():
+            continue
+        if transform.startswith(("preconditioned", "centred + preconditioned")):
+            prefix = transform.rsplit(" a=", 1)[0]
+            if chosen.get((variant, prefix)) != transform:
+                continue
+            transform = f"{transform} (a chosen on A)"
+        cells = [variant, transform]
+        for metric in metrics:
+            cells += [fmt(entry[f"{metric}_A"]), fmt(entry[f"{metric}_B"])]
+            cells.append(f"{entry[f'{metric}_B']['mean'] - base[f'{metric}_B']['mean']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, entry in result["baselines"].items():
+        cells = [f"baseline: {name}", "-"]
+        for metric in metrics:
+            cells += [f"{entry['A'][metric]:.3f}", f"{entry['B'][metric]:.3f}"]
+            cells.append(f"{entry['B'][metric] - base[f'{metric}_B']['mean']:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({s for t in result["rows"].values() for p in t.values() for s in p})
+    grid = "\n\nDamping grid (all A-half values, mean over seeds):\n\n"
+    for (variant, prefix), best in chosen.items():
+        values = ", ".join(
+            f"a={t.rsplit('=', 1)[1]}: {table[(variant, t)][result['select_metric'] + '_A']['mean']:.3f}"
+            for t in result["rows"][variant]
+            if t.startswith(prefix + " a=")
+        )
+        grid += f"- {variant}, {prefix}: {values}\n"
+    costs = "\n\nSketching cost (s per training sample, this run, busy shared 2-core machine):\n\n" + "\n".join(
+        f"- {k}: {v * 1000:.1f} ms" for k, v in result["seconds_per_sample"].items()
+    )
+    return (
+        f"Model: {result['model']}; sketch seeds {seeds} (mean ± sd over seeds where more than one). Halves: A selects "
+        "(damping, defaults), B is held out.\n\n"
+        f"Command: `{command}`\n\n" + "\n".join(lines) + grid + costs + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = base_parser(__doc__)
+    parser.add_argument("--model", choices=("digits", "sd"), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--draw-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
+    parser.add_argument("--train-missing", action="store_true", help="train missing LDS models instead of waiting")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    result = run_digits(args) if args.model == "digits" else run_sd(args)
+    result["command"] = command_line()
+    name = f"ablations_estimator_{args.model}{args.tag}"
+    agg = aggregate(result)
+    result["summary"] = {f"{v} | {t}": e for (v, t), e in agg["table"].items()}
+    result["chosen_damping"] = {f"{v} | {p}": t for (v, p), t in agg["chosen"].items()}
+    write_json(name, result)
+    write_markdown(name, markdown(result, result["command"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
