@@ -146,12 +146,15 @@ def digits_halves(num_queries: int) -> dict[str, np.ndarray]:
     return {"A": idx[idx % 2 == 0], "B": idx[idx % 2 == 1]}
 
 
+def model_path(ctx, mask) -> Path:
+    return ctx.cache_dir / f"ddpm-{ctx._key(np.unique(np.flatnonzero(mask == 0)))}.pt"
+
+
 def wait_for_models(ctx, masks, poll_s: float = 20.0) -> None:
     """The LDS retrains are trained once into the shared cache (by ablations.py or any run); wait for them rather
     than train a second copy concurrently."""
     for mask in masks:
-        removed = np.unique(np.flatnonzero(mask == 0))
-        path = ctx.cache_dir / f"ddpm-{ctx._key(removed)}.pt"
+        path = model_path(ctx, mask)
         while not path.exists():
             time.sleep(poll_s)
         time.sleep(1.0)  # a file that just appeared may still be being written
@@ -179,7 +182,14 @@ def run_digits(args) -> dict:
     scores = compute_all_scores(ctx.reference, train_inputs, query_inputs, args, batch=256)
     masks = ctx.lds_masks(32)
     if args.cache_dir is not None and not args.train_missing:
-        wait_for_models(ctx, masks)
+        if args.available_subsets:  # the longest prefix of the 32 subsets whose retrains are in the cache
+            have = [model_path(ctx, mask).exists() for mask in masks] + [False]
+            masks = masks[: have.index(False)]
+            log(f"LDS over the {len(masks)} retrains available in {args.cache_dir}")
+            if len(masks) < 4:
+                raise SystemExit(f"only {len(masks)} LDS retrains in {args.cache_dir}; wait for more")
+        else:
+            wait_for_models(ctx, masks)
     actual = ctx.subset_losses(masks, queries)
     rows = {}
     for (seed, variant, transform), s in scores.items():
@@ -286,11 +296,26 @@ TIMES: dict[str, float] = {}
 
 
 def compute_all_scores(pipe, train_inputs, query_inputs, args, batch: int) -> dict:
+    """`{(seed, variant, transform): (Q, N) scores}`; each pass's scores are kept in `--score-cache` (npz) so an
+    interrupted or extended run does not sketch again."""
     scores = {}
     for seed in args.seeds:
         for kind in args.passes:
             if kind == "draws" and seed not in args.draw_seeds:
                 continue
+            cached = None
+            if args.score_cache is not None:
+                args.score_cache.mkdir(parents=True, exist_ok=True)
+                cached = args.score_cache / f"{args.model}-seed{seed}-{kind}.npz"
+                if cached.exists():
+                    with np.load(cached, allow_pickle=False) as data:
+                        for key in data.files:
+                            variant, transform = key.split("||")
+                            scores[(seed, variant, transform)] = data[key]
+                    TIMES.update(json.loads(cached.with_suffix(".json").read_text()))
+                    log(f"seed {seed}, pass {kind}: scores from {cached}")
+                    continue
+            found_pass = {}
             config = DMinConfig(**{"sketch_dim": K, "seed": seed, **PASSES[kind]})
             sketcher = GradientSketcher.from_pipeline(pipe, config)
             sketcher.set_progress_bar_config(disable=True)
@@ -306,7 +331,12 @@ def compute_all_scores(pipe, train_inputs, query_inputs, args, batch: int) -> di
                 found = transformed_scores(train_v[name], query_v[name], transforms=name in TRANSFORM_VARIANTS)
                 for transform, s in found.items():
                     scores[(seed, name, transform)] = s
+                    found_pass[f"{name}||{transform}"] = s
                 del train_v[name], query_v[name]
+            if cached is not None:
+                np.savez(cached, **found_pass)
+                key = f"{kind} (seed {seed})"
+                cached.with_suffix(".json").write_text(json.dumps({key: TIMES[key]}))
     return scores
 
 
@@ -378,7 +408,11 @@ def markdown(result: dict, command: str) -> str:
         f"- {k}: {v * 1000:.1f} ms" for k, v in result["seconds_per_sample"].items()
     )
     return (
-        f"Model: {result['model']}; sketch seeds {seeds} (mean ± sd over seeds where more than one). Halves: A selects "
+        (f"Digits DDPM: LDS over {result['num_subsets']} random-half retrains; det@10 on the SVM-confident queries "
+         f"({result['num_confident']} per half) of {result['num_queries']}.\n\n" if result["model"] == "digits" else
+         f"Tiny SD: det@10 over {result['num_queries']} generated queries per half, {result['num_train']} training "
+         "samples.\n\n")
+        + f"Model: {result['model']}; sketch seeds {seeds} (mean ± sd over seeds where more than one). Halves: A selects "
         "(damping, defaults), B is held out.\n\n"
         f"Command: `{command}`\n\n" + "\n".join(lines) + grid + costs + "\n"
     )
@@ -392,6 +426,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
     parser.add_argument("--train-missing", action="store_true", help="train missing LDS models instead of waiting")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--score-cache", type=Path, default=None, help="keep each pass's scores here (npz)")
+    parser.add_argument(
+        "--available-subsets", action="store_true", help="digits: LDS over the retrains already cached (a prefix)"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
     result = run_digits(args) if args.model == "digits" else run_sd(args)
