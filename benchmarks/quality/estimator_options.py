@@ -121,18 +121,26 @@ def transformed_scores(train: torch.Tensor, queries: torch.Tensor, transforms: b
         n, t, k = xs.shape
         per_alpha = {a: torch.zeros(q.shape[0], n, dtype=torch.float64) for a in ALPHAS}
         for step in range(t):
-            xt, qt = xs[:, step], qs[:, step]
-            gram = xt @ xt.T  # (N, N): its eigenvectors U give X = U S V^T
-            evals, u = torch.linalg.eigh(gram)
-            e = evals.clamp_min(0) / n  # eigenvalues of Sigma = X^T X / N (the rest are 0)
-            w = xt @ qt.T  # (N, Q) plain scores
-            uw = u.T @ w
-            scale = float(xt.pow(2).sum() / n / k)  # tr(Sigma) / K
-            for alpha in ALPHAS:
-                lam = alpha * scale
-                f = e / (e + lam)
-                # X (Sigma + lam I)^-1 q = (1/lam) (W - U diag(f) U^T W)
-                per_alpha[alpha] += ((w - u @ (f[:, None] * uw)) / lam).T
+            # float32 eigendecompositions of the smaller side (damping >= 1e-3 of the mean eigenvalue keeps them exact
+            # enough); the scores are accumulated in float64
+            xt, qt = xs[:, step].float(), qs[:, step].float()
+            w = (xt @ qt.T).double()  # (N, Q) plain scores
+            scale = float(xt.double().pow(2).sum() / n / k)  # tr(Sigma) / K
+            if n <= k:  # X = U S V^T from the N x N Gram matrix
+                evals, u = torch.linalg.eigh(xt @ xt.T)
+                e, u = evals.double().clamp_min(0) / n, u.double()
+                uw = u.T @ w
+                for alpha in ALPHAS:
+                    lam = alpha * scale
+                    # X (Sigma + lam I)^-1 q = (1/lam) (W - U diag(e / (e + lam)) U^T W)
+                    per_alpha[alpha] += ((w - u @ ((e / (e + lam))[:, None] * uw)) / lam).T
+            else:  # Sigma = V diag(e) V^T directly (K x K)
+                evals, v = torch.linalg.eigh(xt.T @ xt / n)
+                e, v = evals.double().clamp_min(0), v.double()
+                xv, vq = xt.double() @ v, v.T @ qt.double().T  # (N, K), (K, Q)
+                for alpha in ALPHAS:
+                    lam = alpha * scale
+                    per_alpha[alpha] += (xv @ (vq / (e + lam)[:, None])).T
         for alpha in ALPHAS:
             out[f"{'centred + ' if centred else ''}preconditioned a={alpha:g}"] = per_alpha[alpha].numpy()
     return out
