@@ -307,10 +307,10 @@ def compute_all_scores(pipe, train_inputs, query_inputs, args, batch: int) -> di
     """`{(seed, variant, transform): (Q, N) scores}`; each pass's scores are kept in `--score-cache` (npz) so an
     interrupted or extended run does not sketch again."""
     scores = {}
-    for seed in args.seeds:
-        for kind in args.passes:
-            if kind == "draws" and seed not in args.draw_seeds:
-                continue
+    plan = [(seed, kind) for seed in args.seeds for kind in args.passes if kind != "draws"]
+    plan += [(seed, "draws") for seed in args.draw_seeds if "draws" in args.passes]  # the costly pass last
+    for seed, kind in plan:
+        if True:
             cached = None
             if args.score_cache is not None:
                 args.score_cache.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,8 @@ def compute_all_scores(pipe, train_inputs, query_inputs, args, batch: int) -> di
             train_v, query_v = variants_of_pass(kind, train), variants_of_pass(kind, query)
             del train, query
             for name in list(train_v):
-                found = transformed_scores(train_v[name], query_v[name], transforms=name in TRANSFORM_VARIANTS)
+                transforms = name in TRANSFORM_VARIANTS and seed in args.transform_seeds
+                found = transformed_scores(train_v[name], query_v[name], transforms=transforms)
                 for transform, s in found.items():
                     scores[(seed, name, transform)] = s
                     found_pass[f"{name}||{transform}"] = s
@@ -431,6 +432,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=("digits", "sd"), required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--draw-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--transform-seeds", type=int, nargs="+", default=[0], help="seeds whose scores are also preconditioned"
+    )
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
     parser.add_argument("--train-missing", action="store_true", help="train missing LDS models instead of waiting")
     parser.add_argument("--tag", default="")
