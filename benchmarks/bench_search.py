@@ -252,7 +252,7 @@ def bench_hnsw(root: Path, n: int, k: int, num_queries: int, clusters: int, spre
     graph_bytes = (folder / "hnsw.bin").stat().st_size
 
     exact_ids = np.stack([r.sample_ids for r in index.search(queries, top_k=TOP_K)])
-    graph = index._hnsw
+    graph = index._graph.graph
     raw_ms, full_ms, raw_ids, full_ids = [], [], [], []
     flat = queries.reshape(num_queries, -1).numpy()
     for i in range(num_queries):  # single queries, as an interactive user sends them

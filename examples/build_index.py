@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None):
     from diffusers import DiffusionPipeline
 
     from diffusers_dmin import GradientIndex
-    from diffusers_dmin.build import load_training_dataset
+    from diffusers_dmin.training_data import load_training_dataset
 
     pipe = DiffusionPipeline.from_pretrained(args.pipeline)
     if args.lora_weights:

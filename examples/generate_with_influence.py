@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None):
     from diffusers import DiffusionPipeline
 
     from diffusers_dmin import InfluencePipeline
-    from diffusers_dmin.build import decode_image, load_training_dataset
+    from diffusers_dmin.images import decode_image
+    from diffusers_dmin.training_data import load_training_dataset
     from diffusers_dmin.viz import influence_grid
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

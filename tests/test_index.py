@@ -194,7 +194,7 @@ def test_append_extends_a_saved_hnsw_graph(tmp_path):
 
 def _crash_on_manifest_write(monkeypatch, when):
     """Make `GradientIndex` saves raise (like a killed process) at the manifest writes for which `when` is true."""
-    import diffusers_dmin.index as index_module
+    import diffusers_dmin.folder as index_module
 
     real = index_module.write_manifest
 

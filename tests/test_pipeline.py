@@ -254,3 +254,28 @@ def test_lora_loaded_with_load_lora_weights(tmp_path):
     assert all("lora_" in name for name in influence_pipe.sketcher.param_names)
     results = influence_pipe.attribute(_training_images(3), prompts=PROMPTS, top_k=1)
     assert [int(r.sample_ids[0]) for r in results] == list(range(100, 106))
+
+
+def test_an_instance_patch_of_scheduler_step_is_put_back():
+    """DDPM has no step callback, so the wrapper observes `scheduler.step`; a patch that was there before (another
+    tool's) must be there after, not deleted."""
+    pipe = _make("ddpm", lora=False)
+    index, _ = _index_for(pipe, "ddpm")
+    calls = []
+    original = pipe.scheduler.step
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    pipe.scheduler.step = patched
+    out = InfluencePipeline(pipe, index)(
+        generator=torch.Generator().manual_seed(0), return_influence=True, top_k=2, **_call_kwargs("ddpm")
+    )
+    assert len(out.influence) == 2
+    assert pipe.scheduler.step is patched and len(calls) == 2  # the patch ran under the observer, and stays
+    del pipe.scheduler.step
+    InfluencePipeline(pipe, index)(
+        generator=torch.Generator().manual_seed(0), return_influence=True, top_k=2, **_call_kwargs("ddpm")
+    )
+    assert "step" not in vars(pipe.scheduler)  # no patch before: none after

@@ -1,8 +1,6 @@
-__version__ = "0.1.0.dev0"
-
 from typing import TYPE_CHECKING
 
-from .config import DMinConfig, SketchSpec
+from .config import DMinConfig, SketcherOptions, SketchSpec
 from .errors import (
     ConfigError,
     DatasetError,
@@ -15,6 +13,7 @@ from .errors import (
     NonFiniteGradientError,
     UnsupportedPipelineError,
 )
+from .version import __version__
 
 
 # Names whose modules import torch, diffusers or huggingface_hub load on first use (PEP 562), so that
@@ -52,6 +51,7 @@ __all__ = [
     "__version__",
     "DMinConfig",
     "SketchSpec",
+    "SketcherOptions",
     "GradientSketcher",
     "GradientIndex",
     "InfluencePipeline",

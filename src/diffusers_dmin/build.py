@@ -31,13 +31,17 @@ second build or a `save_pretrained` into it from another process raises [`IndexL
 lock of a killed build is released by the operating system, so it never blocks a resume.
 
 **Threads.** The gradients run on one torch intra-op thread on the CPU unless told otherwise
-(`sketcher_kwargs={"num_threads": n}`, `DMIN_NUM_THREADS`, CLI `--threads`); see [`threads`] for why and the
+(`sketcher_kwargs={"num_threads": n}`, i.e. [`SketcherOptions`], `DMIN_NUM_THREADS`, CLI `--threads`); see [`threads`] for why and the
 measurements.
 
 **Multi-process.** Under `accelerate launch` (or `torchrun`), every process runs the same call: checks are repeated
 identically in every process, the main process prepares the folder, all processes scan it between two barriers (so
-they agree on the units), each writes only its own shards, and after a final barrier the main process writes the
-noise, the manifest (shards in dataset order) and the dataset card.
+they agree on the units), each writes only its own shards, and after a barrier the main process writes the noise
+and the manifest (shards in dataset order), then runs the caller's `finish` step ([`GradientIndex.build`] passes one
+that loads the index, extends or builds the HNSW graph and writes the dataset card through [`folder`]).
+
+**Layering.** This module writes shards and the manifest through [`storage`] and never imports [`GradientIndex`];
+reading the training data is [`training_data`].
 
 **Incremental add.** Run the build again on the grown dataset with the same config, model and id column: only new
 ids are computed, new shards are appended after the old ones (old files are not touched) and a saved HNSW graph is
@@ -51,53 +55,75 @@ raises [`NonFiniteGradientError`] naming the row ids (or is skipped and recorded
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import PIL.Image
 import torch
 
-from .config import DMinConfig, SketchSpec
-from .constants import HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
+from .config import DMinConfig, SketcherOptions, SketchSpec
+from .constants import (
+    BUILD_MAX_SHARD_BYTES,
+    BUILD_MAX_SHARD_ROWS,
+    BUILD_STATE_NAME,
+    HNSW_NAME,
+    MANIFEST_NAME,
+    NOISE_NAME,
+    PARTIAL_DIR,
+    PARTIAL_SUFFIX_TEMPLATE,
+    README_NAME,
+    SHARD_SUFFIX,
+    SHARDS_DIR,
+    SKIPPED_SUFFIX,
+    TEMP_SUFFIX,
+)
 from .errors import (
     ConfigError,
     DatasetError,
-    DMinError,
     IndexCorruptError,
     IndexMismatchError,
     NonFiniteGradientError,
+    check_choice,
+    check_int,
 )
 from .folderlock import folder_lock
-from .logging import get_logger, quiet_local_dataset_loading, tqdm
-from .objectives import prepare_images
+from .logging import get_logger, tqdm
 from .storage import (
     IndexMetadata,
     Manifest,
     ShardInfo,
     atomic_write_bytes,
+    build_shard_name,
     describe_shard,
     read_manifest,
+    read_shard_ids,
     to_storage_array,
     write_manifest,
     write_noise,
     write_shard,
 )
-from .video import decode_video, prepare_video
+from .storage import default_shard_rows as storage_shard_rows
+from .training_data import (  # noqa: F401  (load_training_dataset, decode_image: their old import path)
+    Batch,
+    BatchLoader,
+    DatasetView,
+    collate_batch,
+    decode_image,
+    load_training_dataset,
+    loader_worker_init,
+)
+from .version import __version__
 
 
 logger = get_logger(__name__)
 
-_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
-_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 __all__ = [
     "build_index",
@@ -109,15 +135,7 @@ __all__ = [
     "PARTIAL_DIR",
 ]
 
-BUILD_STATE_NAME = "dmin_build.json"
-# Rows of unfinished shards, flushed during a build and read back by the next run (not part of a finished index).
-PARTIAL_DIR = ".dmin-partial"
 _STATE_VERSION = 1
-_SHARD_PREFIX = SHARDS_DIR + "/sketches-from-"
-_SKIPPED_SUFFIX = ".skipped.json"
-# A shard holds at most this many bytes of stored sketches and this many rows.
-_DEFAULT_SHARD_BYTES = 256 * 2**20
-_DEFAULT_MAX_SHARD_ROWS = 1024
 # An unfinished shard's rows are flushed to a partial file at the first batch boundary after this many rows or seconds
 # since the last durable write: a killed build loses at most that much work (plus the batch in flight).
 _FLUSH_ROWS = 256
@@ -133,28 +151,31 @@ def build_index(
     dataset: Any,
     config: DMinConfig | None,
     output_dir: str | os.PathLike,
+    *,
     image_column: str = "image",
     prompt_column: str | None = "text",
     id_column: str | None = None,
     batch_size: int = 8,
     resume: bool = True,
     on_error: Literal["raise", "skip"] = "raise",
-    *,
     shard_rows: int | None = None,
     num_workers: int = 0,
     image_root: str | os.PathLike | None = None,
     hnsw: bool = False,
     progress: bool = True,
     accelerator: Any = None,
-    sketcher_kwargs: Mapping[str, Any] | None = None,
+    options: SketcherOptions | None = None,
+    finish: Callable[[Path, Manifest], None] | None = None,
     **metadata: Any,
-):
+) -> Path:
     r"""
     Build (or resume, or extend) the index of `dataset` in `output_dir`; see [`GradientIndex.build`] for the
-    arguments. Returns the finished [`GradientIndex`], loaded from `output_dir`, in every process.
+    arguments. Writes the shards, the noise and the manifest; then `finish(folder, manifest)` runs in the main process
+    while the folder is still locked (the facade passes one that loads the index, extends or builds the HNSW graph and
+    writes the card); it is skipped when the folder already held every row and nothing was asked of it. Returns the
+    index folder, in every process, once every process is done.
     """
     from .gradients import GradientSketcher
-    from .index import GradientIndex
 
     start_time = time.perf_counter()
     config = DMinConfig() if config is None else config
@@ -172,12 +193,12 @@ def build_index(
         stack.enter_context(_sigterm_raises())
         _move_pipeline(pipeline, state)
 
-        sketcher = GradientSketcher.from_pipeline(pipeline, config, **dict(sketcher_kwargs or {}))
+        sketcher = GradientSketcher.from_pipeline(pipeline, config, options=options)
         if progress is False:
             sketcher.set_progress_bar_config(disable=True)
         spec = sketcher.spec
         adapter = sketcher.adapter
-        table = _DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
+        table = DatasetView(dataset, image_column, prompt_column if adapter.conditional else None, id_column)
         if prompt_column is not None and not adapter.conditional:
             logger.info(
                 f"`prompt_column={prompt_column!r}` is ignored: the {adapter.family} pipeline is unconditional."
@@ -237,7 +258,7 @@ def build_index(
             raise BuildInterrupted(message, getattr(err, "signal_name", "SIGINT"), resumable=True) from err
         state.wait_for_everyone()
 
-        # 4. the main process writes noise, manifest, card (and graph); then everybody loads the result
+        # 4. the main process writes noise and manifest, then the caller's `finish` (graph, card)
         if is_main:
             _finish(
                 folder,
@@ -247,31 +268,33 @@ def build_index(
                 pipeline=pipeline,
                 id_column=id_column,
                 hnsw=hnsw,
-                progress=progress,
+                finish=finish,
                 metadata=metadata,
                 changed=bool(units) or scan.has_unlisted(),
             )
         state.wait_for_everyone()
-        index = GradientIndex.from_pretrained(folder)
-        if not progress:
-            index.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - start_time
         if is_main:
             logger.info(
-                f"Index build finished: {len(index)} rows in {folder}; this run computed {len(pending)} rows in "
+                f"Index build finished: {read_manifest(folder).num_rows} rows in {folder}; this run computed "
+                f"{len(pending)} rows in "
                 f"{seconds:.1f} s ({len(pending) / max(seconds, 1e-9):.2f} samples/s over {world} process(es); this "
                 f"process: {computed} rows)."
             )
-        return index
+        return folder
 
 
 def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
     """Rows per shard when `shard_rows` is not given: at most 256 MiB of stored sketches and at most 1,024 rows,
     rounded down to a multiple of `batch_size` (at least one batch)."""
     config = spec.config if isinstance(spec, SketchSpec) else spec
-    row_bytes = config.num_timesteps * config.sketch_dim * (4 if config.dtype == "float32" else 2)
-    rows = min(_DEFAULT_MAX_SHARD_ROWS, max(1, _DEFAULT_SHARD_BYTES // row_bytes))
-    return max(batch_size, rows // batch_size * batch_size)
+    return storage_shard_rows(
+        (config.num_timesteps, config.sketch_dim),
+        config.dtype,
+        max_bytes=BUILD_MAX_SHARD_BYTES,
+        max_rows=BUILD_MAX_SHARD_ROWS,
+        multiple_of=batch_size,
+    )
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -343,22 +366,11 @@ def _shard_files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- checks and setup
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_options(batch_size: Any, shard_rows: Any, num_workers: Any, on_error: Any, resume: Any) -> None:
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be a positive integer, but is {batch_size!r}. Example: `batch_size=8`.")
-    if shard_rows is not None and (not _is_int(shard_rows) or shard_rows < 1):
-        raise ConfigError(
-            f"`shard_rows` must be a positive integer (ideally a multiple of `batch_size`) or None, but is "
-            f"{shard_rows!r}."
-        )
-    if not _is_int(num_workers) or num_workers < 0:
-        raise ConfigError(f"`num_workers` must be a non-negative integer, but is {num_workers!r}.")
-    if on_error not in _ON_ERROR:
-        raise ConfigError(f"`on_error` must be one of {_ON_ERROR}, but is {on_error!r}.")
+    check_int(batch_size, "batch_size", hint="Example: `batch_size=8`.")
+    check_int(shard_rows, "shard_rows", optional=True, hint="Ideally a multiple of `batch_size`.")
+    check_int(num_workers, "num_workers", minimum=0)
+    check_choice(on_error, "on_error", _ON_ERROR)
     if not isinstance(resume, bool):
         raise ConfigError(f"`resume` must be True or False, but is {resume!r}.")
 
@@ -414,236 +426,6 @@ def _move_pipeline(pipeline: Any, state: Any) -> None:
         pipeline.to(device)
 
 
-# ---------------------------------------------------------------------------------------------- the dataset
-
-
-class _DatasetView:
-    """Columns, ids and raw (undecoded) rows of a `datasets.Dataset`."""
-
-    def __init__(self, dataset: Any, image_column: str, prompt_column: str | None, id_column: str | None):
-        import datasets
-
-        if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-            raise DatasetError(
-                f"`dataset` is a {type(dataset).__name__} with the splits {list(dataset)}; pass one split, e.g. "
-                f"`dataset[{next(iter(dataset), 'train')!r}]`."
-            )
-        if isinstance(dataset, datasets.IterableDataset):
-            raise DatasetError(
-                "`dataset` is a streaming IterableDataset; an index build needs random access to resume and to split "
-                "rows across processes. Load it without `streaming=True` (or `Dataset.from_generator(...)`)."
-            )
-        if not isinstance(dataset, datasets.Dataset):
-            raise DatasetError(
-                f"`dataset` must be a `datasets.Dataset`, but is {type(dataset).__name__}. Load one with "
-                "`datasets.load_dataset(...)`, `load_from_disk(...)` or `Dataset.from_dict(...)`."
-            )
-        self.column_names = list(dataset.column_names)
-        for argument, column in (("image_column", image_column), ("prompt_column", prompt_column)):
-            if column is not None and column not in self.column_names:
-                raise DatasetError(
-                    f"`{argument}={column!r}` is not a column of the dataset; its columns are {self.column_names}. "
-                    f"Pass `{argument}=` naming one of them."
-                )
-        if id_column is not None and id_column not in self.column_names:
-            raise DatasetError(
-                f"`id_column={id_column!r}` is not a column of the dataset; its columns are {self.column_names}. "
-                "Pass the column holding integer sample ids, or `id_column=None` to use row positions."
-            )
-        if len(dataset) == 0:
-            raise DatasetError("`dataset` has no rows; there is nothing to index.")
-        self.dataset = dataset
-        self.image_column, self.prompt_column, self.id_column = image_column, prompt_column, id_column
-        columns = [c for c in (image_column, prompt_column) if c is not None]
-        self.rows = dataset.select_columns(columns).with_format("arrow")
-        self.ids = self._read_ids()
-        order = np.argsort(self.ids, kind="stable")
-        self._sorted_ids, self._order = self.ids[order], order
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _read_ids(self) -> np.ndarray:
-        if self.id_column is None:
-            return np.arange(len(self.dataset), dtype=np.int64)
-        import pyarrow as pa
-
-        column = self.dataset.select_columns([self.id_column]).with_format("arrow")[:].column(self.id_column)
-        if not pa.types.is_integer(column.type):
-            raise DatasetError(
-                f"`id_column={self.id_column!r}` holds {column.type} values; sample ids must be integers. Pass an "
-                "integer column, or `id_column=None` to use row positions."
-            )
-        if column.null_count:
-            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"`id_column={self.id_column!r}` has no value at row {row}; every row needs an id.")
-        ids = column.to_numpy().astype(np.int64, copy=False)
-        values, counts = np.unique(ids, return_counts=True)
-        if len(values) != len(ids):
-            duplicates = values[counts > 1][:10].tolist()
-            raise DatasetError(
-                f"`id_column={self.id_column!r}` holds the ids {duplicates} more than once; every row needs its own "
-                "id.",
-                sample_id=duplicates[0],
-            )
-        return np.ascontiguousarray(ids)
-
-    def positions_of(self, ids: np.ndarray) -> np.ndarray:
-        """Dataset positions of `ids`; `len(self)` for ids that are not in the dataset."""
-        slots = np.searchsorted(self._sorted_ids, ids)
-        slots = np.minimum(slots, len(self._sorted_ids) - 1)
-        found = self._sorted_ids[slots] == ids
-        return np.where(found, self._order[slots], len(self))
-
-    def pending_positions(self, done: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(~np.isin(self.ids, done))
-
-
-# ---------------------------------------------------------------------------------------------- loading rows
-
-
-@dataclass
-class _Batch:
-    unit: int
-    last: bool
-    ids: np.ndarray  # (b,) all rows of the batch
-    ok: np.ndarray  # (b,) bool: read successfully
-    pixels: torch.Tensor | None  # (ok.sum(), C, H, W) in [0, 1]; videos (ok.sum(), F, C, H, W)
-    prompts: list[str] | None
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (id, reason) of the rows that failed
-
-
-class _BatchLoader(torch.utils.data.Dataset):
-    """Item `i` is batch `i` of this process's units (computed on demand, so the plan takes memory per unit, not per
-    batch); the rows are read, decoded and preprocessed in the loader (and its workers)."""
-
-    def __init__(
-        self,
-        table: _DatasetView,
-        units: list[np.ndarray],
-        batch_size: int,
-        resolution: tuple[int, int],
-        channels: int,
-        image_root: str | os.PathLike | None,
-        num_frames: int | None = None,
-    ):
-        self.rows = table.rows
-        self.ids = table.ids
-        self.image_column, self.prompt_column = table.image_column, table.prompt_column
-        self.units, self.batch_size = units, batch_size
-        self.ends = np.cumsum([-(-len(positions) // batch_size) for positions in units])  # batches up to each unit
-        self.resolution, self.channels = resolution, channels
-        self.image_root = None if image_root is None else Path(image_root)
-        self.num_frames = num_frames  # a video family: the image column holds a video per row
-
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def locate(self, item: int) -> tuple[int, bool, np.ndarray]:
-        """(unit, last batch of the unit?, dataset positions) of batch `item`."""
-        unit = int(np.searchsorted(self.ends, item, side="right"))
-        first = item - (int(self.ends[unit - 1]) if unit else 0)
-        positions = self.units[unit][first * self.batch_size : (first + 1) * self.batch_size]
-        return unit, item == int(self.ends[unit]) - 1, positions
-
-    def __getitem__(self, item: int) -> _Batch:
-        unit, last, positions = self.locate(item)
-        rows = self.rows[positions.tolist()]
-        images = rows.column(self.image_column).to_pylist()
-        prompts = rows.column(self.prompt_column).to_pylist() if self.prompt_column is not None else None
-        ids = self.ids[positions]
-        ok = np.ones(len(positions), dtype=bool)
-        pixels, kept_prompts, errors = [], [], []
-        for i, value in enumerate(images):
-            try:
-                prompt = _prompt(prompts[i], self.prompt_column) if prompts is not None else None
-                if self.num_frames is None:
-                    image = prepare_images(decode_image(value, self.image_root), self.resolution, self.channels)
-                else:
-                    where = f"the video in column {self.image_column!r}"
-                    frames = decode_video(value, self.image_root)
-                    image = prepare_video(frames, self.resolution, self.channels, self.num_frames, source=where)
-            except Exception as err:  # any failure to read one row is reported with its id by the caller
-                ok[i] = False
-                errors.append((int(ids[i]), f"{type(err).__name__}: {err}"))
-                continue
-            pixels.append(image)
-            kept_prompts.append(prompt)
-        return _Batch(
-            unit=unit,
-            last=last,
-            ids=ids,
-            ok=ok,
-            pixels=torch.cat(pixels) if pixels else None,
-            prompts=kept_prompts if prompts is not None else None,
-            errors=errors,
-        )
-
-
-def decode_image(value: Any, image_root: str | os.PathLike | None = None) -> PIL.Image.Image | np.ndarray:
-    r"""
-    Turn one value of an image column into a PIL image (or an array in `[0, 1]`), the way a build reads it.
-
-    Args:
-        value: A PIL image; a `datasets.Image` value (`{"bytes": ..., "path": ...}`); a path (relative paths are
-            resolved against `image_root`); or an `(H, W[, C])` array (uint8 values are divided by 255).
-        image_root (`str` or `os.PathLike`, *optional*): Folder for relative paths (default: the working directory).
-
-    Raises:
-        `OSError`, `ValueError`: The image cannot be read (a missing or corrupt file, a missing value).
-    """
-    if value is None:
-        raise ValueError("the image is missing (None)")
-    if isinstance(value, PIL.Image.Image):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        return _open_image(_resolve(value, image_root))
-    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        if value.get("bytes") is not None:
-            return _open_image(io.BytesIO(value["bytes"]))
-        path = value.get("path")
-        if path is None:
-            raise ValueError("the image has neither bytes nor a path")
-        if "://" in path:  # remote files (hf://...) need datasets' resolver
-            import datasets
-
-            return datasets.Image().decode_example(dict(value))
-        return _open_image(_resolve(path, image_root))
-    array = np.asarray(value)
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    return array
-
-
-def _resolve(path: str | os.PathLike, image_root: str | os.PathLike | None) -> Path:
-    candidate = Path(path)
-    if not candidate.is_absolute() and image_root is not None:
-        candidate = Path(image_root) / candidate
-    return candidate
-
-
-def _open_image(source: Any) -> PIL.Image.Image:
-    image = PIL.Image.open(source)
-    image.load()  # decode now, so that a truncated file fails here, with its row id
-    return image
-
-
-def _prompt(value: Any, column: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"the prompt column {column!r} holds {type(value).__name__} {value!r}, not a string")
-    return value
-
-
-def _identity(batch: _Batch) -> _Batch:
-    return batch
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # loader workers only resize images; leave the cores to the gradient work
-
-
 # ---------------------------------------------------------------------------------------------- the compute loop
 
 
@@ -675,7 +457,7 @@ class _Unit:
 
 def _compute_units(
     sketcher: Any,
-    table: _DatasetView,
+    table: DatasetView,
     units: list[tuple[str, np.ndarray]],
     *,
     folder: Path,
@@ -710,7 +492,7 @@ def _compute_units(
     if reused:
         logger.info(f"Reusing {reused} rows from partial shards of an interrupted build in {folder / PARTIAL_DIR}.")
     loader = torch.utils.data.DataLoader(
-        _BatchLoader(
+        BatchLoader(
             table,
             [unit.positions[unit.covered() :] for unit in work],
             batch_size,
@@ -722,8 +504,8 @@ def _compute_units(
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_identity,
-        worker_init_fn=_worker_init if num_workers else None,
+        collate_fn=collate_batch,
+        worker_init_fn=loader_worker_init if num_workers else None,
         pin_memory=pin_memory,
     )
     total = sum(len(unit.positions) for unit in state)
@@ -797,13 +579,13 @@ def _flush(folder: Path, unit: _Unit) -> None:
 
 
 def _partial_path(folder: Path, shard: str, number: int) -> Path:
-    stem = Path(shard).name[: -len(".safetensors")]
-    return folder / PARTIAL_DIR / f"{stem}.part-{number:05d}.safetensors"
+    stem = Path(shard).name[: -len(SHARD_SUFFIX)]
+    return folder / PARTIAL_DIR / (stem + PARTIAL_SUFFIX_TEMPLATE.format(number))
 
 
 def _partial_files(folder: Path, shard: str) -> list[Path]:
-    stem = Path(shard).name[: -len(".safetensors")]
-    return sorted((folder / PARTIAL_DIR).glob(f"{stem}.part-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+    stem = Path(shard).name[: -len(SHARD_SUFFIX)]
+    return sorted((folder / PARTIAL_DIR).glob(stem + PARTIAL_SUFFIX_TEMPLATE.replace("{:05d}", "[0-9]" * 5)))
 
 
 def _read_partial(folder: Path, unit: _Unit, ids: np.ndarray, spec: SketchSpec) -> tuple[list[_Done], int]:
@@ -859,7 +641,7 @@ def _read_partial(folder: Path, unit: _Unit, ids: np.ndarray, spec: SketchSpec) 
     return done, len(done)
 
 
-def _sketch_batch(sketcher: Any, batch: _Batch, on_error: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _sketch_batch(sketcher: Any, batch: Batch, on_error: str) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Sketches (storage dtype) and ids of the readable rows of a batch; non-finite rows raise or are dropped."""
     ids = batch.ids[batch.ok]
     pixels, prompts = batch.pixels, batch.prompts
@@ -968,8 +750,6 @@ def _read_existing(folder: Path) -> _Existing | None:
 
 
 def _write_state(folder: Path, spec: SketchSpec, id_column: str | None) -> None:
-    from . import __version__
-
     data = {
         "format_version": _STATE_VERSION,
         "library_version": __version__,
@@ -984,7 +764,7 @@ def _remove_temp_files(folder: Path) -> None:
     removed = 0
     for directory in (folder, folder / SHARDS_DIR, folder / PARTIAL_DIR):
         if directory.is_dir():
-            for path in directory.glob(".*.tmp"):
+            for path in directory.glob(".*" + TEMP_SUFFIX):
                 path.unlink(missing_ok=True)
                 removed += 1
     if removed:
@@ -1000,8 +780,8 @@ def _remove_index_files(folder: Path) -> None:
         paths.append(folder / README_NAME)
     shards = folder / SHARDS_DIR
     if shards.is_dir():
-        paths += [*shards.glob("*.safetensors"), *shards.glob("*" + _SKIPPED_SUFFIX), *shards.glob(".*.tmp")]
-    paths += list(folder.glob(".*.tmp")) if folder.is_dir() else []
+        paths += [*shards.glob("*.safetensors"), *shards.glob("*" + SKIPPED_SUFFIX), *shards.glob(".*" + TEMP_SUFFIX)]
+    paths += list(folder.glob(".*" + TEMP_SUFFIX)) if folder.is_dir() else []
     paths += list((folder / PARTIAL_DIR).glob("*")) if (folder / PARTIAL_DIR).is_dir() else []
     removed = [p for p in paths if p.is_file()]
     for path in removed:
@@ -1044,7 +824,7 @@ class _Scan:
 
 
 def _skipped_name(shard: str) -> str:
-    return shard[: -len(".safetensors")] + _SKIPPED_SUFFIX
+    return shard[: -len(SHARD_SUFFIX)] + SKIPPED_SUFFIX
 
 
 def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
@@ -1066,11 +846,11 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
             name = f"{SHARDS_DIR}/{path.name}"
             if name not in listed_names:
                 unlisted[name] = _shard_ids(folder, name, spec)
-        for path in sorted(shards.glob("*" + _SKIPPED_SUFFIX)):
+        for path in sorted(shards.glob("*" + SKIPPED_SUFFIX)):
             try:
                 records = json.loads(path.read_text(encoding="utf-8"))
                 skipped.update({int(r["id"]): str(r.get("reason", "")) for r in records})
-                recorded.add(f"{SHARDS_DIR}/{path.name[: -len(_SKIPPED_SUFFIX)]}.safetensors")
+                recorded.add(f"{SHARDS_DIR}/{path.name[: -len(SKIPPED_SUFFIX)]}{SHARD_SUFFIX}")
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise IndexCorruptError(
                     f"{path} (the record of skipped rows) is unreadable ({err}). Delete it and the shard of the same "
@@ -1089,35 +869,18 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
     return scan
 
 
-_TAGS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-
-
 def _shard_ids(folder: Path, name: str, spec: SketchSpec) -> np.ndarray:
-    from safetensors import SafetensorError, safe_open
-
     path = folder / name
-    expected = (spec.config.num_timesteps, spec.config.sketch_dim)
     fix = "Delete the file to recompute its rows (it was not written by this build), or start over with resume=False."
     if not path.is_file():
         raise IndexCorruptError(f"The shard {name} listed in {MANIFEST_NAME} is missing from {folder}. {fix}")
+    config = spec.config
     try:
-        with safe_open(str(path), framework="np") as f:
-            keys = set(f.keys())
-            if not {"sketches", "ids"} <= keys:
-                raise IndexCorruptError(f"The shard {path} holds {sorted(keys)}, not 'sketches' and 'ids'. {fix}")
-            sketches = f.get_slice("sketches")
-            shape, dtype = tuple(sketches.get_shape()), _TAGS.get(sketches.get_dtype(), sketches.get_dtype())
-            ids = f.get_tensor("ids")
-    except SafetensorError as err:
-        raise IndexCorruptError(f"The shard {path} is not a readable safetensors file ({err}). {fix}") from err
-    if len(shape) != 3 or shape[1:] != expected or dtype != spec.config.dtype:
-        raise IndexCorruptError(
-            f"The shard {path} holds sketches of shape {shape} ({dtype}), but this build writes (n, {expected[0]}, "
-            f"{expected[1]}) ({spec.config.dtype}). {fix}"
+        return read_shard_ids(
+            path, num_timesteps=config.num_timesteps, sketch_dim=config.sketch_dim, dtype=config.dtype
         )
-    if ids.dtype != np.int64 or ids.shape != (shape[0],):
-        raise IndexCorruptError(f"The shard {path} holds ids of shape {ids.shape} ({ids.dtype}). {fix}")
-    return ids
+    except IndexCorruptError as err:
+        raise IndexCorruptError(f"{err} {fix}") from err
 
 
 def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -> list[str]:
@@ -1125,10 +888,10 @@ def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -
     new; a suffix keeps names unique should a foreign file use it."""
     names = []
     for positions in units:
-        base = f"{_SHARD_PREFIX}{int(ids[positions[0]]):012d}"
-        name, suffix = f"{base}.safetensors", 1
+        first_id = int(ids[positions[0]])
+        name, suffix = build_shard_name(first_id), 1
         while name in taken:
-            name, suffix = f"{base}-{suffix}.safetensors", suffix + 1
+            name, suffix = build_shard_name(first_id, suffix), suffix + 1
         taken.add(name)
         names.append(name)
     return names
@@ -1140,19 +903,17 @@ def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -
 def _finish(
     folder: Path,
     sketcher: Any,
-    table: _DatasetView,
+    table: DatasetView,
     old: Manifest | None,
     *,
     pipeline: Any,
     id_column: str | None,
     hnsw: bool,
-    progress: bool,
+    finish: Callable[[Path, Manifest], None] | None,
     metadata: Mapping[str, Any],
     changed: bool,
 ) -> None:
-    """Main process, after every shard exists: noise, manifest in dataset order, card, HNSW graph."""
-    from .index import GradientIndex
-
+    """Main process, after every shard exists: noise and manifest in dataset order; then `finish` (card, graph)."""
     spec = sketcher.spec
     scan = _scan(folder, spec, old)
     missing = table.pending_positions(scan.done_ids())
@@ -1186,14 +947,9 @@ def _finish(
         metadata=_metadata(old, pipeline, table, id_column, scan.skipped, metadata),
     )
     write_manifest(folder, manifest)
-    # loading a saved graph extends it with the rows it does not hold yet
-    index = GradientIndex.from_pretrained(folder, load_hnsw=manifest.hnsw is not None)
-    if not progress:
-        index.set_progress_bar_config(disable=True)
-    if manifest.hnsw is None and hnsw:
-        index.build_hnsw()
-    index.save_pretrained(folder)  # the card, the graph when it changed, and the manifest again
-    for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + _SKIPPED_SUFFIX)]:
+    if finish is not None:
+        finish(folder, manifest)  # the facade: the card, the graph when it changed, and the manifest again
+    for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + SKIPPED_SUFFIX)]:
         path.unlink(missing_ok=True)  # the manifest now records the spec and the skipped rows
     logger.info(f"Wrote {MANIFEST_NAME}: {manifest.num_rows} rows in {len(shards)} shards ({len(new)} new).")
 
@@ -1201,7 +957,7 @@ def _finish(
 def _metadata(
     old: Manifest | None,
     pipeline: Any,
-    table: _DatasetView,
+    table: DatasetView,
     id_column: str | None,
     skipped: Mapping[int, str],
     given: Mapping[str, Any],
@@ -1228,45 +984,3 @@ def _metadata(
         values.extra["skipped"] = [{"id": i, "reason": skipped[i]} for i in sorted(skipped)]
     values.extra["columns"] = {"image": table.image_column, "prompt": table.prompt_column}  # for `dmin search`
     return IndexMetadata(**{name: getattr(values, name) for name in IndexMetadata.field_names()})
-
-
-@quiet_local_dataset_loading
-def load_training_dataset(
-    source: str,
-    *,
-    split: str = "train",
-    config_name: str | None = None,
-    revision: str | None = None,
-) -> tuple[Any, Path | None]:
-    r"""
-    Load a training set the way `dmin build` does: a `save_to_disk` folder, an image folder, a data file
-    (`.jsonl`, `.json`, `.parquet`, `.csv`) or a Hub dataset id.
-
-    Returns:
-        `(datasets.Dataset, image_root)`: the split, and the folder relative image paths are resolved against.
-    """
-    import datasets
-
-    path = Path(os.path.expanduser(source))
-    try:
-        if path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES):
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise DatasetError(f"{source!r} has the splits {list(dataset)}, not {split!r}; pass `--split`.")
-                dataset = dataset[split]
-            return dataset, path
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split), path
-        if path.is_file():
-            builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise DatasetError(
-                    f"Cannot read {source!r}: expected a folder, or a file ending in {sorted(_DATA_FILE_BUILDERS)}."
-                )
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split), path.parent
-        return datasets.load_dataset(source, name=config_name, split=split, revision=revision), None
-    except DMinError:
-        raise
-    except (OSError, ValueError, KeyError) as err:  # missing files, unknown splits, unreachable Hub
-        raise DatasetError(f"Could not load the dataset {source!r} (split {split!r}): {err}") from err

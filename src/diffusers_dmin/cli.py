@@ -27,16 +27,15 @@ import contextlib
 import os
 import re
 import shlex
-import socket
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import __version__
 from .constants import DEFAULT_REPO_TYPE, MANIFEST_NAME
 from .errors import ConfigError, DatasetError, DMinError
+from .version import __version__
 
 
 __all__ = ["main", "BaseDMinCommand"]
@@ -198,7 +197,7 @@ def _load_pipeline(args: argparse.Namespace, sources: _Sources) -> Any:
 def _load_dataset(args: argparse.Namespace, sources: _Sources, source: str, *, split: str, revision: str | None):
     """`load_training_dataset` behind the local-or-Hub checks; a Hub dataset is read from the cache only when the Hub
     cannot be reached."""
-    from .build import load_training_dataset
+    from .training_data import load_training_dataset
 
     with sources.loading(source, "the training data (--dataset)", files=True) as cache_only:
         with _datasets_offline(cache_only):
@@ -327,28 +326,6 @@ def _looks_like_path(value: str) -> bool:
     return value.count("/") > 1
 
 
-def _offline_reason(endpoint: str | None) -> str | None:
-    """Why the Hub cannot be asked right now (offline mode, or the endpoint refuses a connection within 3 s), or
-    `None`. huggingface_hub retries a failed connection 5 times with back-off (about 25 s) before giving up; asking
-    once with a short timeout lets a mistyped name fail at once."""
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "offline mode is on (HF_HUB_OFFLINE=1)"
-    url = endpoint or constants.ENDPOINT
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return None  # the proxy decides; let huggingface_hub try
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=3).close()
-    except OSError as err:
-        return f"the Hub at {url} cannot be reached ({err})"
-    return None
-
-
 class _Sources:
     """Checks names that may be local paths or Hub ids, before anything is loaded.
 
@@ -364,7 +341,9 @@ class _Sources:
     @property
     def offline_reason(self) -> str | None:
         if not self._asked:
-            self._reason, self._asked = _offline_reason(self.endpoint), True
+            from .hub import offline_reason  # imports huggingface_hub: only when a command asks
+
+            self._reason, self._asked = offline_reason(self.endpoint), True
         return self._reason
 
     def check(self, value: str, what: str, *, files: bool = False) -> bool:
@@ -524,7 +503,8 @@ class BuildCommand(BaseDMinCommand):
         )
 
     def run(self) -> int:
-        from . import DMinConfig, GradientIndex
+        from .config import DMinConfig
+        from .index import GradientIndex
 
         args = self.args
         params = args.params if args.params in ("auto", "lora", "attention", "all") else tuple(args.params.split(","))
@@ -626,20 +606,15 @@ class InfoCommand(BaseDMinCommand):
             if _is_local(args.index):
                 folder = Path(os.path.expanduser(args.index))
             else:
-                path = hub.download_file(
-                    args.index,
-                    MANIFEST_NAME,
-                    repo_type=args.repo_type,
-                    revision=args.revision,
-                    token=args.token,
-                    endpoint=args.endpoint,
-                    local_files_only=cache_only,
+                location = hub.HubLocation(
+                    args.index, args.repo_type, args.revision, args.token, None, args.endpoint, cache_only
                 )
+                path = location.download_file(MANIFEST_NAME)
                 folder = Path(path).parent
         manifest = read_manifest(folder)
         lines = _summary(manifest, args.index)
         if args.verify:
-            from . import GradientIndex
+            from .index import GradientIndex
 
             index = GradientIndex.from_pretrained(
                 args.index,
@@ -706,9 +681,10 @@ class SearchCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch, tag or commit of the index repo.")
 
     def run(self) -> int:
-        from . import GradientIndex, InfluencePipeline
-        from .build import decode_image
+        from .images import decode_image
+        from .index import GradientIndex
         from .objectives import prepare_images
+        from .pipeline import InfluencePipeline
         from .video import decode_video, prepare_video
         from .viz import influence_grid
 
@@ -892,8 +868,8 @@ class PushCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch to push to (must exist).")
 
     def run(self) -> int:
-        from . import GradientIndex
         from .constants import DEFAULT_COMMIT_MESSAGE
+        from .index import GradientIndex
 
         args = self.args
         if not _is_local(args.index):
@@ -941,7 +917,7 @@ class PullCommand(BaseDMinCommand):
         _hub_arguments(parser, revision_help="Branch, tag or commit to download.")
 
     def run(self) -> int:
-        from . import GradientIndex
+        from .index import GradientIndex
 
         args = self.args
         sources = _Sources(args.endpoint)
@@ -1017,9 +993,9 @@ def _verbosity(args: argparse.Namespace) -> Iterator[None]:
 
 def _logging_state() -> dict[str, Any]:
     import diffusers.utils.logging
-    import huggingface_hub.utils
 
     from . import logging
+    from .hub import progress_bar_switches
 
     modules = [diffusers.utils.logging]
     try:
@@ -1032,8 +1008,8 @@ def _logging_state() -> dict[str, Any]:
         "level": logging.get_verbosity(),
         "disabled": logging.are_progress_bars_disabled(),
         "modules": {m: (m.get_verbosity(), m.is_progress_bar_enabled()) for m in modules},
-        "hub": huggingface_hub.utils,
-        "hub_disabled": huggingface_hub.utils.are_progress_bars_disabled(),
+        "hub": progress_bar_switches(),
+        "hub_disabled": progress_bar_switches().are_progress_bars_disabled(),
     }
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice, check_int
 from .logging import get_logger
 
 
@@ -514,3 +514,56 @@ def _adapters_dict(value: Any) -> dict[str, dict[str, float | str]]:
 def _objective_identity(objective: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a recorded objective that change the gradient (the script name is documentation)."""
     return {k: v for k, v in objective.items() if k != "script"}
+
+
+@dataclass(frozen=True)
+class SketcherOptions:
+    r"""
+    How a [`GradientSketcher`] runs: options that change speed and memory, never the sketches (so they are not part of
+    the [`SketchSpec`], and an index can be extended with other options). One value travels from
+    `GradientIndex.build(sketcher_kwargs=...)`, `InfluencePipeline(...)` and the CLI to the sketcher.
+
+    Args:
+        mode (`str`, *optional*, defaults to `"auto"`): `"vmap"` (per-sample gradients batched with `torch.func`),
+            `"loop"` (one backward pass per sample and timestep) or `"auto"` (vmap where it pays and works).
+        max_pairs_per_batch (`int`, *optional*, defaults to 64): (sample, timestep) pairs per vmap micro-batch.
+        gradient_memory_bytes (`int`, *optional*, defaults to 1 GiB): Memory for the per-pair gradients of one vmap
+            micro-batch (caps `max_pairs_per_batch`).
+        table_budget_bytes (`int`, *optional*, defaults to 256 MiB): Memory for cached sketch tables.
+        num_threads (`int`, *optional*): Torch intra-op threads while gradients are computed: `None` (default) reads
+            `DMIN_NUM_THREADS`, else 1 on the CPU and torch's setting on accelerators; `0` keeps torch's setting (see
+            [`threads`]).
+    """
+
+    mode: Literal["auto", "vmap", "loop"] = "auto"
+    max_pairs_per_batch: int = 64
+    gradient_memory_bytes: int = 2**30
+    table_budget_bytes: int = 256 * 2**20
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        check_choice(self.mode, "mode", ("auto", "vmap", "loop"))
+        check_int(self.max_pairs_per_batch, "max_pairs_per_batch")
+        check_int(self.gradient_memory_bytes, "gradient_memory_bytes")
+        check_int(self.table_budget_bytes, "table_budget_bytes", minimum=0)
+
+    @classmethod
+    def from_value(cls, value: SketcherOptions | Mapping[str, Any] | None, **overrides: Any) -> SketcherOptions:
+        """`value` as options: a `SketcherOptions`, a dict of its fields (e.g. `sketcher_kwargs`), or `None` (the
+        defaults); `overrides` replace single fields. Unknown names raise [`ConfigError`] listing the known ones."""
+        if isinstance(value, SketcherOptions):
+            data = asdict(value)
+        elif value is None:
+            data = {}
+        elif isinstance(value, Mapping):
+            data = dict(value)
+        else:
+            raise ConfigError(
+                f"Sketcher options must be a SketcherOptions or a dict of its fields, but are {type(value).__name__}."
+            )
+        data.update(overrides)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown sketcher option(s) {unknown}; the options are {sorted(known)}.")
+        return cls(**data)

@@ -1,4 +1,4 @@
-"""On-disk names and format constants of a DMin index (DESIGN §4).
+"""On-disk names and format constants of a DMin index (DESIGN §4). Every name a DMin folder may hold is here.
 
 A local index folder and a Hub repository hold the same files::
 
@@ -7,6 +7,18 @@ A local index folder and a Hub repository hold the same files::
     noise.safetensors                    "noise": the fixed noise (optional, for audit)
     hnsw.bin                             the hnswlib graph (optional; rebuilt when absent)
     README.md                            the dataset card
+
+Shard names: saves number their shards (`sketches-00000`); builds name a shard after the first sample id of its unit
+of work (`sketches-from-000000000012`), which stays the same across resumes and processes. Readers accept any
+`shards/*.safetensors` name a manifest lists (older builds and other writers used others, e.g. `sketches-r0-00000`).
+
+A build in progress also keeps (locally, never uploaded)::
+
+    dmin_build.json                      the spec of an unfinished build (removed once the manifest exists)
+    shards/<shard>.skipped.json          rows a build skipped (on_error="skip"), until the manifest records them
+    .dmin-partial/<stem>.part-NNNNN.safetensors   rows of an unfinished shard, flushed during a build
+    .dmin.lock                           the writer's lock (`folderlock`)
+    .<name>.<8 characters>.tmp           a write in progress (renamed over <name> when complete)
 """
 
 from __future__ import annotations
@@ -17,10 +29,20 @@ FORMAT_VERSION = 1
 
 MANIFEST_NAME = "dmin_index.json"
 SHARDS_DIR = "shards"
-SHARD_NAME_TEMPLATE = SHARDS_DIR + "/sketches-{:05d}.safetensors"
+SHARD_SUFFIX = ".safetensors"
+SHARD_NAME_TEMPLATE = SHARDS_DIR + "/sketches-{:05d}" + SHARD_SUFFIX  # saves: numbered
+BUILD_SHARD_STEM_TEMPLATE = SHARDS_DIR + "/sketches-from-{:012d}"  # builds: first id of the unit (+ "-n" if taken)
 NOISE_NAME = "noise.safetensors"
 HNSW_NAME = "hnsw.bin"
 README_NAME = "README.md"
+
+# Files of a build in progress, and of writes in progress.
+BUILD_STATE_NAME = "dmin_build.json"
+SKIPPED_SUFFIX = ".skipped.json"
+PARTIAL_DIR = ".dmin-partial"
+PARTIAL_SUFFIX_TEMPLATE = ".part-{:05d}" + SHARD_SUFFIX
+LOCK_NAME = ".dmin.lock"
+TEMP_SUFFIX = ".tmp"
 
 # Tensor names inside the safetensors files.
 SKETCHES_KEY = "sketches"
@@ -38,5 +60,10 @@ DEFAULT_HNSW_M = 16
 DEFAULT_HNSW_EF_CONSTRUCTION = 200
 DEFAULT_HNSW_EF = 100
 
-# A shard holds at most this many bytes of sketches by default (many rows per file, few files per commit).
+# Shard sizes (see `storage.default_shard_rows`). A saved shard holds at most this many bytes of sketches by default
+# (many rows per file, few files per commit).
 DEFAULT_MAX_SHARD_BYTES = 2**30
+# A build's shard is also its unit of work (what a crash can lose, what one process computes): smaller, and at most
+# this many rows.
+BUILD_MAX_SHARD_BYTES = 256 * 2**20
+BUILD_MAX_SHARD_ROWS = 1024

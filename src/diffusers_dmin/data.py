@@ -1,6 +1,7 @@
-"""Real training data that ships inside Python packages, so examples, tests and benchmarks never download anything.
+"""The bundled handwritten digits: real training data that ships inside a Python package (scikit-learn), so examples,
+tests and benchmarks never download anything. (Loading a user's training set is [`training_data`].)
 
-Only scikit-learn's bundled handwritten digits for now (the UCI "Optical Recognition of Handwritten Digits" test
+scikit-learn's bundled handwritten digits (the UCI "Optical Recognition of Handwritten Digits" test
 set: 1,797 grey-scale 8x8 images of the digits 0-9, about 180 per class). scikit-learn is an optional dependency
 (extras `examples` and `test`); it is imported only when a function here is called.
 

@@ -34,6 +34,8 @@ __all__ = [
     "DatasetError",
     "HubAuthenticationError",
     "MissingDependencyError",
+    "check_int",
+    "check_choice",
 ]
 
 
@@ -110,6 +112,29 @@ class HubAuthenticationError(DMinError, PermissionError):
 
 class MissingDependencyError(DMinError, ImportError):
     """An optional dependency needed by the requested feature is not installed."""
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1, optional: bool = False, hint: str = "") -> int | None:
+    """The one check of an integer argument: `value` must be an int (numpy integers too, never a bool) `>= minimum`
+    (`None` passes with `optional`). Raises [`ConfigError`] naming the argument and the value, plus `hint`."""
+    if value is None and optional:
+        return None
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(
+            f"`{name}` must be {what}{' or None' if optional else ''}, but is {value!r}."
+            + (f" {hint}" if hint else "")
+        )
+    return int(value)
+
+
+def check_choice(value: Any, name: str, choices: tuple[Any, ...], *, hint: str = "") -> Any:
+    """The one check of an argument with a fixed set of values; raises [`ConfigError`] naming them, plus `hint`."""
+    if value not in choices:
+        raise ConfigError(f"`{name}` must be one of {choices}, but is {value!r}." + (f" {hint}" if hint else ""))
+    return value
 
 
 def _short(value: Any, limit: int = 120) -> str:

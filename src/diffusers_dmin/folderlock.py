@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .constants import LOCK_NAME
 from .errors import DMinError
 from .logging import get_logger
 
@@ -28,7 +29,6 @@ logger = get_logger(__name__)
 
 __all__ = ["LOCK_NAME", "IndexLockedError", "folder_lock"]
 
-LOCK_NAME = ".dmin.lock"
 
 _held: dict[str, int] = {}  # resolved folder -> nesting depth, for this process
 _held_lock = threading.Lock()

@@ -25,13 +25,13 @@ import hashlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from .config import DMinConfig, SketchSpec
+from .config import DMinConfig, SketcherOptions, SketchSpec
 from .errors import ConfigError, NonFiniteGradientError
-from .families import DenoiserAdapter, adapter_for_pipeline
+from .families import ModelFamily, adapter_for_pipeline
 from .logging import ProgressBarMixin, get_logger
 from .objectives import Objective, fixed_noise, images_to_tensor, select_timesteps
 from .sketch import OPORPSketch
@@ -269,7 +269,7 @@ def fingerprint_modules(modules: Mapping[str, torch.nn.Module], samples: int = 6
     return digest.hexdigest()[:16]
 
 
-def _conditioning_modules(adapter: DenoiserAdapter) -> dict[str, torch.nn.Module]:
+def _conditioning_modules(adapter: ModelFamily) -> dict[str, torch.nn.Module]:
     """The pipeline's modules that shape a gradient: the denoiser (with any adapter), text encoders, VAE."""
     modules = {"denoiser": adapter.denoiser}
     components = getattr(getattr(adapter, "pipeline", None), "components", None) or {}
@@ -294,7 +294,7 @@ class GradientSketcher(ProgressBarMixin):
 
     Attributes:
         config (`DMinConfig`): The configuration.
-        adapter (`DenoiserAdapter`): How the pipeline's denoiser is fed.
+        adapter (`ModelFamily`): How the pipeline's denoiser is fed.
         timesteps (`tuple[int, ...]`): The T training timesteps, noisiest first.
         noise (`torch.Tensor` of shape `(num_noise_draws, C, H, W)`): The fixed noise, drawn on the CPU from the seed.
         param_names (`tuple[str, ...]`): The selected denoiser parameters, then any selected text-encoder parameters
@@ -302,6 +302,7 @@ class GradientSketcher(ProgressBarMixin):
         input_dim (`int`): D, their total number of scalars.
         spec (`SketchSpec`): What an index must share with these sketches.
         sketch (`OPORPSketch`): The compression.
+        options (`SketcherOptions`): How it runs (mode, batch and memory limits, threads).
         num_threads (`int`, *optional*): Torch intra-op threads while gradients are computed; `None` (default): the
             `DMIN_NUM_THREADS` environment variable, else 1 on the CPU (many small backward passes: more threads
             collapse on a busy machine, see [`threads`]) and torch's setting on accelerators; `0`: torch's setting.
@@ -321,22 +322,18 @@ class GradientSketcher(ProgressBarMixin):
 
     def __init__(
         self,
-        adapter: DenoiserAdapter,
+        adapter: ModelFamily,
         config: DMinConfig | None = None,
         *,
-        mode: Literal["auto", "vmap", "loop"] = "auto",
-        max_pairs_per_batch: int = 64,
-        gradient_memory_bytes: int = 2**30,
-        table_budget_bytes: int = 256 * 2**20,
-        num_threads: int | None = None,
+        options: SketcherOptions | None = None,
+        **option_fields: Any,
     ):
         config = config if config is not None else DMinConfig()
         if not isinstance(config, DMinConfig):
             raise ConfigError(f"`config` must be a DMinConfig, but is {type(config).__name__}.")
-        if mode not in ("auto", "vmap", "loop"):
-            raise ConfigError(f"`mode` must be 'auto', 'vmap' or 'loop', but is {mode!r}.")
-        if max_pairs_per_batch < 1:
-            raise ConfigError(f"`max_pairs_per_batch` must be a positive integer, but is {max_pairs_per_batch!r}.")
+        # runtime options (speed, memory; never the sketches): one `SketcherOptions`, or its fields as keywords
+        options = SketcherOptions.from_value(options, **option_fields)
+        self.options = options
         self.config = config
         self.adapter = adapter
         self.objective = Objective(adapter.scheduler, config.target, adapter.conventions)
@@ -359,7 +356,7 @@ class GradientSketcher(ProgressBarMixin):
         # noise_draws="separate": each draw gets its own block of K / R buckets (the K/R-sketch with the same seed)
         self._separate_draws = config.noise_draws == "separate" and config.num_noise_draws > 1
         draw_dim = config.sketch_dim // config.num_noise_draws if self._separate_draws else config.sketch_dim
-        self.sketch = OPORPSketch(self.input_dim, draw_dim, config.seed, table_budget_bytes=table_budget_bytes)
+        self.sketch = OPORPSketch(self.input_dim, draw_dim, config.seed, table_budget_bytes=options.table_budget_bytes)
         self.spec = SketchSpec(
             config=config,
             family=adapter.family,
@@ -373,11 +370,11 @@ class GradientSketcher(ProgressBarMixin):
             model_fingerprint=fingerprint_modules(_conditioning_modules(adapter)),
             adapters=pipeline_adapters(adapter.pipeline, adapter.denoiser_attribute),
         )
-        self.mode = mode
-        self.max_pairs_per_batch = max_pairs_per_batch
-        self.gradient_memory_bytes = gradient_memory_bytes
-        resolve_num_threads(num_threads, None)  # a bad value fails now
-        self.num_threads = num_threads
+        self.mode = options.mode
+        self.max_pairs_per_batch = options.max_pairs_per_batch
+        self.gradient_memory_bytes = options.gradient_memory_bytes
+        resolve_num_threads(options.num_threads, None)  # a bad value fails now
+        self.num_threads = options.num_threads
         self._vmap_failed = False
         logger.info(
             f"GradientSketcher: {adapter.family} denoiser, {len(self.param_names)} parameter tensors "
@@ -386,7 +383,9 @@ class GradientSketcher(ProgressBarMixin):
         )
 
     @classmethod
-    def from_pipeline(cls, pipeline: Any, config: DMinConfig | None = None, **kwargs: Any) -> GradientSketcher:
+    def from_pipeline(
+        cls, pipeline: Any, config: DMinConfig | None = None, *, options: SketcherOptions | None = None, **kwargs: Any
+    ) -> GradientSketcher:
         r"""
         Build a sketcher for a diffusers pipeline.
 
@@ -398,16 +397,15 @@ class GradientSketcher(ProgressBarMixin):
                 execution device for the gradients). `enable_sequential_cpu_offload()` is refused.
             config (`DMinConfig`, *optional*):
                 Defaults to `DMinConfig()`.
+            options (`SketcherOptions`, *optional*):
+                How the sketcher runs (speed and memory; never the sketches): `mode`, `max_pairs_per_batch`,
+                `gradient_memory_bytes`, `table_budget_bytes`, `num_threads`.
             kwargs:
-                `mode` (`"auto"`, `"vmap"`, `"loop"`), `max_pairs_per_batch` (default 64),
-                `gradient_memory_bytes` (memory for the per-pair gradients of one vmap micro-batch, default 1 GiB),
-                `table_budget_bytes` (cached sketch tables, default 256 MiB), `num_threads` (torch intra-op threads
-                while gradients are computed: default 1 on the CPU, overridable by `DMIN_NUM_THREADS`; `0` keeps
-                torch's setting; see [`threads`]).
+                Single fields of [`SketcherOptions`] (they override `options`).
         """
         config = config if config is not None else DMinConfig()
         adapter = adapter_for_pipeline(pipeline, config=config)
-        return cls(adapter, config, **kwargs)
+        return cls(adapter, config, options=options, **kwargs)
 
     def __repr__(self) -> str:
         return (

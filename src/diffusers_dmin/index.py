@@ -1,115 +1,49 @@
-"""[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub)."""
+"""[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub).
+
+The facade keeps state (rows, ids, spec, metadata, noise, graph, attached dataset) and composes the modules that own
+each concern: [`search`] (query checks and folding, exact search, candidate re-scoring), [`graph`] (the HNSW graph's
+lifecycle), [`folder`] (writing an index folder crash-safely), [`storage`] (reading shards and the manifest),
+[`hub`] (push and pull), [`build`] (building over a dataset, finished here).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from . import hub
-from .config import DMinConfig, SketchSpec
-from .constants import (
-    DEFAULT_COMMIT_MESSAGE,
-    DEFAULT_HNSW_EF,
-    DEFAULT_HNSW_EF_CONSTRUCTION,
-    DEFAULT_HNSW_M,
-    DEFAULT_REPO_TYPE,
-    HNSW_NAME,
-    MANIFEST_NAME,
-    NOISE_NAME,
-    README_NAME,
-    SHARDS_DIR,
-)
-from .errors import (
-    ConfigError,
-    DatasetError,
-    DMinError,
-    IndexCorruptError,
-    IndexMismatchError,
-    IndexNotFoundError,
-    NonFiniteGradientError,
-)
-from .hnsw_file import validate_hnsw_file
+from .config import DMinConfig, SketcherOptions, SketchSpec
+from .constants import DEFAULT_COMMIT_MESSAGE, DEFAULT_REPO_TYPE
+from .errors import ConfigError, IndexCorruptError, IndexMismatchError, check_int
+from .folder import Block, StoredFile, write_index_folder
+from .graph import IndexGraph
+from .hub import HubLocation, upload_index_folder
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
-from .search import ExactSearch, HNSWSearch, expand_queries, single_threaded_torch
-from .search import rescore as rescore_candidates
-from .sketch import fold_sketch
-from .storage import (
-    FileInfo,
-    HNSWInfo,
-    IndexMetadata,
-    Manifest,
-    ShardInfo,
-    atomic_copy,
-    commit_temp,
-    fsync_dir,
-    iter_shards,
-    read_manifest,
-    read_noise,
-    remove_temp_files,
-    sha256_file,
-    stage_bytes,
-    stage_copy,
-    stage_manifest,
-    stage_noise,
-    to_ids_array,
-    to_storage_array,
-    verify_file,
-    write_manifest,
-    write_shards,
+from .search import (
+    QUERY_FIX,
+    ExactSearch,
+    approximate_search,
+    check_search_dim,
+    expand_queries,
+    prepare_queries,
+    single_threaded_torch,
 )
+from .storage import IndexMetadata, Manifest, iter_shards, read_manifest, read_noise, to_ids_array, to_storage_array
+from .training_data import TrainingRows
 
 
 logger = get_logger(__name__)
 
 __all__ = ["GradientIndex"]
 
-_SHARD_NUMBER = re.compile(r"sketches-(\d+)\.safetensors$")
-_CANONICAL_SHARD = re.compile(r"sketches-\d{5,}\.safetensors")  # what `save_pretrained` writes (builds use others)
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-_QUERY_FIX = (
-    "Compute the queries with the index's spec: a `GradientSketcher` on the same model and adapter, with "
-    "`index.config`; or build a new index for this model."
-)
-
-
-@dataclass
-class _Block:
-    """Consecutive rows: raw storage-dtype sketches `(n, T, K)`, their ids, and the shard file holding them (if any)."""
-
-    sketches: np.ndarray
-    ids: np.ndarray
-    shard: ShardInfo | None = None
-    folder: Path | None = None
-
-
-@dataclass(frozen=True)
-class _HubOrigin:
-    repo_id: str
-    repo_type: str
-    revision: str | None
-    token: str | bool | None
-    cache_dir: str | os.PathLike | None
-    endpoint: str | None
-    local_files_only: bool
-
-
-def _same_path(a: Path | None, b: Path | None) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 class GradientIndex(ProgressBarMixin):
@@ -183,29 +117,18 @@ class GradientIndex(ProgressBarMixin):
         self._config = config
         self._spec = spec
         self._metadata = metadata
-        self._blocks: list[_Block] = []
+        self._blocks: list[Block] = []
         self._ids = np.empty(0, dtype=np.int64)
         self._exact: ExactSearch | None = None
         self._sorted_ids: tuple[np.ndarray, np.ndarray] | None = None
         self._noise: torch.Tensor | None = None
-        self._noise_info: FileInfo | None = None
-        self._noise_folder: Path | None = None
+        self._noise_file: StoredFile | None = None
         if noise is not None:
             self._noise = _as_noise(noise)
-        self._hnsw: HNSWSearch | None = None
+        self._graph = IndexGraph()  # the HNSW graph: in memory, saved, or to download
         self._warned_weak_fingerprint = False
-        self._hnsw_dirty = False
-        self._hnsw_info: HNSWInfo | None = None
-        self._hnsw_folder: Path | None = None
-        self._hnsw_params = {
-            "M": DEFAULT_HNSW_M,
-            "ef_construction": DEFAULT_HNSW_EF_CONSTRUCTION,
-            "ef": DEFAULT_HNSW_EF,
-        }
-        self._origin: _HubOrigin | None = None
         self._source_folder: Path | None = None
-        self._dataset: Any = None
-        self._row_of_id: dict[int, int] | None = None
+        self._rows: TrainingRows | None = None  # the attached training set
         self._warned_unspecified = False
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -248,24 +171,20 @@ class GradientIndex(ProgressBarMixin):
     @property
     def noise(self) -> torch.Tensor | None:
         """The fixed noise saved with the index (float32), or `None`. Verified against its sha256 when loaded."""
-        if self._noise is None and self._noise_info is not None:
-            self._noise = read_noise(self._noise_folder, self._noise_info)
+        if self._noise is None and self._noise_file is not None:
+            self._noise = read_noise(self._noise_file.folder, self._noise_file.info)
         return self._noise
 
     @property
     def hnsw_params(self) -> dict[str, int]:
         """`M`, `ef_construction` and `ef` of the HNSW graph (the paper's 16, 200, 100 unless built otherwise)."""
-        return dict(self._hnsw_params)
+        return dict(self._graph.params)
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __repr__(self) -> str:
-        hnsw = "none"
-        if self._hnsw is not None:
-            hnsw = f"{self._hnsw.num_rows} rows in memory"
-        elif self._hnsw_info is not None:
-            hnsw = f"saved ({self._hnsw_info.num_rows} rows)"
+        hnsw = self._graph.describe()
         return (
             f"GradientIndex(num_rows={len(self)}, num_timesteps={self.num_timesteps}, sketch_dim={self.sketch_dim}, "
             f"dtype={self.dtype!r}, spec={'set' if self._spec is not None else 'unspecified'}, hnsw={hnsw})"
@@ -324,20 +243,20 @@ class GradientIndex(ProgressBarMixin):
         dataset: Any,
         config: DMinConfig | None,
         output_dir: str | os.PathLike,
+        *,
         image_column: str = "image",
         prompt_column: str | None = "text",
         id_column: str | None = None,
         batch_size: int = 8,
         resume: bool = True,
         on_error: Literal["raise", "skip"] = "raise",
-        *,
         shard_rows: int | None = None,
         num_workers: int = 0,
         image_root: str | os.PathLike | None = None,
         hnsw: bool = False,
         progress: bool = True,
         accelerator: Any = None,
-        sketcher_kwargs: Mapping[str, Any] | None = None,
+        sketcher_kwargs: SketcherOptions | Mapping[str, Any] | None = None,
         **metadata: Any,
     ) -> GradientIndex:
         r"""
@@ -404,8 +323,9 @@ class GradientIndex(ProgressBarMixin):
                 Show a progress bar (samples/s, ETA) on the main process.
             accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*):
                 The distributed state; by default `accelerate.PartialState()` (a single process unless launched).
-            sketcher_kwargs (`dict`, *optional*):
-                Passed to [`GradientSketcher.from_pipeline`] (`mode`, `max_pairs_per_batch`, ...).
+            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*):
+                How the sketcher runs (`mode`, `max_pairs_per_batch`, `num_threads`, ...): a [`SketcherOptions`] or a
+                dict of its fields.
             **metadata:
                 Provenance for the manifest and dataset card: `dataset_id`, `dataset_revision`, `dataset_split`,
                 `adapter_id`, `adapter_revision`, `base_model_id`, `base_model_revision`, `extra`. The base model id
@@ -438,7 +358,16 @@ class GradientIndex(ProgressBarMixin):
         """
         from .build import build_index  # build.py sits above index.py in the module map
 
-        return build_index(
+        def finish(folder: Path, manifest: Manifest) -> None:
+            # main process, folder still locked: loading a saved graph extends it with the rows it does not hold yet
+            index = cls.from_pretrained(folder, load_hnsw=manifest.hnsw is not None)
+            if not progress:
+                index.set_progress_bar_config(disable=True)
+            if manifest.hnsw is None and hnsw:
+                index.build_hnsw()
+            index.save_pretrained(folder)  # the card, the graph when it changed, and the manifest again
+
+        folder = build_index(
             pipeline,
             dataset,
             config,
@@ -455,9 +384,14 @@ class GradientIndex(ProgressBarMixin):
             hnsw=hnsw,
             progress=progress,
             accelerator=accelerator,
-            sketcher_kwargs=sketcher_kwargs,
+            options=SketcherOptions.from_value(sketcher_kwargs),
+            finish=finish,
             **metadata,
         )
+        index = cls.from_pretrained(folder)
+        if not progress:
+            index.set_progress_bar_config(disable=True)
+        return index
 
     def add(
         self,
@@ -502,14 +436,11 @@ class GradientIndex(ProgressBarMixin):
                 f"The ids {clash[:10].tolist()}{'...' if len(clash) > 10 else ''} are already in the index; every "
                 "sample needs its own id. Pass other `ids=`, or omit `ids` to continue after the largest id."
             )
-        self._blocks.append(_Block(array, ids_array))
+        self._blocks.append(Block(array, ids_array))
         self._ids = np.concatenate([self._ids, ids_array])
         self._exact = None
         self._sorted_ids = None
-        if self._hnsw is not None:
-            # from the graph's own row count: an interrupted extension is completed by the next one
-            self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
-            self._hnsw_dirty = True
+        self._graph.extend(self._exact_search(), progress=self._progress_enabled())
 
     def build_hnsw(
         self,
@@ -537,18 +468,17 @@ class GradientIndex(ProgressBarMixin):
             seed (`int`, *optional*, defaults to 0): hnswlib's random seed.
         """
         self._check_nonempty()
-        k = self._check_sketch_dim(sketch_dim) if sketch_dim is not None else self.sketch_dim
-        params = {
-            "M": self._hnsw_params["M"] if M is None else M,
-            "ef_construction": self._hnsw_params["ef_construction"] if ef_construction is None else ef_construction,
-            "ef": self._hnsw_params["ef"] if ef is None else ef,
-        }
-        logger.info(f"Building an HNSW graph over {len(self)} rows of dimension {self.num_timesteps}x{k} ({params}).")
-        graph = HNSWSearch(
-            self.num_timesteps * k, max_elements=len(self), num_threads=num_threads, seed=seed, **params
+        k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
+        self._graph.build(
+            self._exact_search(),
+            k,
+            M=M,
+            ef_construction=ef_construction,
+            ef=ef,
+            num_threads=num_threads,
+            seed=seed,
+            progress=self._progress_enabled(),
         )
-        graph.add_rows(self._exact_search(), start=0, progress=self._progress_enabled())
-        self._hnsw, self._hnsw_dirty, self._hnsw_info, self._hnsw_params = graph, True, None, params
 
     # ------------------------------------------------------------------------------------------------ search
 
@@ -589,7 +519,7 @@ class GradientIndex(ProgressBarMixin):
         if k % kq and kq % k:
             differences["config.sketch_dim"] = (k, kq)
         if differences:
-            raise IndexMismatchError.from_differences(differences, what="queries", fix=_QUERY_FIX)
+            raise IndexMismatchError.from_differences(differences, what="queries", fix=QUERY_FIX)
 
     def search(
         self,
@@ -645,66 +575,42 @@ class GradientIndex(ProgressBarMixin):
         if spec is not None:
             self.check_compatible(spec)
         self._check_nonempty()
-        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
-            raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
+        check_int(top_k, "top_k")
         with single_threaded_torch():
-            folded = self._prepare_queries(queries, sketch_dim)  # (q, T, k_s)
-            num_queries, _, k_search = folded.shape
-            full = expand_queries(folded, self.sketch_dim).reshape(num_queries, -1)
+            folded = prepare_queries(
+                queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
+            )  # (q, T, k_s)
+            full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
         exact_search = self._exact_search()
-        if exact:
+        if not exact:
+            check_int(ef, "ef", optional=True)
+        # with re-scoring, candidates covering every row (small indices) are just exact search
+        if exact or (rescore and max(int(top_k), ef or self._graph.params["ef"]) >= len(self)):
             positions, scores = exact_search.search(full, top_k, largest=largest)
         else:
-            positions, scores = self._search_hnsw(exact_search, folded, full, top_k, largest, rescore, ef)
+            graph = self._graph.get(exact_search, folded.shape[-1], progress=self._progress_enabled())
+            graph_ef = graph.ef
+            graph.ef = graph_ef if ef is None else ef
+            try:
+                positions, scores = approximate_search(
+                    graph,
+                    exact_search,
+                    folded,
+                    top_k,
+                    largest=largest,
+                    rescore_candidates=rescore,
+                    num_candidates=graph.ef,
+                )
+            finally:
+                graph.ef = graph_ef
         results = []
         for row_positions, row_scores in zip(positions, scores):
             sample_ids = self._ids[row_positions]
-            samples = self._samples(sample_ids) if self._dataset is not None else None
+            samples = self._rows.rows(sample_ids) if self._rows is not None else None
             results.append(
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
         return results
-
-    def _search_hnsw(
-        self,
-        exact_search: ExactSearch,
-        folded: torch.Tensor,
-        full: torch.Tensor,
-        top_k: int,
-        largest: bool,
-        rescore: bool,
-        ef: int | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        num_queries, _, k_search = folded.shape
-        if ef is not None and (not isinstance(ef, int) or isinstance(ef, bool) or ef < 1):
-            raise ConfigError(f"`ef` must be a positive integer, but is {ef!r}.")
-        if rescore and max(int(top_k), ef or self._hnsw_params["ef"]) >= len(self):
-            # the candidates would be every row (small indices): re-scoring them all is exact search
-            return exact_search.search(full, top_k, largest=largest)
-        graph = self._get_hnsw(k_search)
-        k_graph = graph.dim // self.num_timesteps
-        if k_search % k_graph:
-            raise ConfigError(
-                f"The HNSW graph holds sketches folded to {k_graph}, which cannot serve a search at sketch_dim="
-                f"{k_search}. Use `exact=True`, or rebuild it with `index.build_hnsw(sketch_dim={k_search})`."
-            )
-        if not rescore and k_graph != k_search:
-            raise ConfigError(
-                f"`rescore=False` returns the graph's scores, computed at sketch_dim={k_graph}, but the search is at "
-                f"sketch_dim={k_search}. Pass `sketch_dim={k_graph}` or `rescore=True`."
-            )
-        graph_ef = graph.ef
-        graph.ef = graph_ef if ef is None else ef
-        try:
-            with single_threaded_torch():
-                graph_queries = fold_sketch(folded, k_graph).reshape(num_queries, -1)
-                if not rescore:
-                    return graph.search(graph_queries, top_k, largest=largest)
-                candidates, _ = graph.search(graph_queries, max(int(top_k), graph.ef), largest=largest)
-                positions, scores = rescore_candidates(exact_search, full, candidates, top_k, largest=largest)
-        finally:
-            graph.ef = graph_ef
-        return positions, scores
 
     def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         r"""
@@ -742,47 +648,8 @@ class GradientIndex(ProgressBarMixin):
         Returns:
             [`GradientIndex`]: `self`, for chaining.
         """
-        if dataset is None:
-            self._dataset, self._row_of_id = None, None
-            return self
-        column = id_column or self._metadata.id_column
-        row_of_id = None
-        if column is not None:
-            names = getattr(dataset, "column_names", None)
-            if names is None or column not in names:
-                raise DatasetError(
-                    f"`id_column={column!r}` is not a column of the dataset (columns: {names}). Pass the column "
-                    "holding the sample ids, or `id_column=None` to use row positions."
-                )
-            row_of_id = {}
-            for row, value in enumerate(dataset[column]):
-                try:
-                    key = int(value)
-                except (TypeError, ValueError) as err:
-                    raise DatasetError(
-                        f"Id column {column!r} holds a non-integer value {value!r} at row {row}."
-                    ) from err
-                if key in row_of_id:
-                    raise DatasetError(
-                        f"Id column {column!r} holds the id {key} twice (rows {row_of_id[key]}, {row})."
-                    )
-                row_of_id[key] = row
-        self._dataset, self._row_of_id = dataset, row_of_id
+        self._rows = None if dataset is None else TrainingRows(dataset, id_column or self._metadata.id_column)
         return self
-
-    def _samples(self, sample_ids: np.ndarray) -> list[dict[str, Any]]:
-        samples = []
-        for sample_id in sample_ids.tolist():
-            row = sample_id if self._row_of_id is None else self._row_of_id.get(sample_id)
-            if row is None or not 0 <= row < len(self._dataset):
-                raise DatasetError(
-                    f"Sample id {sample_id} has no row in the attached dataset ({len(self._dataset)} rows"
-                    f"{'' if self._row_of_id is None else ', looked up by id column'}). Attach the dataset the index "
-                    "was built from.",
-                    sample_id=sample_id,
-                )
-            samples.append(self._dataset[row])
-        return samples
 
     # ------------------------------------------------------------------------------------------------ save / load
 
@@ -804,18 +671,18 @@ class GradientIndex(ProgressBarMixin):
         from .folderlock import folder_lock
 
         with folder_lock(save_directory, "save"):  # refused while a build (or another save) writes there
-            self._write_folder(Path(save_directory), link=False, adopt=True, max_shard_rows=max_shard_rows)
+            self._save(Path(save_directory), max_shard_rows=max_shard_rows)
 
     @classmethod
     def from_pretrained(
         cls,
         repo_id_or_path: str | os.PathLike,
+        *,
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         endpoint: str | None = None,
-        *,
         repo_type: str = DEFAULT_REPO_TYPE,
         force_download: bool = False,
         load_hnsw: bool = False,
@@ -859,33 +726,27 @@ class GradientIndex(ProgressBarMixin):
                 logger.warning(f"Ignoring `revision={revision!r}`: {str(path)!r} is a local folder.")
             folder = path
         else:
-            repo_id = os.fspath(repo_id_or_path)
-            folder = Path(
-                hub.download_index(
-                    repo_id,
-                    repo_type=repo_type,
-                    revision=revision,
-                    token=token,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    endpoint=endpoint,
-                    force_download=force_download,
-                    include_hnsw=load_hnsw,
-                )
+            location = HubLocation(
+                os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
             )
-            commit = folder.name if _COMMIT_HASH.fullmatch(folder.name) else revision
-            origin = _HubOrigin(repo_id, repo_type, commit, token, cache_dir, endpoint, local_files_only)
-        index = cls._from_folder(folder)
-        index._origin = origin
-        if load_hnsw and index._hnsw_info is not None:
-            index._get_hnsw(index._hnsw_info.sketch_dim)
+            folder = Path(location.download_index(force_download=force_download, include_hnsw=load_hnsw))
+            # files fetched later (the graph) come from the commit the manifest came from
+            origin = location.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else location
+        index = cls._from_folder(folder, origin=origin)
+        if load_hnsw and index._graph.file is not None:
+            index._graph.get(
+                index._exact_search(), index._graph.file.info.sketch_dim, progress=index._progress_enabled()
+            )
         return index
 
     @classmethod
-    def _from_folder(cls, folder: Path) -> GradientIndex:
+    def _from_folder(cls, folder: Path, *, origin: HubLocation | None = None) -> GradientIndex:
         manifest = read_manifest(folder)
         index = cls(manifest.config, spec=manifest.spec, metadata=manifest.metadata)
-        blocks = [_Block(shard.sketches, shard.ids, shard.info, folder) for shard in iter_shards(folder, manifest)]
+        blocks = [
+            Block(shard.sketches, shard.ids, StoredFile(shard.info, folder, origin))
+            for shard in iter_shards(folder, manifest)
+        ]
         ids = np.concatenate([b.ids for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
         if len(np.unique(ids)) != len(ids):
             raise IndexCorruptError(
@@ -894,15 +755,10 @@ class GradientIndex(ProgressBarMixin):
             )
         index._blocks, index._ids = blocks, ids
         if manifest.noise is not None:
-            verify_file(folder, manifest.noise.name, manifest.noise.sha256, manifest.noise.num_bytes, "noise file")
-            index._noise_info, index._noise_folder = manifest.noise, folder
+            index._noise_file = StoredFile(manifest.noise, folder, origin)
+            index._noise_file.verify("noise file")
         if manifest.hnsw is not None:
-            index._hnsw_info, index._hnsw_folder = manifest.hnsw, folder
-            index._hnsw_params = {
-                "M": manifest.hnsw.M,
-                "ef_construction": manifest.hnsw.ef_construction,
-                "ef": manifest.hnsw.ef,
-            }
+            index._graph.use_file(StoredFile(manifest.hnsw, folder, origin))
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
         return index
@@ -910,12 +766,12 @@ class GradientIndex(ProgressBarMixin):
     def push_to_hub(
         self,
         repo_id: str,
+        *,
         private: bool | None = None,
         token: str | None = None,
         commit_message: str = DEFAULT_COMMIT_MESSAGE,
         revision: str | None = None,
         endpoint: str | None = None,
-        *,
         repo_type: str = DEFAULT_REPO_TYPE,
         create_pr: bool = False,
         max_shard_rows: int | None = None,
@@ -944,8 +800,8 @@ class GradientIndex(ProgressBarMixin):
         ```
         """
         with tempfile.TemporaryDirectory(prefix="dmin-push-") as tmp:
-            self._write_folder(Path(tmp), link=True, adopt=False, repo_id=repo_id, max_shard_rows=max_shard_rows)
-            return hub.upload_index_folder(
+            self._written(Path(tmp), link=True, repo_id=repo_id, max_shard_rows=max_shard_rows)
+            return upload_index_folder(
                 tmp,
                 repo_id,
                 repo_type=repo_type,
@@ -959,316 +815,41 @@ class GradientIndex(ProgressBarMixin):
 
     # ------------------------------------------------------------------------------------------------ internals
 
-    def _write_folder(
-        self,
-        folder: Path,
-        *,
-        link: bool,
-        adopt: bool,
-        repo_id: str | None = None,
-        max_shard_rows: int | None = None,
-    ) -> Manifest:
-        """Write the index to `folder`; `adopt` makes the written shards back this index, `link` symlinks files.
-
-        Two phases. First every file is written under a name the folder's current manifest does not use (new shards
-        get new numbers; noise, graph, card and manifest go to temp files), and each is checked after writing (size
-        and contents or structure; hnswlib does not report write errors). A full disk or a crash in this phase
-        leaves the folder's index as it was. Then only renames: when they replace a file the current manifest
-        lists, that manifest is first replaced by one without the graph (when the noise is unchanged) or removed,
-        so a crash there leaves a loadable index or no manifest, never a manifest listing replaced files. Temp files
-        and unlisted `sketches-NNNNN` shards of interrupted saves are removed.
-        """
-        folder.mkdir(parents=True, exist_ok=True)
-        current = _current_manifest(folder)
-        listed = {} if current is None else {info.name: info for info in current.shards}
-        mine = {b.shard.name for b in self._blocks if b.shard is not None and _same_path(b.folder, folder)}
-        # an unreadable manifest (damaged, or a newer format) may still list shards: then only temp files go
-        unreadable = current is None and (folder / MANIFEST_NAME).exists()
-        _remove_orphans(folder, set(listed) | mine, shards=not unreadable)
-        used = [b.shard.name for b in self._blocks if b.shard is not None]
-        on_disk = (
-            [p.name for p in (folder / SHARDS_DIR).glob("*.safetensors")] if (folder / SHARDS_DIR).is_dir() else []
+    def _written(self, folder: Path, *, link: bool, repo_id: str | None = None, max_shard_rows: int | None = None):
+        """Write this index into `folder` ([`~folder.write_index_folder`]: crash-safe, manifest last)."""
+        written = write_index_folder(
+            folder,
+            config=self._config,
+            spec=self._spec,
+            metadata=self._metadata,
+            blocks=self._blocks,
+            noise=self._noise,
+            noise_file=self._noise_file,
+            graph=self._graph.graph,
+            graph_file=self._graph.file,
+            graph_dirty=self._graph.dirty,
+            source_folder=self._source_folder,
+            link=link,
+            repo_id=repo_id,
+            max_shard_rows=max_shard_rows,
         )
-        numbers = [int(m.group(1)) for name in used + on_disk + list(listed) if (m := _SHARD_NUMBER.search(name))]
-        next_number = max(numbers, default=-1) + 1  # new shards never overwrite a file that is already there
-        staged: dict[str, Path] = {}  # final name -> checked temp file, renamed in the commit phase
-        written: list[str] = []  # shards this call added: removed again when it fails before the commit
-        committed = False
-        try:
-            shards: list[ShardInfo] = []
-            blocks: list[_Block] = []
-            for block in self._blocks:
-                if block.shard is not None:
-                    info = block.shard
-                    if not _same_path(block.folder, folder):
-                        source = verify_file(block.folder, info.name, info.sha256, info.num_bytes, "shard")
-                        other = listed.get(info.name)
-                        if other is not None and other.sha256 != info.sha256:  # the current index's shard
-                            info = dataclasses.replace(info, name=_numbered_shard(next_number))
-                            next_number += 1
-                        if not (folder / info.name).exists():
-                            written.append(info.name)
-                        _place(source, folder / info.name, link)
-                    shards.append(info)
-                    blocks.append(block)
-                    continue
-                infos = write_shards(
-                    folder,
-                    block.sketches,
-                    block.ids,
-                    self.dtype,
-                    start_index=next_number,
-                    max_shard_rows=max_shard_rows,
-                )
-                next_number += len(infos)
-                written += [info.name for info in infos]
-                shards += infos
-                start = 0
-                for info in infos:
-                    end = start + info.num_rows
-                    blocks.append(_Block(block.sketches[start:end], block.ids[start:end], info, folder))
-                    start = end
-            noise_info = self._stage_noise(folder, link, staged)
-            hnsw_info = self._stage_hnsw(folder, link, staged)
-            manifest = Manifest(
-                config=self._config,
-                spec=self._spec,
-                shards=shards,
-                noise=noise_info,
-                hnsw=hnsw_info,
-                metadata=self._metadata,
-            )
-            card = folder / README_NAME
-            source_card = None if self._source_folder is None else self._source_folder / README_NAME
-            if hub.is_generated_card(card):
-                if source_card is not None and not hub.is_generated_card(source_card) and not card.exists():
-                    _place(source_card, card, link)  # keep a card the user wrote
-                else:
-                    text = hub.dataset_card(manifest, repo_id=repo_id).encode("utf-8")
-                    staged[README_NAME] = stage_bytes(card, text)
-            else:
-                logger.info(f"Keeping the existing {card} (it has no diffusers_dmin marker).")
-            staged_manifest = stage_manifest(folder, manifest)
-            staged[MANIFEST_NAME] = staged_manifest
+        logger.info(f"Saved {len(self)} rows in {len(written.manifest.shards)} shards to {folder}.")
+        return written
 
-            # commit: renames only (plus, at most, one small manifest without the graph)
-            replaced = [name for name in staged if name not in (MANIFEST_NAME, README_NAME) and _lists(current, name)]
-            committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
-            if replaced:
-                if manifest.noise is None or (manifest.noise.name not in staged):
-                    write_manifest(folder, dataclasses.replace(manifest, hnsw=None))  # loadable while the graph moves
-                else:
-                    (folder / MANIFEST_NAME).unlink(missing_ok=True)
-                    fsync_dir(folder)
-            for name in [n for n in staged if n != MANIFEST_NAME]:
-                commit_temp(staged.pop(name), folder / name)
-            write_manifest(folder, manifest, staged=staged_manifest)
-            staged.pop(MANIFEST_NAME)
-        finally:
-            for tmp in staged.values():
-                tmp.unlink(missing_ok=True)
-            if not committed:
-                for name in written:
-                    (folder / name).unlink(missing_ok=True)
-        if current is not None:  # files of the index this one replaced
-            kept = {info.name for info in shards} | {f.name for f in (manifest.noise, manifest.hnsw) if f is not None}
-            for name in [info.name for info in current.shards] + [
-                f.name for f in (current.noise, current.hnsw) if f is not None
-            ]:
-                if name not in kept and name not in mine:
-                    (folder / name).unlink(missing_ok=True)
-        if adopt:
-            self._blocks = blocks
-            self._exact = None
-            if self._noise is not None and self._noise_info is None and noise_info is not None:
-                self._noise_info, self._noise_folder = noise_info, folder
-            if self._hnsw is not None and hnsw_info is not None and (self._hnsw_dirty or self._hnsw_info is None):
-                self._hnsw_info, self._hnsw_folder, self._hnsw_dirty = hnsw_info, folder, False
-        logger.info(f"Saved {len(self)} rows in {len(shards)} shards to {folder}.")
-        return manifest
-
-    def _backed_by(self, folder: Path) -> bool:
-        """Whether any file of this index lives in `folder` (saving there again must keep them)."""
-        folders = [b.folder for b in self._blocks if b.shard is not None]
-        folders += [self._noise_folder, self._hnsw_folder]
-        return any(_same_path(f, folder) for f in folders)
-
-    def _stage_noise(self, folder: Path, link: bool, staged: dict[str, Path]) -> FileInfo | None:
-        if self._noise_info is not None and self._noise_folder is not None:
-            info = self._noise_info
-            if not _same_path(self._noise_folder, folder):
-                source = verify_file(self._noise_folder, info.name, info.sha256, info.num_bytes, "noise file")
-                if link:
-                    _place(source, folder / info.name, link)
-                elif not _same_file(folder / info.name, info):
-                    staged[info.name] = stage_copy(source, folder / info.name)
-            return info
-        if self._noise is None:
-            return None
-        tmp = stage_noise(folder, self._noise)
-        staged[NOISE_NAME] = tmp
-        shape = tuple(self._noise.shape)
-        info = FileInfo(name=NOISE_NAME, sha256=sha256_file(tmp), num_bytes=tmp.stat().st_size, shape=shape)
-        if _same_file(folder / NOISE_NAME, info):
-            staged.pop(NOISE_NAME).unlink(missing_ok=True)
-        return info
-
-    def _stage_hnsw(self, folder: Path, link: bool, staged: dict[str, Path]) -> HNSWInfo | None:
-        graph = self._hnsw
-        if graph is not None and (self._hnsw_dirty or self._hnsw_info is None):
-            tmp = _temp_file(folder / HNSW_NAME)
-            staged[HNSW_NAME] = tmp
-            graph.save(tmp, atomic=False)
-            try:  # hnswlib reports no write error: a full disk gives a truncated file
-                validate_hnsw_file(
-                    tmp, dim=graph.dim, num_rows=graph.num_rows, M=graph.M, ef_construction=graph.ef_construction
-                )
-            except IndexCorruptError as err:
-                raise OSError(
-                    f"Writing {folder / HNSW_NAME} failed: the written graph is incomplete ({err}). Is the disk full? "
-                    "Nothing was replaced; free space and save again."
-                ) from err
-            return HNSWInfo(
-                name=HNSW_NAME,
-                sha256=sha256_file(tmp),
-                num_bytes=tmp.stat().st_size,
-                num_rows=graph.num_rows,
-                sketch_dim=graph.dim // self.num_timesteps,
-                M=graph.M,
-                ef_construction=graph.ef_construction,
-                ef=graph.ef,
-            )
-        info = self._hnsw_info
-        if info is None:
-            return None
-        if _same_path(self._hnsw_folder, folder):
-            return info
-        source = self._hnsw_source(download=True)
-        if source is None:
-            logger.warning(
-                f"The HNSW graph of this index is not available locally; {folder} gets no {HNSW_NAME} (it will be "
-                "rebuilt on the first approximate search)."
-            )
-            return None
-        verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
-        if link:
-            _place(source, folder / HNSW_NAME, link)
-        elif not _same_file(folder / HNSW_NAME, info):
-            staged[HNSW_NAME] = stage_copy(source, folder / HNSW_NAME)
-        return info
-
-    def _hnsw_source(self, *, download: bool) -> Path | None:
-        """The local `hnsw.bin` of the manifest's graph (downloading it from the Hub origin), or None if absent."""
-        info = self._hnsw_info
-        if info is None or self._hnsw_folder is None:
-            return None
-        path = self._hnsw_folder / info.name
-        if path.is_file():
-            return path
-        if download and self._origin is not None:
-            origin = self._origin
-            try:
-                return Path(
-                    hub.download_file(
-                        origin.repo_id,
-                        info.name,
-                        repo_type=origin.repo_type,
-                        revision=origin.revision,
-                        token=origin.token,
-                        cache_dir=origin.cache_dir,
-                        local_files_only=origin.local_files_only,
-                        endpoint=origin.endpoint,
-                    )
-                )
-            except IndexNotFoundError as err:
-                logger.warning(f"Could not download {info.name}: {err}")
-        return None
-
-    def _get_hnsw(self, k_search: int) -> HNSWSearch:
-        if self._hnsw is None and self._hnsw_info is not None:
-            info = self._hnsw_info
-            source = self._hnsw_source(download=True)
-            if source is None:
-                logger.warning(f"{HNSW_NAME} is listed in the manifest but absent; rebuilding the HNSW graph.")
-                self.build_hnsw(sketch_dim=info.sketch_dim)
-            else:
-                verify_file(source.parent, source.name, info.sha256, info.num_bytes, "HNSW graph")
-                # validated completely against the manifest before hnswlib reads a byte of it
-                graph = HNSWSearch.load(
-                    source,
-                    self.num_timesteps * info.sketch_dim,
-                    max_elements=len(self),
-                    ef=info.ef,
-                    num_rows=info.num_rows,
-                    M=info.M,
-                    ef_construction=info.ef_construction,
-                )
-                if graph.num_rows != info.num_rows:
-                    raise IndexCorruptError(
-                        f"{source} holds {graph.num_rows} rows, but the manifest expects {info.num_rows}. Delete it "
-                        "to rebuild the graph, or re-download the index with `force_download=True`."
-                    )
-                self._hnsw, self._hnsw_dirty = graph, False
-        if self._hnsw is None:
-            self.build_hnsw(sketch_dim=k_search if k_search != self.sketch_dim else None)
-        if self._hnsw.num_rows < len(self):
-            self._hnsw.add_rows(self._exact_search(), progress=self._progress_enabled())
-            self._hnsw_dirty = True
-        return self._hnsw
+    def _save(self, folder: Path, *, max_shard_rows: int | None = None) -> Manifest:
+        """Save into `folder` and adopt what was written: the folder's files now back this index."""
+        written = self._written(folder, link=False, max_shard_rows=max_shard_rows)
+        self._blocks = written.blocks
+        self._exact = None
+        if self._noise is not None and self._noise_file is None:
+            self._noise_file = written.noise
+        self._graph.saved(written.graph)
+        return written.manifest
 
     def _exact_search(self) -> ExactSearch:
         if self._exact is None:
             self._exact = ExactSearch([b.sketches for b in self._blocks], self.dtype)
         return self._exact
-
-    def _prepare_queries(self, queries: torch.Tensor | np.ndarray, sketch_dim: int | None) -> torch.Tensor:
-        if isinstance(queries, np.ndarray):
-            queries = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
-        if not isinstance(queries, torch.Tensor) or not queries.is_floating_point():
-            raise ConfigError(
-                f"`queries` must be a float torch.Tensor or numpy array of shape (num_queries, T, K), but is "
-                f"{type(queries).__name__}{'' if not isinstance(queries, torch.Tensor) else f' of dtype {queries.dtype}'}."
-            )
-        if queries.ndim != 3:
-            raise ConfigError(
-                f"`queries` must have shape (num_queries, T, K), but has shape {tuple(queries.shape)}. For a single "
-                "(T, K) sketch pass `queries[None]`."
-            )
-        if len(queries) == 0:
-            raise ConfigError(
-                f"`queries` holds no sketches (shape {tuple(queries.shape)}); pass at least one (num_queries >= 1)."
-            )
-        queries = queries.detach().to("cpu", torch.float32)
-        finite = torch.isfinite(queries.reshape(len(queries), -1)).all(dim=1)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()
-            raise NonFiniteGradientError(f"`queries` {bad} hold NaN or infinite values.", positions=bad)
-        _, t, kq = queries.shape
-        k = self.sketch_dim
-        if t != self.num_timesteps:
-            raise IndexMismatchError.from_differences(
-                {"num_timesteps": (self.num_timesteps, t)}, what="queries", fix=_QUERY_FIX
-            )
-        k_search = k if sketch_dim is None else self._check_sketch_dim(sketch_dim)
-        if kq < k_search or kq % k_search:
-            if sketch_dim is None and k % kq == 0:
-                fix = (
-                    f"The queries are folded to {kq}, a divisor of the index's {k}: pass `sketch_dim={kq}` to search "
-                    "at that dimension (the rows are folded too)."
-                )
-            else:
-                fix = f"Compute the queries at sketch_dim={k_search} or a multiple of it (sketches fold exactly)."
-            raise IndexMismatchError.from_differences({"config.sketch_dim": (k_search, kq)}, what="queries", fix=fix)
-        return fold_sketch(queries, k_search)
-
-    def _check_sketch_dim(self, sketch_dim: Any) -> int:
-        k = self.sketch_dim
-        if not isinstance(sketch_dim, int) or isinstance(sketch_dim, bool) or sketch_dim < 1 or k % sketch_dim:
-            divisors = [d for d in (k // 16, k // 8, k // 4, k // 2) if d >= 1 and k % d == 0]
-            raise ConfigError(
-                f"`sketch_dim={sketch_dim!r}` must be a positive divisor of the stored sketch_dim {k}, e.g. {divisors}."
-            )
-        return sketch_dim
 
     def _check_nonempty(self) -> None:
         if not len(self):
@@ -1292,69 +873,3 @@ def _as_noise(noise: torch.Tensor | np.ndarray) -> torch.Tensor:
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise ConfigError(f"`noise` must be a float tensor (e.g. `sketcher.noise`), but is {type(noise).__name__}.")
     return noise.detach().to("cpu", torch.float32).contiguous()
-
-
-def _place(source: Path, target: Path, link: bool) -> None:
-    if target.exists() and _same_path(source, target):
-        return
-    if link:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        os.symlink(os.path.realpath(source), target)
-    else:
-        atomic_copy(source, target)
-
-
-def _numbered_shard(number: int) -> str:
-    from .storage import shard_name
-
-    return shard_name(number)
-
-
-def _current_manifest(folder: Path) -> Manifest | None:
-    """The manifest of the index in `folder`, or None when there is none (or it is unreadable)."""
-    if not (folder / MANIFEST_NAME).is_file():
-        return None
-    try:
-        return read_manifest(folder)
-    except DMinError:
-        logger.warning(f"Replacing the unreadable {folder / MANIFEST_NAME}.")
-        return None
-
-
-def _lists(manifest: Manifest | None, name: str) -> bool:
-    if manifest is None:
-        return False
-    return name in {f.name for f in (manifest.noise, manifest.hnsw) if f is not None} | {
-        s.name for s in manifest.shards
-    }
-
-
-def _same_file(path: Path, info: FileInfo | HNSWInfo) -> bool:
-    """Whether `path` already holds exactly the file `info` describes."""
-    try:
-        return path.is_file() and path.stat().st_size == info.num_bytes and sha256_file(path) == info.sha256
-    except OSError:
-        return False
-
-
-def _temp_file(path: Path) -> Path:
-    from .storage import _temp_path
-
-    return _temp_path(path)
-
-
-def _remove_orphans(folder: Path, keep: set[str], *, shards: bool = True) -> None:
-    """Remove temp files and (with `shards`) unlisted `shards/sketches-NNNNN.safetensors` of interrupted saves."""
-    for path in remove_temp_files(folder):
-        logger.info(f"Removed {path}, left by an interrupted write.")
-    if not shards:
-        return
-    directory = folder / SHARDS_DIR
-    if not directory.is_dir():
-        return
-    for path in directory.glob("sketches-*.safetensors"):
-        name = f"{SHARDS_DIR}/{path.name}"
-        if _CANONICAL_SHARD.fullmatch(path.name) and name not in keep:
-            path.unlink(missing_ok=True)
-            logger.info(f"Removed {path}, a shard no manifest lists (left by an interrupted save).")

@@ -124,15 +124,12 @@ def tqdm(*args: Any, **kwargs: Any) -> _tqdm:
 
 
 class ProgressBarMixin:
-    """`set_progress_bar_config(**tqdm_kwargs)` and `progress_bar(...)`, as on diffusers pipelines."""
+    """`set_progress_bar_config(**tqdm_kwargs)`, as on diffusers pipelines: the options of the bars this object shows
+    (read back from `_progress_bar_config`, e.g. `disable`)."""
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Set tqdm options for the progress bars this object shows, e.g. ``disable=True`` or ``desc=...``."""
         self._progress_bar_config = dict(kwargs)
-
-    def progress_bar(self, iterable=None, total: int | None = None, desc: str | None = None, **kwargs: Any) -> _tqdm:
-        options = {"desc": desc, **kwargs, **getattr(self, "_progress_bar_config", {})}
-        return tqdm(iterable, total=total, **options)
 
 
 # ---------------------------------------------------------------------------------------------- third-party noise

@@ -11,8 +11,8 @@ from typing import Any
 import PIL.Image
 import torch
 
-from .config import DMinConfig
-from .errors import ConfigError
+from .config import DMinConfig, SketcherOptions
+from .errors import ConfigError, check_choice, check_int
 from .gradients import GradientSketcher
 from .index import GradientIndex
 from .logging import get_logger
@@ -64,8 +64,10 @@ class InfluencePipeline:
             `StableDiffusion3Pipeline`, with or without a LoRA loaded.
         index (`GradientIndex`):
             The index of the training set.
+        sketcher_options ([`SketcherOptions`], *optional*):
+            How the sketcher runs (`mode`, `max_pairs_per_batch`, `gradient_memory_bytes`, `num_threads`, ...).
         sketcher_kwargs:
-            Passed to [`GradientSketcher`] (`mode`, `max_pairs_per_batch`, `gradient_memory_bytes`, ...).
+            Single fields of [`SketcherOptions`] (they override `sketcher_options`).
 
     Examples:
     ```py
@@ -77,7 +79,14 @@ class InfluencePipeline:
     ```
     """
 
-    def __init__(self, pipeline: Any, index: GradientIndex, **sketcher_kwargs: Any):
+    def __init__(
+        self,
+        pipeline: Any,
+        index: GradientIndex,
+        *,
+        sketcher_options: SketcherOptions | None = None,
+        **sketcher_kwargs: Any,
+    ):
         if not isinstance(index, GradientIndex):
             raise ConfigError(
                 f"`index` must be a GradientIndex, but is {type(index).__name__}; load one with "
@@ -85,7 +94,8 @@ class InfluencePipeline:
             )
         self.pipeline = pipeline
         self.index = index
-        self.sketcher = GradientSketcher.from_pipeline(pipeline, index.config, **sketcher_kwargs)
+        options = SketcherOptions.from_value(sketcher_options, **sketcher_kwargs)
+        self.sketcher = GradientSketcher.from_pipeline(pipeline, index.config, options=options)
         index.check_compatible(self.sketcher.spec)  # up front, before anything is generated
         self._signature = inspect.signature(pipeline.__call__).parameters
         self.timings: dict[str, float] = {}
@@ -96,7 +106,7 @@ class InfluencePipeline:
         pipeline: Any,
         repo_id_or_path: str | os.PathLike,
         *,
-        sketcher_kwargs: dict[str, Any] | None = None,
+        sketcher_kwargs: SketcherOptions | dict[str, Any] | None = None,
         **hub_kwargs: Any,
     ) -> InfluencePipeline:
         r"""
@@ -105,12 +115,12 @@ class InfluencePipeline:
         Args:
             pipeline (`DiffusionPipeline`): The pipeline the index was built for.
             repo_id_or_path (`str` or `os.PathLike`): Passed to [`GradientIndex.from_pretrained`].
-            sketcher_kwargs (`dict`, *optional*): Passed to [`GradientSketcher`].
+            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*): How the sketcher runs.
             hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`, `endpoint`, ... (see
                 [`GradientIndex.from_pretrained`]).
         """
         index = GradientIndex.from_pretrained(repo_id_or_path, **hub_kwargs)
-        return cls(pipeline, index, **(sketcher_kwargs or {}))
+        return cls(pipeline, index, sketcher_options=SketcherOptions.from_value(sketcher_kwargs))
 
     # ------------------------------------------------------------------ forwarded to the pipeline
 
@@ -207,6 +217,7 @@ class InfluencePipeline:
         self,
         images: Any,
         prompts: str | Sequence[str] | None = None,
+        *,
         top_k: int = 10,
         exact: bool = True,
     ) -> list[InfluenceResult]:
@@ -254,8 +265,7 @@ class InfluencePipeline:
     def _check_call(self, kwargs: dict[str, Any], output_type: str, top_k: int) -> list[str] | None:
         """Validate everything that can be validated before generating; return the prompts (or None)."""
         _check_top_k(top_k)
-        if output_type not in _OUTPUT_TYPES:
-            raise ConfigError(f"`output_type` must be one of {_OUTPUT_TYPES}, but is {output_type!r}.")
+        check_choice(output_type, "output_type", _OUTPUT_TYPES)
         adapter = self.sketcher.adapter
         prompts = None
         if adapter.conditional:
@@ -315,6 +325,8 @@ class InfluencePipeline:
         else:
             scheduler = self.pipeline.scheduler
             step = scheduler.step
+            patched_before = "step" in vars(scheduler)  # someone else's patch of this instance: put it back after
+            previous = vars(scheduler).get("step")
 
             def observed_step(*args: Any, **step_kwargs: Any):
                 out = step(*args, **step_kwargs)
@@ -325,7 +337,10 @@ class InfluencePipeline:
             try:
                 output = self.pipeline(output_type=output_type, return_dict=True, **kwargs)
             finally:
-                del scheduler.step  # back to the class method
+                if patched_before:
+                    scheduler.step = previous
+                else:
+                    del scheduler.step  # back to the class method
         if "latents" not in captured:
             raise ConfigError(
                 f"{type(self.pipeline).__name__} finished without a denoising step to capture (num_inference_steps=0?)."
@@ -344,8 +359,7 @@ def _capturing_callback(user_callback: Callable | None, captured: dict[str, torc
 
 
 def _check_top_k(top_k: Any) -> None:
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
+    check_int(top_k, "top_k")
 
 
 def _as_image_list(images: Any, output_type: str) -> list[PIL.Image.Image | None]:

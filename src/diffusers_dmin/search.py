@@ -26,17 +26,42 @@ import numpy as np
 import torch
 
 from .constants import DEFAULT_HNSW_EF, DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
-from .errors import ConfigError, DMinError, IndexCorruptError, require
+from .errors import (
+    ConfigError,
+    DMinError,
+    IndexCorruptError,
+    IndexMismatchError,
+    NonFiniteGradientError,
+    check_choice,
+    check_int,
+    require,
+)
 from .hnsw_file import MAX_M, validate_hnsw_file
 from .logging import get_logger, tqdm
 from .sketch import fold_sketch
+from .storage import TORCH_DTYPES, commit_temp, temp_path
 
 
 logger = get_logger(__name__)
 
-__all__ = ["SearchBackend", "ExactSearch", "HNSWSearch", "rows_as_tensor", "expand_queries", "rescore"]
+__all__ = [
+    "SearchBackend",
+    "ExactSearch",
+    "HNSWSearch",
+    "rows_as_tensor",
+    "prepare_queries",
+    "check_search_dim",
+    "expand_queries",
+    "rescore",
+    "approximate_search",
+    "QUERY_FIX",
+]
 
-_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+QUERY_FIX = (
+    "Compute the queries with the index's spec: a `GradientSketcher` on the same model and adapter, with "
+    "`index.config`; or build a new index for this model."
+)
+
 # Float32 bytes of one widened chunk: small enough to stay in cache between the cast and the product.
 _CHUNK_BYTES = 8 * 2**20
 # Rows whose scores are kept before each top-k merge.
@@ -87,14 +112,84 @@ def rows_as_tensor(block: np.ndarray, dtype: str) -> torch.Tensor:
             `dtype="bfloat16"` (numpy has no bfloat16). Must be writeable (memory-map with `mode="c"`).
         dtype (`str`): `"float16"`, `"bfloat16"` or `"float32"`.
     """
-    if dtype not in _TORCH_STORAGE:
-        raise ConfigError(f"`dtype` must be one of {tuple(_TORCH_STORAGE)}, but is {dtype!r}.")
+    check_choice(dtype, "dtype", tuple(TORCH_DTYPES))
     tensor = torch.from_numpy(block).reshape(len(block), -1)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
-    if tensor.dtype != _TORCH_STORAGE[dtype]:
+    if tensor.dtype != TORCH_DTYPES[dtype]:
         raise ConfigError(f"A row block of numpy dtype {block.dtype} cannot hold {dtype} values.")
     return tensor
+
+
+def check_search_dim(search_dim: object, sketch_dim: int) -> int:
+    """`search_dim` (a search's `sketch_dim=`) must be a positive divisor of the stored `sketch_dim`; returns it."""
+    k = sketch_dim
+    if not isinstance(search_dim, int) or isinstance(search_dim, bool) or search_dim < 1 or k % search_dim:
+        divisors = [d for d in (k // 16, k // 8, k // 4, k // 2) if d >= 1 and k % d == 0]
+        raise ConfigError(
+            f"`sketch_dim={search_dim!r}` must be a positive divisor of the stored sketch_dim {k}, e.g. {divisors}."
+        )
+    return search_dim
+
+
+def prepare_queries(
+    queries: torch.Tensor | np.ndarray, *, num_timesteps: int, sketch_dim: int, search_dim: int | None = None
+) -> torch.Tensor:
+    r"""
+    Check query sketches against an index's shape and fold them to the search dimension.
+
+    Args:
+        queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, T, K_q)`): Float query sketches; `K_q` must be
+            a multiple of the search dimension.
+        num_timesteps (`int`): The index's T.
+        sketch_dim (`int`): The index's stored K.
+        search_dim (`int`, *optional*): Search at this divisor of K (both sides folded); defaults to K.
+
+    Returns:
+        `torch.Tensor`: float32 `(num_queries, T, search_dim)` on the CPU. Expand it back to K with
+        [`expand_queries`] to score it against unfolded rows.
+
+    Raises:
+        [`ConfigError`]: Not a float tensor of shape `(q, T, K)`, or no queries.
+        [`NonFiniteGradientError`]: A query holds NaN or infinite values.
+        [`IndexMismatchError`]: T differs, or `K_q` is not a multiple of the search dimension.
+    """
+    if isinstance(queries, np.ndarray):
+        queries = torch.from_numpy(queries if queries.flags.writeable else queries.copy())
+    if not isinstance(queries, torch.Tensor) or not queries.is_floating_point():
+        raise ConfigError(
+            f"`queries` must be a float torch.Tensor or numpy array of shape (num_queries, T, K), but is "
+            f"{type(queries).__name__}{'' if not isinstance(queries, torch.Tensor) else f' of dtype {queries.dtype}'}."
+        )
+    if queries.ndim != 3:
+        raise ConfigError(
+            f"`queries` must have shape (num_queries, T, K), but has shape {tuple(queries.shape)}. For a single "
+            "(T, K) sketch pass `queries[None]`."
+        )
+    if len(queries) == 0:
+        raise ConfigError(
+            f"`queries` holds no sketches (shape {tuple(queries.shape)}); pass at least one (num_queries >= 1)."
+        )
+    queries = queries.detach().to("cpu", torch.float32)
+    finite = torch.isfinite(queries.reshape(len(queries), -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise NonFiniteGradientError(f"`queries` {bad} hold NaN or infinite values.", positions=bad)
+    _, t, kq = queries.shape
+    k = sketch_dim
+    if t != num_timesteps:
+        raise IndexMismatchError.from_differences({"num_timesteps": (num_timesteps, t)}, what="queries", fix=QUERY_FIX)
+    k_search = k if search_dim is None else check_search_dim(search_dim, k)
+    if kq < k_search or kq % k_search:
+        if search_dim is None and k % kq == 0:
+            fix = (
+                f"The queries are folded to {kq}, a divisor of the index's {k}: pass `sketch_dim={kq}` to search "
+                "at that dimension (the rows are folded too)."
+            )
+        else:
+            fix = f"Compute the queries at sketch_dim={k_search} or a multiple of it (sketches fold exactly)."
+        raise IndexMismatchError.from_differences({"config.sketch_dim": (k_search, kq)}, what="queries", fix=fix)
+    return fold_sketch(queries, k_search)
 
 
 def expand_queries(queries: torch.Tensor, sketch_dim: int) -> torch.Tensor:
@@ -118,7 +213,18 @@ def _as_query_matrix(queries: torch.Tensor | np.ndarray, dim: int) -> torch.Tens
 
 
 class SearchBackend(ABC):
-    """One search interface: `search(queries, top_k, largest=True) -> (positions, scores)`."""
+    r"""
+    One search interface: `search(queries, top_k, largest=True) -> (positions, scores)`.
+
+    A backend holds `num_rows` rows of length `dim` (flattened `(T, k)` sketches, k the stored K or a divisor of it)
+    and answers float32 `(num_queries, dim)` queries with row positions (int64, into the index's row order) and
+    float32 inner products, best first. An exact backend ([`ExactSearch`]; a sharded multi-process one) returns the
+    final answer; an approximate one ([`HNSWSearch`]; FAISS) sets `exact = False`, and its results are candidates
+    that [`approximate_search`] re-scores exactly with [`rescore`] against an [`ExactSearch`] of the rows.
+    """
+
+    #: Whether `search` returns exact inner products over every row (approximate backends return candidates).
+    exact: bool = True
 
     @property
     @abstractmethod
@@ -332,8 +438,7 @@ class ExactSearch(SearchBackend):
 
 
 def _check_top_k(top_k: int, num_rows: int) -> int:
-    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
-        raise ConfigError(f"`top_k` must be a positive integer, but is {top_k!r}.")
+    check_int(top_k, "top_k")
     if num_rows < 1:
         raise ConfigError("The index holds no rows; add sketches with `index.add(...)` before searching.")
     return int(min(top_k, num_rows))
@@ -365,6 +470,8 @@ class HNSWSearch(SearchBackend):
     (1, 3)
     ```
     """
+
+    exact = False
 
     def __init__(
         self,
@@ -508,8 +615,6 @@ class HNSWSearch(SearchBackend):
         hnswlib does not report write errors (a full disk gives a truncated file): callers that keep the file should
         check it with [`~diffusers_dmin.hnsw_file.validate_hnsw_file`] before trusting it, as `GradientIndex` does.
         """
-        import tempfile
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # the file records the capacity; store the exact row count (what a validated file must hold)
@@ -518,19 +623,12 @@ class HNSWSearch(SearchBackend):
         if not atomic:
             self._index.save_index(str(path))
             return
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = temp_path(path)  # the one atomic-write protocol (storage): temp file, fsync, rename, fsync folder
         try:
-            self._index.save_index(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, path)
+            self._index.save_index(str(tmp))
+            commit_temp(tmp, path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def rescore(
@@ -559,3 +657,53 @@ def rescore(
     best, order = torch.topk(scores if largest else -scores, k, dim=1)
     positions = np.take_along_axis(candidates, order.numpy(), axis=1)
     return positions, (best if largest else -best).numpy()
+
+
+def approximate_search(
+    backend: SearchBackend,
+    rows: ExactSearch,
+    queries: torch.Tensor,
+    top_k: int,
+    *,
+    largest: bool = True,
+    rescore_candidates: bool = True,
+    num_candidates: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""
+    Search an approximate backend and (by default) re-score its candidates exactly.
+
+    Args:
+        backend (`SearchBackend`): An approximate backend (e.g. [`HNSWSearch`]) over the rows folded to
+            `backend.dim // T`, a divisor of the search dimension.
+        rows (`ExactSearch`): The stored rows (for the exact re-scoring).
+        queries (`torch.Tensor` of shape `(num_queries, T, k_search)`): Queries folded to the search dimension
+            ([`prepare_queries`]).
+        top_k (`int`): Results per query.
+        largest (`bool`, *optional*, defaults to `True`): `False` returns the most negative scores first.
+        rescore_candidates (`bool`, *optional*, defaults to `True`): Re-score `max(top_k, num_candidates)`
+            candidates exactly at the search dimension; `False` returns the backend's own scores (its dimension must
+            then equal the search dimension).
+        num_candidates (`int`, *optional*): Candidates to re-score (HNSW: its `ef`); defaults to `top_k`.
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray]`: Positions and scores, `(num_queries, top_k)`, best first.
+    """
+    num_queries, num_timesteps, k_search = queries.shape
+    k_graph = backend.dim // num_timesteps
+    if k_search % k_graph:
+        raise ConfigError(
+            f"The HNSW graph holds sketches folded to {k_graph}, which cannot serve a search at sketch_dim="
+            f"{k_search}. Use `exact=True`, or rebuild it with `index.build_hnsw(sketch_dim={k_search})`."
+        )
+    if not rescore_candidates and k_graph != k_search:
+        raise ConfigError(
+            f"`rescore=False` returns the graph's scores, computed at sketch_dim={k_graph}, but the search is at "
+            f"sketch_dim={k_search}. Pass `sketch_dim={k_graph}` or `rescore=True`."
+        )
+    with single_threaded_torch():
+        backend_queries = fold_sketch(queries, k_graph).reshape(num_queries, -1)
+        if not rescore_candidates:
+            return backend.search(backend_queries, top_k, largest=largest)
+        candidates, _ = backend.search(backend_queries, max(int(top_k), num_candidates or 0), largest=largest)
+        full = expand_queries(queries, rows.sketch_dim).reshape(num_queries, -1)
+        return rescore(rows, full, candidates, top_k, largest=largest)

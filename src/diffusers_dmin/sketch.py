@@ -200,11 +200,6 @@ class OPORPSketch:
         self._table_bytes += 8 * length
         return codes
 
-    def clear_tables(self) -> None:
-        """Drop every cached code table."""
-        self._tables.clear()
-        self._table_bytes = 0
-
     @property
     def table_bytes(self) -> int:
         """Bytes currently held by cached code tables."""

@@ -42,19 +42,22 @@ import torch
 
 from .config import DTYPES, DMinConfig, SketchSpec
 from .constants import (
+    BUILD_SHARD_STEM_TEMPLATE,
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT_VERSION,
-    HNSW_NAME,
     IDS_KEY,
     MANIFEST_NAME,
     NOISE_KEY,
     NOISE_NAME,
     SHARD_NAME_TEMPLATE,
+    SHARD_SUFFIX,
     SHARDS_DIR,
     SKETCHES_KEY,
+    TEMP_SUFFIX,
 )
-from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError
+from .errors import ConfigError, IndexCorruptError, IndexNotFoundError, NonFiniteGradientError, check_int
 from .logging import get_logger
+from .version import __version__
 
 
 logger = get_logger(__name__)
@@ -96,8 +99,8 @@ _SAFETENSORS_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "F32": ("float32", np.dtype(np.float32)),
     "I64": ("int64", np.dtype(np.int64)),
 }
-_STORAGE_TAGS = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# the one dtype table: storage dtype name -> torch dtype (`config.DTYPES` lists the names)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MAX_HEADER_BYTES = 100 * 2**20
 # a manifest lists ~250 bytes per shard: 64 MiB is far beyond any real index, and bounds what parsing may cost
 MAX_MANIFEST_BYTES = 64 * 2**20
@@ -385,7 +388,6 @@ class Manifest:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
 
         self.validate()
         return {
@@ -600,9 +602,9 @@ def _umask() -> int:
     return mask
 
 
-def _temp_path(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
     """An empty temp file next to `path`, with the permissions a plain `open(path, "w")` would give (not 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     except (AttributeError, OSError):  # no fchmod (Windows)
@@ -663,7 +665,7 @@ def stage_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temp file next to `path` and check it (size and content); the caller renames it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         tmp.write_bytes(data)
         if tmp.stat().st_size != len(data) or tmp.read_bytes() != data:
@@ -717,7 +719,7 @@ def stage_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(dst)
+    tmp = temp_path(dst)
     try:
         shutil.copyfile(src, tmp)
         if tmp.stat().st_size != os.stat(src).st_size or sha256_file(tmp) != sha256_file(src):
@@ -807,7 +809,7 @@ def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np
         [`ConfigError`]: Not a 3-d float tensor/array, or `dtype` unknown.
         [`NonFiniteGradientError`]: A value is NaN or infinite (also after the cast, e.g. float16 overflow).
     """
-    if dtype not in _TORCH_DTYPES:
+    if dtype not in TORCH_DTYPES:
         raise ConfigError(f"`dtype` must be one of {DTYPES}, but is {dtype!r}.")
     tensor = _as_float_tensor(sketches, name)
     if tensor.ndim != 3:
@@ -815,7 +817,7 @@ def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np
             f"`{name}` must have shape (num_samples, num_timesteps, sketch_dim), but has shape {tuple(tensor.shape)}."
         )
     # always a copy: the index must not change when the caller later modifies its tensor
-    stored = tensor.detach().to("cpu", _TORCH_DTYPES[dtype], copy=True).contiguous()
+    stored = tensor.detach().to("cpu", TORCH_DTYPES[dtype], copy=True).contiguous()
     finite = torch.isfinite(stored.reshape(len(stored), -1)).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
@@ -875,6 +877,13 @@ def shard_name(index: int) -> str:
     return SHARD_NAME_TEMPLATE.format(index)
 
 
+def build_shard_name(first_id: int, duplicate: int = 0) -> str:
+    """The name of a build's shard whose first row has the id `first_id`: `shards/sketches-from-<id:012d>.safetensors`
+    (with `-<duplicate>` before the suffix when that name is taken)."""
+    stem = BUILD_SHARD_STEM_TEMPLATE.format(int(first_id))
+    return f"{stem}{f'-{duplicate}' if duplicate else ''}{SHARD_SUFFIX}"
+
+
 def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, dtype: str = "float16") -> ShardInfo:
     r"""
     Write one shard file atomically and return its record for the manifest.
@@ -910,7 +919,7 @@ def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, d
     ids_array = to_ids_array(ids, len(array))
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         _save_tensors({SKETCHES_KEY: _storage_tensor(array, dtype), IDS_KEY: torch.from_numpy(ids_array)}, tmp, path)
         _check_written_tensors(
@@ -946,9 +955,8 @@ def write_shards(
     else:
         array = to_storage_array(sketches, dtype)
     ids_array = to_ids_array(ids, len(array))
-    rows = default_shard_rows(array.shape[1:], dtype) if max_shard_rows is None else max_shard_rows
-    if not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"`max_shard_rows` must be a positive integer, but is {max_shard_rows!r}.")
+    check_int(max_shard_rows, "max_shard_rows", optional=True)
+    rows = default_shard_rows(array.shape[1:], dtype) if max_shard_rows is None else int(max_shard_rows)
     infos = []
     for number, start in enumerate(range(0, len(array), rows)):
         infos.append(
@@ -963,10 +971,22 @@ def write_shards(
     return infos
 
 
-def default_shard_rows(row_shape: Sequence[int], dtype: str) -> int:
-    """Rows per shard so that a shard holds about `DEFAULT_MAX_SHARD_BYTES` of sketches."""
-    row_bytes = int(np.prod(row_shape)) * (4 if dtype == "float32" else 2)
-    return max(1, DEFAULT_MAX_SHARD_BYTES // max(1, row_bytes))
+def default_shard_rows(
+    row_shape: Sequence[int],
+    dtype: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_rows: int | None = None,
+    multiple_of: int = 1,
+) -> int:
+    """The one shard-size rule: as many rows as fit in `max_bytes` of stored sketches (at most `max_rows`), rounded
+    down to a multiple of `multiple_of` (a build's batch size), and at least `multiple_of` rows. Saves use the
+    defaults; builds pass `BUILD_MAX_SHARD_BYTES`, `BUILD_MAX_SHARD_ROWS` and their batch size."""
+    row_bytes = int(np.prod(row_shape)) * _SAFETENSORS_ITEMSIZE[dtype]
+    rows = max(1, max_bytes // max(1, row_bytes))
+    if max_rows is not None:
+        rows = min(max_rows, rows)
+    return max(multiple_of, rows // multiple_of * multiple_of)
 
 
 def _parse_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
@@ -1113,6 +1133,29 @@ def describe_shard(folder: str | os.PathLike, name: str) -> ShardInfo:
     return ShardInfo(name=name, num_rows=shape[0], sha256=sha256_file(path), num_bytes=size)
 
 
+def read_shard_ids(path: Path, *, num_timesteps: int, sketch_dim: int, dtype: str) -> np.ndarray:
+    r"""
+    The ids of a shard file that no manifest vouches for yet (a build's own, on resume): header and ids only, no
+    hashing. The header must hold "sketches" `(n, num_timesteps, sketch_dim)` in `dtype` and "ids" `(n,)` int64.
+
+    Raises:
+        [`IndexCorruptError`]: The file is not such a shard (or is truncated).
+    """
+    header, data_start, size = _parse_header(path, "shard")
+    s_dtype, _, s_shape, _ = _tensor_entry(header, SKETCHES_KEY, path, data_start, size, "shard")
+    i_dtype, i_np, i_shape, i_offset = _tensor_entry(header, IDS_KEY, path, data_start, size, "shard")
+    if len(s_shape) != 3 or s_shape[1:] != (num_timesteps, sketch_dim) or s_dtype != dtype:
+        raise IndexCorruptError(
+            f"The shard {path} holds sketches of shape {s_shape} ({s_dtype}), but this build writes (n, "
+            f"{num_timesteps}, {sketch_dim}) ({dtype})."
+        )
+    if i_dtype != "int64" or i_shape != (s_shape[0],):
+        raise IndexCorruptError(f"The shard {path} holds ids of shape {i_shape} ({i_dtype}).")
+    with open(path, "rb") as f:
+        f.seek(i_offset)
+        return np.frombuffer(f.read(i_shape[0] * 8), dtype=i_np).copy()
+
+
 def iter_shards(folder: str | os.PathLike, manifest: Manifest) -> Iterator[ShardData]:
     """Open (verify and memory-map) every shard of `manifest`, in row order."""
     for info in manifest.shards:
@@ -1142,7 +1185,7 @@ def stage_noise(folder: str | os.PathLike, noise: Any, name: str = NOISE_NAME) -
     tensor = _as_float_tensor(noise, "noise").detach().to("cpu", torch.float32).contiguous()
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         _save_tensors({NOISE_KEY: tensor}, tmp, path)
         _check_written_tensors(tmp, {NOISE_KEY: ("float32", tuple(tensor.shape))}, "noise file", path)
@@ -1167,7 +1210,3 @@ def read_noise(folder: str | os.PathLike, info: FileInfo) -> torch.Tensor:
         f.seek(offset)
         values = np.frombuffer(f.read(count * 4), dtype=np.float32).reshape(shape)
     return torch.from_numpy(values.copy())
-
-
-def hnsw_path(folder: str | os.PathLike) -> Path:
-    return Path(folder) / HNSW_NAME

@@ -23,6 +23,7 @@ import PIL.ImageSequence
 import torch
 
 from .errors import ConfigError
+from .images import decode_image
 from .objectives import prepare_images
 
 
@@ -37,7 +38,7 @@ def decode_video(value: Any, image_root: str | os.PathLike | None = None) -> lis
 
     Args:
         value: One of
-            - a list of frames, each anything [`~build.decode_image`] reads (PIL images, `datasets.Image` values such
+            - a list of frames, each anything [`~images.decode_image`] reads (PIL images, `datasets.Image` values such
               as a `List(Image())` column holds, paths, `(H, W[, C])` arrays);
             - an `(F, H, W[, C])` array or nested list (integer values are taken as 0..255 and divided by 255);
             - a path to an animated image file (GIF, animated WebP/PNG: every frame) or to a folder of frame images
@@ -49,8 +50,6 @@ def decode_video(value: Any, image_root: str | os.PathLike | None = None) -> lis
     Raises:
         `OSError`, `ValueError`: The video cannot be read (a missing or corrupt file, an empty folder, a missing value).
     """
-    from .build import decode_image
-
     if value is None:
         raise ValueError("the video is missing (None)")
     if isinstance(value, (str, os.PathLike)):

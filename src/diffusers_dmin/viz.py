@@ -11,13 +11,13 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 import PIL.ImageOps
 
 from .errors import ConfigError
+from .images import to_pil
 
 
 __all__ = ["to_pil", "make_row", "make_grid", "influence_grid", "influence_legend", "NOT_ATTACHED"]
@@ -83,37 +83,6 @@ def _wrap(draw: PIL.ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
                 line = candidate
         lines.append(_fit(draw, line, width))
     return lines
-
-
-def to_pil(image: Any) -> PIL.Image.Image:
-    """Convert a PIL image, an `(H, W[, C])` array in [0, 1] or 0..255, or a `(C, H, W)` tensor in [0, 1] to RGB; a
-    video (a list of such frames, an `(F, H, W, C)` array or an `(F, C, H, W)` tensor) to its first frame."""
-    if (isinstance(image, (list, tuple)) and image) or getattr(image, "ndim", 0) == 4:
-        return to_pil(image[0])
-    if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
-    if type(image).__module__.startswith("torch"):
-        array = image.detach().float().cpu().numpy()
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = array.transpose(1, 2, 0)
-        elif array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] > 4:
-            array = array.transpose(1, 2, 0)
-    elif isinstance(image, np.ndarray):
-        array = image
-    else:
-        raise ConfigError(
-            f"Cannot draw an image of type {type(image).__name__}; pass a PIL image, a numpy array or a tensor."
-        )
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise ConfigError(f"Cannot draw an array of shape {array.shape}; expected (H, W), (H, W, C) or (C, H, W).")
-    if array.dtype != np.uint8:
-        array = np.asarray(array, dtype=np.float32)
-        scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 + 1e-6 else 1.0
-        array = np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(array).convert("RGB")
 
 
 def _tile(image: PIL.Image.Image | None, lines: Sequence[str], size: int, num_lines: int) -> PIL.Image.Image:

@@ -1,6 +1,6 @@
 """Model families: one small adapter per denoiser family, mirroring that family's diffusers training script.
 
-Adding a family = one module here with a [`DenoiserAdapter`] subclass (its `conventions` declare the training
+Adding a family = one module here with a [`ModelFamily`] subclass (its `conventions` declare the training
 script's objective), one entry in `ADAPTERS`, a tiny offline pipeline in `diffusers_dmin.testing`, and its tests
 (the gradient against a loss written from the training script, self-retrieval, `return_influence=True`).
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import DMinConfig
 from ..errors import UnsupportedPipelineError
-from .base import DenoiserAdapter, LatentAdapter
+from .base import DenoiserAdapter, LatentAdapter, ModelFamily
 from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
@@ -30,6 +30,7 @@ __all__ = [
     "ADAPTERS",
     "CogVideoXAdapter",
     "DenoiserAdapter",
+    "ModelFamily",
     "HiDreamAdapter",
     "ChromaAdapter",
     "FluxAdapter",
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 # First match wins: more specific families (SDXL) before more general ones (SD 1.x/2.x).
-ADAPTERS: tuple[type[DenoiserAdapter], ...] = (
+ADAPTERS: tuple[type[ModelFamily], ...] = (
     UNet2DAdapter,
     SDXLAdapter,
     UNet2DConditionAdapter,
@@ -89,7 +90,7 @@ SUPPORTED_PIPELINES = (
 
 def adapter_for_pipeline(
     pipeline: Any, resolution: tuple[int, int] | None = None, *, config: DMinConfig | None = None
-) -> DenoiserAdapter:
+) -> ModelFamily:
     """The adapter of the pipeline's denoiser family, or [`UnsupportedPipelineError`] naming the supported ones.
 
     Args:

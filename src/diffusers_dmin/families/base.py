@@ -14,12 +14,12 @@ from ..errors import ConfigError
 from ..objectives import ObjectiveConventions, images_to_tensor
 
 
-__all__ = ["DenoiserAdapter", "LatentAdapter"]
+__all__ = ["ModelFamily", "LatentAdapter", "DenoiserAdapter"]
 
 
-class DenoiserAdapter:
+class ModelFamily:
     r"""
-    How to feed one denoiser family (one model family of diffusers). Subclasses set `family`, `denoiser_attribute`
+    A model family of diffusers: how to feed its denoiser with the inputs of its training script. Subclasses set `family`, `denoiser_attribute`
     and `conventions`, and implement `matches`, `encode_prompts` and `forward`; latent models also override
     `encode_images` (see [`LatentAdapter`]).
 
@@ -229,7 +229,7 @@ class DenoiserAdapter:
         raise NotImplementedError
 
 
-class LatentAdapter(DenoiserAdapter):
+class LatentAdapter(ModelFamily):
     """A latent-diffusion family: `x0` is the VAE's deterministic `mode()`, shifted and scaled as in training."""
 
     @torch.no_grad()
@@ -249,3 +249,8 @@ class LatentAdapter(DenoiserAdapter):
         if shift is not None:
             latents = latents - shift
         return (latents * vae.config.scaling_factor).to(self.device, self.dtype)
+
+
+# The former name of `ModelFamily` (it read like a LoRA adapter next to `adapter_id`); kept for code written against
+# it, to be removed in a later release.
+DenoiserAdapter = ModelFamily

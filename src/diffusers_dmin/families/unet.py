@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from ..objectives import ObjectiveConventions
-from .base import DenoiserAdapter, LatentAdapter
+from .base import LatentAdapter, ModelFamily
 
 
 __all__ = ["UNet2DAdapter", "UNet2DConditionAdapter", "SDXLAdapter"]
 
 
-class UNet2DAdapter(DenoiserAdapter):
+class UNet2DAdapter(ModelFamily):
     """Unconditional pixel-space UNets: `DDPMPipeline`, `DDIMPipeline` (`UNet2DModel`)."""
 
     family = "unet2d"

@@ -1,0 +1,382 @@
+"""The one writer of index folders: crash-safe replacement of an index in a folder, manifest last (DESIGN §4).
+
+An index's files are described by [`StoredFile`] (a manifest entry plus the folder, and for a pulled index the Hub
+location, holding it); [`Block`] is a run of rows with the shard that stores them, if any. [`write_index_folder`]
+writes an index's state into a folder (for `save_pretrained`, and into a temp folder for `push_to_hub`) and returns
+what now backs it. Builds write their shards and manifest through [`storage`] directly (their own resumable
+protocol, see [`build`]) and then hand the folder to [`GradientIndex`], which saves through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import hub
+from .config import DMinConfig, SketchSpec
+from .constants import HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
+from .errors import DMinError, IndexCorruptError, IndexNotFoundError
+from .hnsw_file import validate_hnsw_file
+from .logging import get_logger
+from .search import HNSWSearch
+from .storage import (
+    FileInfo,
+    HNSWInfo,
+    IndexMetadata,
+    Manifest,
+    ShardInfo,
+    atomic_copy,
+    commit_temp,
+    fsync_dir,
+    read_manifest,
+    remove_temp_files,
+    sha256_file,
+    shard_name,
+    stage_bytes,
+    stage_copy,
+    stage_manifest,
+    stage_noise,
+    temp_path,
+    verify_file,
+    write_manifest,
+    write_shards,
+)
+
+
+logger = get_logger(__name__)
+
+__all__ = ["StoredFile", "Block", "WrittenFolder", "write_index_folder"]
+
+_SHARD_NUMBER = re.compile(r"sketches-(\d+)\.safetensors$")
+_CANONICAL_SHARD = re.compile(r"sketches-\d{5,}\.safetensors")  # what saves write (builds use `sketches-from-<id>`)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of an index: its manifest entry, the folder holding it, and (for a pulled index) the Hub location it can
+    be downloaded from when the folder lacks it (files a pull skipped, such as `hnsw.bin`)."""
+
+    info: ShardInfo | FileInfo | HNSWInfo
+    folder: Path
+    origin: hub.HubLocation | None = None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.info.name
+
+    def local_path(self, *, download: bool) -> Path | None:
+        """The file on this machine (downloading it from `origin` with `download`), or None if it is absent."""
+        if self.path.is_file():
+            return self.path
+        if download and self.origin is not None:
+            try:
+                return Path(self.origin.download_file(self.info.name))
+            except IndexNotFoundError as err:
+                logger.warning(f"Could not download {self.info.name}: {err}")
+        return None
+
+    def verify(self, what: str, path: Path | None = None) -> Path:
+        """Check size and sha256 against the manifest entry (of `path`, by default the file in `folder`)."""
+        path = self.path if path is None else path
+        return verify_file(path.parent, path.name, self.info.sha256, self.info.num_bytes, what)
+
+    def is_in(self, folder: Path) -> bool:
+        return same_path(self.folder, folder)
+
+
+@dataclass
+class Block:
+    """Consecutive rows: raw storage-dtype sketches `(n, T, K)`, their ids, and the shard file holding them (if any)."""
+
+    sketches: np.ndarray
+    ids: np.ndarray
+    file: StoredFile | None = None
+
+    @property
+    def shard(self) -> ShardInfo | None:
+        return None if self.file is None else self.file.info
+
+    @property
+    def folder(self) -> Path | None:
+        return None if self.file is None else self.file.folder
+
+
+@dataclass
+class WrittenFolder:
+    """What [`write_index_folder`] wrote: the manifest, and the stored files that now back the index's state."""
+
+    manifest: Manifest
+    blocks: list[Block]
+    noise: StoredFile | None
+    graph: StoredFile | None
+
+
+def same_path(a: Path | None, b: Path | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_index_folder(
+    folder: Path,
+    *,
+    config: DMinConfig,
+    spec: SketchSpec | None,
+    metadata: IndexMetadata,
+    blocks: list[Block],
+    noise: torch.Tensor | None,
+    noise_file: StoredFile | None,
+    graph: HNSWSearch | None,
+    graph_file: StoredFile | None,
+    graph_dirty: bool,
+    source_folder: Path | None,
+    link: bool,
+    repo_id: str | None = None,
+    max_shard_rows: int | None = None,
+) -> WrittenFolder:
+    """Write an index to `folder`; `link` symlinks files (for a temp folder to upload) instead of copying them.
+
+    Two phases. First every file is written under a name the folder's current manifest does not use (new shards
+    get new numbers; noise, graph, card and manifest go to temp files), and each is checked after writing (size
+    and contents or structure; hnswlib does not report write errors). A full disk or a crash in this phase
+    leaves the folder's index as it was. Then only renames: when they replace a file the current manifest
+    lists, that manifest is first replaced by one without the graph (when the noise is unchanged) or removed,
+    so a crash there leaves a loadable index or no manifest, never a manifest listing replaced files. Temp files
+    and unlisted `sketches-NNNNN` shards of interrupted saves are removed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = config.dtype
+    num_timesteps = config.num_timesteps
+    current = _current_manifest(folder)
+    listed = {} if current is None else {info.name: info for info in current.shards}
+    mine = {b.file.name for b in blocks if b.file is not None and b.file.is_in(folder)}
+    # an unreadable manifest (damaged, or a newer format) may still list shards: then only temp files go
+    unreadable = current is None and (folder / MANIFEST_NAME).exists()
+    _remove_orphans(folder, set(listed) | mine, shards=not unreadable)
+    used = [b.file.name for b in blocks if b.file is not None]
+    on_disk = [p.name for p in (folder / SHARDS_DIR).glob("*.safetensors")] if (folder / SHARDS_DIR).is_dir() else []
+    numbers = [int(m.group(1)) for name in used + on_disk + list(listed) if (m := _SHARD_NUMBER.search(name))]
+    next_number = max(numbers, default=-1) + 1  # new shards never overwrite a file that is already there
+    staged: dict[str, Path] = {}  # final name -> checked temp file, renamed in the commit phase
+    written: list[str] = []  # shards this call added: removed again when it fails before the commit
+    committed = False
+    try:
+        shards: list[ShardInfo] = []
+        new_blocks: list[Block] = []
+        for block in blocks:
+            if block.file is not None:
+                info = block.file.info
+                if not block.file.is_in(folder):
+                    source = block.file.verify("shard")
+                    other = listed.get(info.name)
+                    if other is not None and other.sha256 != info.sha256:  # the current index's shard
+                        info = dataclasses.replace(info, name=shard_name(next_number))
+                        next_number += 1
+                    if not (folder / info.name).exists():
+                        written.append(info.name)
+                    _place(source, folder / info.name, link)
+                shards.append(info)
+                new_blocks.append(block)
+                continue
+            infos = write_shards(
+                folder, block.sketches, block.ids, dtype, start_index=next_number, max_shard_rows=max_shard_rows
+            )
+            next_number += len(infos)
+            written += [info.name for info in infos]
+            shards += infos
+            start = 0
+            for info in infos:
+                end = start + info.num_rows
+                new_blocks.append(Block(block.sketches[start:end], block.ids[start:end], StoredFile(info, folder)))
+                start = end
+        noise_info = _stage_noise(folder, noise, noise_file, link, staged)
+        hnsw_info = _stage_graph(folder, graph, graph_file, graph_dirty, num_timesteps, link, staged)
+        manifest = Manifest(
+            config=config, spec=spec, shards=shards, noise=noise_info, hnsw=hnsw_info, metadata=metadata
+        )
+        card = folder / README_NAME
+        source_card = None if source_folder is None else source_folder / README_NAME
+        if hub.is_generated_card(card):
+            if source_card is not None and not hub.is_generated_card(source_card) and not card.exists():
+                _place(source_card, card, link)  # keep a card the user wrote
+            else:
+                text = hub.dataset_card(manifest, repo_id=repo_id).encode("utf-8")
+                staged[README_NAME] = stage_bytes(card, text)
+        else:
+            logger.info(f"Keeping the existing {card} (it has no diffusers_dmin marker).")
+        staged_manifest = stage_manifest(folder, manifest)
+        staged[MANIFEST_NAME] = staged_manifest
+
+        # commit: renames only (plus, at most, one small manifest without the graph)
+        replaced = [name for name in staged if name not in (MANIFEST_NAME, README_NAME) and _lists(current, name)]
+        committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
+        if replaced:
+            if manifest.noise is None or (manifest.noise.name not in staged):
+                write_manifest(folder, dataclasses.replace(manifest, hnsw=None))  # loadable while the graph moves
+            else:
+                (folder / MANIFEST_NAME).unlink(missing_ok=True)
+                fsync_dir(folder)
+        for name in [n for n in staged if n != MANIFEST_NAME]:
+            commit_temp(staged.pop(name), folder / name)
+        write_manifest(folder, manifest, staged=staged_manifest)
+        staged.pop(MANIFEST_NAME)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        if not committed:
+            for name in written:
+                (folder / name).unlink(missing_ok=True)
+    if current is not None:  # files of the index this one replaced
+        kept = {info.name for info in shards} | {f.name for f in (manifest.noise, manifest.hnsw) if f is not None}
+        for name in [info.name for info in current.shards] + [
+            f.name for f in (current.noise, current.hnsw) if f is not None
+        ]:
+            if name not in kept and name not in mine:
+                (folder / name).unlink(missing_ok=True)
+    return WrittenFolder(
+        manifest=manifest,
+        blocks=new_blocks,
+        noise=None if noise_info is None else StoredFile(noise_info, folder),
+        graph=None if hnsw_info is None else StoredFile(hnsw_info, folder),
+    )
+
+
+def _stage_noise(
+    folder: Path, noise: torch.Tensor | None, stored: StoredFile | None, link: bool, staged: dict[str, Path]
+) -> FileInfo | None:
+    if stored is not None:
+        info = stored.info
+        if not stored.is_in(folder):
+            source = stored.verify("noise file")
+            if link:
+                _place(source, folder / info.name, link)
+            elif not _same_file(folder / info.name, info):
+                staged[info.name] = stage_copy(source, folder / info.name)
+        return info
+    if noise is None:
+        return None
+    tmp = stage_noise(folder, noise)
+    staged[NOISE_NAME] = tmp
+    info = FileInfo(name=NOISE_NAME, sha256=sha256_file(tmp), num_bytes=tmp.stat().st_size, shape=tuple(noise.shape))
+    if _same_file(folder / NOISE_NAME, info):
+        staged.pop(NOISE_NAME).unlink(missing_ok=True)
+    return info
+
+
+def _stage_graph(
+    folder: Path,
+    graph: HNSWSearch | None,
+    stored: StoredFile | None,
+    dirty: bool,
+    num_timesteps: int,
+    link: bool,
+    staged: dict[str, Path],
+) -> HNSWInfo | None:
+    if graph is not None and (dirty or stored is None):
+        tmp = temp_path(folder / HNSW_NAME)
+        staged[HNSW_NAME] = tmp
+        graph.save(tmp, atomic=False)
+        try:  # hnswlib reports no write error: a full disk gives a truncated file
+            validate_hnsw_file(
+                tmp, dim=graph.dim, num_rows=graph.num_rows, M=graph.M, ef_construction=graph.ef_construction
+            )
+        except IndexCorruptError as err:
+            raise OSError(
+                f"Writing {folder / HNSW_NAME} failed: the written graph is incomplete ({err}). Is the disk full? "
+                "Nothing was replaced; free space and save again."
+            ) from err
+        return HNSWInfo(
+            name=HNSW_NAME,
+            sha256=sha256_file(tmp),
+            num_bytes=tmp.stat().st_size,
+            num_rows=graph.num_rows,
+            sketch_dim=graph.dim // num_timesteps,
+            M=graph.M,
+            ef_construction=graph.ef_construction,
+            ef=graph.ef,
+        )
+    if stored is None:
+        return None
+    info = stored.info
+    if stored.is_in(folder):
+        return info
+    source = stored.local_path(download=True)
+    if source is None:
+        logger.warning(
+            f"The HNSW graph of this index is not available locally; {folder} gets no {HNSW_NAME} (it will be "
+            "rebuilt on the first approximate search)."
+        )
+        return None
+    stored.verify("HNSW graph", source)
+    if link:
+        _place(source, folder / HNSW_NAME, link)
+    elif not _same_file(folder / HNSW_NAME, info):
+        staged[HNSW_NAME] = stage_copy(source, folder / HNSW_NAME)
+    return info
+
+
+def _place(source: Path, target: Path, link: bool) -> None:
+    if target.exists() and same_path(source, target):
+        return
+    if link:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        os.symlink(os.path.realpath(source), target)
+    else:
+        atomic_copy(source, target)
+
+
+def _current_manifest(folder: Path) -> Manifest | None:
+    """The manifest of the index in `folder`, or None when there is none (or it is unreadable)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(folder)
+    except DMinError:
+        logger.warning(f"Replacing the unreadable {folder / MANIFEST_NAME}.")
+        return None
+
+
+def _lists(manifest: Manifest | None, name: str) -> bool:
+    if manifest is None:
+        return False
+    return name in {f.name for f in (manifest.noise, manifest.hnsw) if f is not None} | {
+        s.name for s in manifest.shards
+    }
+
+
+def _same_file(path: Path, info: FileInfo | HNSWInfo) -> bool:
+    """Whether `path` already holds exactly the file `info` describes."""
+    try:
+        return path.is_file() and path.stat().st_size == info.num_bytes and sha256_file(path) == info.sha256
+    except OSError:
+        return False
+
+
+def _remove_orphans(folder: Path, keep: set[str], *, shards: bool = True) -> None:
+    """Remove temp files and (with `shards`) unlisted `shards/sketches-NNNNN.safetensors` of interrupted saves."""
+    for path in remove_temp_files(folder):
+        logger.info(f"Removed {path}, left by an interrupted write.")
+    if not shards:
+        return
+    directory = folder / SHARDS_DIR
+    if not directory.is_dir():
+        return
+    for path in directory.glob("sketches-*.safetensors"):
+        name = f"{SHARDS_DIR}/{path.name}"
+        if _CANONICAL_SHARD.fullmatch(path.name) and name not in keep:
+            path.unlink(missing_ok=True)
+            logger.info(f"Removed {path}, a shard no manifest lists (left by an interrupted save).")
