@@ -57,12 +57,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_config_round_trip_validation_and_legacy_meaning():
-    config = DMinConfig(sketch_normalize=True, output_function="output_norm", num_noise_draws=2, noise_draws="separate")
+    config = DMinConfig(
+        sketch_normalize=True, output_function="output_norm", num_noise_draws=2, noise_draws="separate"
+    )
     assert DMinConfig.from_json(config.to_json()) == config
     assert {"sketch_normalize", "output_function", "noise_draws"} <= set(config.to_dict())
 
     # an index written before the options existed: keys absent, and they mean what they meant then
-    legacy = {k: v for k, v in DMinConfig().to_dict().items()}
+    legacy = dict(DMinConfig().to_dict())
     assert not {"sketch_normalize", "output_function", "noise_draws"} & set(legacy)
     old = DMinConfig.from_dict(legacy)
     assert (old.sketch_normalize, old.output_function, old.noise_draws) == (False, "loss", "mean")
@@ -115,7 +117,9 @@ def test_sketch_normalize_is_the_cosine_of_sketches(pipe):
 
 def test_separate_noise_draws_score_each_draw_with_its_own_noise(pipe):
     images = _images()
-    config = DMinConfig(num_timesteps=2, sketch_dim=128, num_noise_draws=2, noise_draws="separate", normalize="timestep")
+    config = DMinConfig(
+        num_timesteps=2, sketch_dim=128, num_noise_draws=2, noise_draws="separate", normalize="timestep"
+    )
     sketcher = GradientSketcher.from_pipeline(pipe, config, mode="vmap")
     per_draw = _unit(_manual_gradients(sketcher, images, "loss"))  # (B, T, R, D)
 

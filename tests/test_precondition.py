@@ -79,3 +79,89 @@ def test_file_round_trip_and_corruption(tmp_path):
     nan.save(tmp_path / "nan.safetensors")
     with pytest.raises(IndexCorruptError, match="NaN"):
         QueryPreconditioner.load(tmp_path / "nan.safetensors", num_timesteps=2, sketch_dim=8)
+
+
+# ---------------------------------------------------------------------------------------------- in the index
+
+
+def _index(n=30, t=2, k=16):
+    import numpy as np
+
+    from diffusers_dmin import DMinConfig, GradientIndex
+
+    rows = _rows(n, t, k)
+    return GradientIndex.from_sketches(
+        rows, ids=np.arange(100, 100 + n), config=DMinConfig(num_timesteps=t, sketch_dim=k, dtype="float32")
+    ), rows
+
+
+def test_index_search_with_preconditioner_matches_manual_scores():
+    index, rows = _index()
+    queries = _rows(4, 2, 16, seed=3)
+    pre = index.fit_preconditioner(damping=0.5, center=True)
+    expected = torch.einsum("qtk,ntk->qn", pre.apply(queries), rows)
+    results = index.search(queries, top_k=5, precondition=True)
+    for q, result in enumerate(results):
+        top = torch.topk(expected[q], 5)
+        assert list(result.sample_ids) == [100 + int(i) for i in top.indices]
+        torch.testing.assert_close(torch.from_numpy(result.scores), top.values, rtol=1e-4, atol=1e-4)
+    # plain search is unchanged, and HNSW with re-scoring gives the same preconditioned ranking
+    plain = index.search(queries, top_k=5)
+    assert [list(r.sample_ids) for r in plain] != [list(r.sample_ids) for r in results]
+    index.build_hnsw(M=8, ef_construction=50, num_threads=1)
+    approx = index.search(queries, top_k=5, exact=False, precondition=True, ef=12)  # < 30 rows: the graph runs
+    overlap = [len(set(a.sample_ids) & set(b.sample_ids)) for a, b in zip(approx, results)]
+    assert sum(overlap) >= 0.8 * 5 * len(queries)  # approximate, but over the preconditioned query
+    for q, result in enumerate(approx):  # re-scored exactly with the preconditioned query
+        expected_scores = expected[q, torch.as_tensor(result.sample_ids.astype("int64") - 100)]
+        torch.testing.assert_close(torch.from_numpy(result.scores), expected_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_preconditioner_and_errors():
+    index, rows = _index()
+    queries = _rows(2, 2, 16, seed=4)
+    with pytest.raises(ConfigError, match="fit_preconditioner"):
+        index.search(queries, precondition=True)
+    index.fit_preconditioner(damping=1.0, sketch_dim=8)
+    with pytest.raises(ConfigError, match="sketch_dim=8"):
+        index.search(queries, precondition=True)
+    from diffusers_dmin.sketch import fold_sketch
+
+    expected = torch.einsum("qtk,ntk->qn", index.preconditioner.apply(fold_sketch(queries, 8)), fold_sketch(rows, 8))
+    found = index.search(queries, top_k=3, sketch_dim=8, precondition=True)
+    assert [int(i) - 100 for i in found[0].sample_ids] == torch.topk(expected[0], 3).indices.tolist()
+    # new rows make the fitted preconditioner stale: it is dropped
+    index.add(_rows(2, 2, 16, seed=9), ids=[1, 2])
+    assert index.preconditioner is None
+
+
+def test_saved_with_the_index_and_old_indices_load(tmp_path):
+    from diffusers_dmin import GradientIndex
+    from diffusers_dmin.storage import read_manifest
+
+    index, _ = _index()
+    index.save_pretrained(tmp_path / "old")
+    assert "preconditioner" not in (tmp_path / "old" / "dmin_index.json").read_text()  # unchanged manifests
+    assert GradientIndex.from_pretrained(tmp_path / "old").preconditioner is None
+
+    pre = index.fit_preconditioner(damping=0.5)
+    index.save_pretrained(tmp_path / "new")
+    manifest = read_manifest(tmp_path / "new")
+    assert manifest.preconditioner.name == "preconditioner.safetensors" and manifest.preconditioner.shape == (2, 16)
+    queries = _rows(3, 2, 16, seed=5)
+    loaded = GradientIndex.from_pretrained(tmp_path / "new")
+    torch.testing.assert_close(loaded.preconditioner.inverse, pre.inverse)
+    a = loaded.search(queries, top_k=4, precondition=True)
+    b = index.search(queries, top_k=4, precondition=True)
+    assert [list(r.sample_ids) for r in a] == [list(r.sample_ids) for r in b]
+    # saving the loaded index elsewhere carries the file along
+    loaded.save_pretrained(tmp_path / "copy")
+    assert read_manifest(tmp_path / "copy").preconditioner.sha256 == manifest.preconditioner.sha256
+
+    # a tampered file fails its sha256 check before it is parsed
+    path = tmp_path / "new" / "preconditioner.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptError):
+        GradientIndex.from_pretrained(tmp_path / "new").search(queries, precondition=True)

@@ -207,8 +207,9 @@ def run_digits(args) -> dict:
     from .baselines import pixel_cosine_scores, ssim_scores
 
     baselines = {
-        "pixel cosine": evaluate_digits(pixel_cosine_scores(queries, ctx.images), ctx, labels, confident, masks,
-                                        actual, halves),
+        "pixel cosine": evaluate_digits(
+            pixel_cosine_scores(queries, ctx.images), ctx, labels, confident, masks, actual, halves
+        ),
         "SSIM": evaluate_digits(ssim_scores(queries, ctx.images), ctx, labels, confident, masks, actual, halves),
     }
     return {
@@ -417,10 +418,13 @@ def markdown(result: dict, command: str) -> str:
         f"- {k}: {v * 1000:.1f} ms" for k, v in result["seconds_per_sample"].items()
     )
     return (
-        (f"Digits DDPM: LDS over {result['num_subsets']} random-half retrains; det@10 on the SVM-confident queries "
-         f"({result['num_confident']} per half) of {result['num_queries']}.\n\n" if result["model"] == "digits" else
-         f"Tiny SD: det@10 over {result['num_queries']} generated queries per half, {result['num_train']} training "
-         "samples.\n\n")
+        (
+            f"Digits DDPM: LDS over {result['num_subsets']} random-half retrains; det@10 on the SVM-confident queries "
+            f"({result['num_confident']} per half) of {result['num_queries']}.\n\n"
+            if result["model"] == "digits"
+            else f"Tiny SD: det@10 over {result['num_queries']} generated queries per half, {result['num_train']} training "
+            "samples.\n\n"
+        )
         + f"Model: {result['model']}; sketch seeds {seeds} (mean ± sd over seeds where more than one). Halves: A selects "
         "(damping, defaults), B is held out.\n\n"
         f"Command: `{command}`\n\n" + "\n".join(lines) + grid + costs + "\n"

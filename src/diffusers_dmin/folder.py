@@ -24,6 +24,7 @@ from .constants import HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS
 from .errors import DMinError, IndexCorruptError, IndexNotFoundError
 from .hnsw_file import validate_hnsw_file
 from .logging import get_logger
+from .precondition import PRECONDITIONER_NAME, QueryPreconditioner
 from .search import HNSWSearch
 from .storage import (
     FileInfo,
@@ -119,6 +120,7 @@ class WrittenFolder:
     blocks: list[Block]
     noise: StoredFile | None
     graph: StoredFile | None
+    preconditioner: StoredFile | None = None
 
 
 def same_path(a: Path | None, b: Path | None) -> bool:
@@ -143,6 +145,8 @@ def write_index_folder(
     graph_file: StoredFile | None,
     graph_dirty: bool,
     source_folder: Path | None,
+    preconditioner: QueryPreconditioner | None = None,
+    preconditioner_file: StoredFile | None = None,
     link: bool,
     repo_id: str | None = None,
     max_shard_rows: int | None = None,
@@ -204,8 +208,15 @@ def write_index_folder(
                 start = end
         noise_info = _stage_noise(folder, noise, noise_file, link, staged)
         hnsw_info = _stage_graph(folder, graph, graph_file, graph_dirty, num_timesteps, link, staged)
+        pre_info = _stage_preconditioner(folder, preconditioner, preconditioner_file, link, staged)
         manifest = Manifest(
-            config=config, spec=spec, shards=shards, noise=noise_info, hnsw=hnsw_info, metadata=metadata
+            config=config,
+            spec=spec,
+            shards=shards,
+            noise=noise_info,
+            hnsw=hnsw_info,
+            preconditioner=pre_info,
+            metadata=metadata,
         )
         card = folder / README_NAME
         source_card = None if source_folder is None else source_folder / README_NAME
@@ -225,7 +236,8 @@ def write_index_folder(
         committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
         if replaced:
             if manifest.noise is None or (manifest.noise.name not in staged):
-                write_manifest(folder, dataclasses.replace(manifest, hnsw=None))  # loadable while the graph moves
+                # loadable while the graph and the preconditioner move (both optional)
+                write_manifest(folder, dataclasses.replace(manifest, hnsw=None, preconditioner=None))
             else:
                 (folder / MANIFEST_NAME).unlink(missing_ok=True)
                 fsync_dir(folder)
@@ -240,10 +252,8 @@ def write_index_folder(
             for name in written:
                 (folder / name).unlink(missing_ok=True)
     if current is not None:  # files of the index this one replaced
-        kept = {info.name for info in shards} | {f.name for f in (manifest.noise, manifest.hnsw) if f is not None}
-        for name in [info.name for info in current.shards] + [
-            f.name for f in (current.noise, current.hnsw) if f is not None
-        ]:
+        kept = {info.name for info in shards} | {f.name for f in _extra_files(manifest)}
+        for name in [info.name for info in current.shards] + [f.name for f in _extra_files(current)]:
             if name not in kept and name not in mine:
                 (folder / name).unlink(missing_ok=True)
     return WrittenFolder(
@@ -251,7 +261,50 @@ def write_index_folder(
         blocks=new_blocks,
         noise=None if noise_info is None else StoredFile(noise_info, folder),
         graph=None if hnsw_info is None else StoredFile(hnsw_info, folder),
+        preconditioner=None if pre_info is None else StoredFile(pre_info, folder),
     )
+
+
+def _extra_files(manifest: Manifest) -> list:
+    """The files a manifest lists besides its shards."""
+    return [f for f in (manifest.noise, manifest.hnsw, manifest.preconditioner) if f is not None]
+
+
+def _stage_preconditioner(
+    folder: Path,
+    preconditioner: QueryPreconditioner | None,
+    stored: StoredFile | None,
+    link: bool,
+    staged: dict[str, Path],
+) -> FileInfo | None:
+    """The fitted preconditioner's file: copied (linked) from the file it was loaded from, else written anew."""
+    if stored is not None:
+        info = stored.info
+        if not stored.is_in(folder):
+            source = stored.local_path(download=True)
+            if source is None:
+                raise IndexNotFoundError(f"The index's {info.name} could not be found or downloaded.")
+            source = stored.verify("preconditioner file", source)
+            if link:
+                _place(source, folder / info.name, link)
+            elif not _same_file(folder / info.name, info):
+                staged[info.name] = stage_copy(source, folder / info.name)
+        return info
+    if preconditioner is None:
+        return None
+    tmp = temp_path(folder / PRECONDITIONER_NAME)
+    preconditioner.save(tmp)
+    QueryPreconditioner.load(tmp, num_timesteps=preconditioner.num_timesteps, sketch_dim=preconditioner.sketch_dim)
+    staged[PRECONDITIONER_NAME] = tmp
+    info = FileInfo(
+        name=PRECONDITIONER_NAME,
+        sha256=sha256_file(tmp),
+        num_bytes=tmp.stat().st_size,
+        shape=(preconditioner.num_timesteps, preconditioner.sketch_dim),
+    )
+    if _same_file(folder / PRECONDITIONER_NAME, info):
+        staged.pop(PRECONDITIONER_NAME).unlink(missing_ok=True)
+    return info
 
 
 def _stage_noise(
@@ -353,9 +406,7 @@ def _current_manifest(folder: Path) -> Manifest | None:
 def _lists(manifest: Manifest | None, name: str) -> bool:
     if manifest is None:
         return False
-    return name in {f.name for f in (manifest.noise, manifest.hnsw) if f is not None} | {
-        s.name for s in manifest.shards
-    }
+    return name in {f.name for f in _extra_files(manifest)} | {s.name for s in manifest.shards}
 
 
 def _same_file(path: Path, info: FileInfo | HNSWInfo) -> bool:

@@ -258,7 +258,9 @@ class OPORPSketch:
             raise ConfigError(f"Coordinates [{start}, {start + length}) fall outside [0, input_dim={self.input_dim}).")
 
 
-def fold_sketch(sketches: torch.Tensor, sketch_dim: int, *, renormalize: bool = False, blocks: int = 1) -> torch.Tensor:
+def fold_sketch(
+    sketches: torch.Tensor, sketch_dim: int, *, renormalize: bool = False, blocks: int = 1
+) -> torch.Tensor:
     """
     Fold `(..., K)` sketches to `(..., sketch_dim)` by summing groups of adjacent buckets.
 

@@ -333,6 +333,9 @@ class Manifest:
         shards (`list[ShardInfo]`): Shards in row order.
         noise (`FileInfo`, *optional*): The fixed noise file.
         hnsw (`HNSWInfo`, *optional*): The saved HNSW graph.
+        preconditioner (`FileInfo`, *optional*): The fitted query preconditioner
+            ([`~precondition.QueryPreconditioner`], `preconditioner.safetensors`); written to JSON only when present,
+            so manifests without it (all written before it existed) are unchanged.
         metadata (`IndexMetadata`): Provenance (base model, adapter, dataset, id column).
         format_version (`int`, *optional*, defaults to `FORMAT_VERSION`): Version of this format.
         library_version (`str`, *optional*): Version of diffusers_dmin that wrote the manifest.
@@ -343,6 +346,7 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     noise: FileInfo | None = None
     hnsw: HNSWInfo | None = None
+    preconditioner: FileInfo | None = None
     metadata: IndexMetadata = field(default_factory=IndexMetadata)
     format_version: int = FORMAT_VERSION
     library_version: str | None = None
@@ -404,6 +408,7 @@ class Manifest:
             "shards": [shard.to_dict() for shard in self.shards],
             "noise": None if self.noise is None else self.noise.to_dict(),
             "hnsw": None if self.hnsw is None else self.hnsw.to_dict(),
+            **({} if self.preconditioner is None else {"preconditioner": self.preconditioner.to_dict()}),
         }
 
     def to_json(self) -> str:
@@ -427,6 +432,9 @@ class Manifest:
             shards=[ShardInfo.from_dict(_check_mapping(s, "shards[]")) for s in data["shards"]],
             noise=None if data.get("noise") is None else FileInfo.from_dict(_check_mapping(data["noise"], "noise")),
             hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(_check_mapping(data["hnsw"], "hnsw")),
+            preconditioner=None
+            if data.get("preconditioner") is None
+            else FileInfo.from_dict(_check_mapping(data["preconditioner"], "preconditioner")),
             metadata=IndexMetadata.from_dict(data),
             format_version=version,
             library_version=data.get("library_version"),
