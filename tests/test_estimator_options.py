@@ -168,6 +168,12 @@ def test_index_refuses_queries_made_with_another_option(pipe):
         other = GradientSketcher.from_pipeline(pipe, base.replace(**change))
         with pytest.raises(IndexMismatchError, match=next(iter(change))):
             index.search(other(images=images), top_k=2, spec=other.spec)
+    # separate draws: a search may not fold the blocks together
+    separate = GradientSketcher.from_pipeline(pipe, base.replace(num_noise_draws=2, noise_draws="separate"))
+    blocks = GradientIndex.from_sketches(separate(images=images), ids=np.arange(3), spec=separate.spec)
+    assert len(blocks.search(separate(images=images), top_k=2, sketch_dim=32)[0].sample_ids) == 2
+    with pytest.raises(ConfigError, match="multiples of 2"):
+        blocks.search(separate(images=images), top_k=2, sketch_dim=1)
     # the spec round-trips through a manifest's dict with the option
     spec = GradientSketcher.from_pipeline(pipe, base.replace(sketch_normalize=True)).spec
     assert SketchSpec.from_dict(spec.to_dict()) == spec

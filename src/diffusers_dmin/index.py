@@ -593,6 +593,12 @@ class GradientIndex(ProgressBarMixin):
             folded = prepare_queries(
                 queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
             )  # (q, T, k_s)
+            draws = self._config.num_noise_draws if self._config.noise_draws == "separate" else 1
+            if folded.shape[-1] % draws:
+                raise ConfigError(
+                    f"This index keeps {draws} noise draws in separate blocks (`noise_draws='separate'`), so a search "
+                    f"may fold its sketches only to multiples of {draws} buckets, not to sketch_dim={folded.shape[-1]}."
+                )
             if precondition is not False:
                 folded = self._apply_preconditioner(folded, precondition)
             full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
