@@ -431,9 +431,49 @@ def markdown(result: dict, command: str) -> str:
     )
 
 
+def combined_table(digits: dict, sd: dict) -> str:
+    """One markdown table over both models' results: held-out half B (half A in brackets), mean ± sd over seeds."""
+
+    def cell(result, key, metric):
+        entry = result["summary"].get(key)
+        if entry is None:
+            return "not run"
+        b, a = entry[f"{metric}_B"], entry[f"{metric}_A"]
+        spread = f" ± {b['std']:.3f}" if b["n"] > 1 and b["std"] is not None else ""
+        return f"{b['mean']:.3f}{spread} ({a['mean']:.3f})"
+
+    keys = list(dict.fromkeys([*digits["summary"], *sd["summary"]]))
+    lines = [
+        "| variant | query transform | digits LDS | digits det@10 | tiny-SD det@10 |",
+        "|---|---|---|---|---|",
+    ]
+    for key in keys:
+        variant, transform = key.split(" | ")
+        if " a=" in transform:
+            prefix = transform.rsplit(" a=", 1)[0]
+            picks = {
+                name: result.get("chosen_damping", {}).get(f"{variant} | {prefix}")
+                for name, result in (("digits", digits), ("sd", sd))
+            }
+            if transform not in picks.values():
+                continue
+            transform += " (chosen on A for " + " and ".join(n for n, t in picks.items() if t == transform) + ")"
+        lines.append(
+            f"| {variant} | {transform} | {cell(digits, key, 'lds')} | {cell(digits, key, 'det10')} | "
+            f"{cell(sd, key, 'det10')} |"
+        )
+    for name in ("pixel cosine", "SSIM"):
+        d, s_ = digits["baselines"][name], sd["baselines"][name]
+        lines.append(
+            f"| baseline: {name} | - | {d['B']['lds']:.3f} ({d['A']['lds']:.3f}) | {d['B']['det10']:.3f} "
+            f"({d['A']['det10']:.3f}) | {s_['B']['det10']:.3f} ({s_['A']['det10']:.3f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__)
-    parser.add_argument("--model", choices=("digits", "sd"), required=True)
+    parser.add_argument("--model", choices=("digits", "sd"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--draw-seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
@@ -446,7 +486,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--available-subsets", action="store_true", help="digits: LDS over the retrains already cached (a prefix)"
     )
+    parser.add_argument("--summarize", action="store_true", help="only print the table over both models' results")
     args = parser.parse_args(argv)
+    if args.summarize:
+        digits = json.loads((RESULTS / "ablations_estimator_digits.json").read_text())
+        sd = json.loads((RESULTS / "ablations_estimator_sd.json").read_text())
+        print(combined_table(digits, sd))
+        return {}
     set_threads(args.threads)
     result = run_digits(args) if args.model == "digits" else run_sd(args)
     result["command"] = command_line()
