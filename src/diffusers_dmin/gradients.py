@@ -290,7 +290,8 @@ class GradientSketcher(ProgressBarMixin):
     Computes DMin gradient sketches of (image, prompt) pairs for a diffusers pipeline.
 
     Build it with [`GradientSketcher.from_pipeline`]. Calling it returns a float32 CPU tensor of shape `(B, T, K)`:
-    for each sample, the L2-normalised loss gradient at each of the T timesteps, sketched to K numbers.
+    for each sample, the L2-normalised loss gradient (or D-TRAK's output-norm gradient, `output_function`) at each
+    of the T timesteps, sketched to K numbers (see [`DMinConfig`] for `noise_draws` and `sketch_normalize`).
 
     Attributes:
         config (`DMinConfig`): The configuration.
