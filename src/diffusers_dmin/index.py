@@ -28,6 +28,7 @@ from .hub import HubLocation, upload_index_folder
 from .ivf import IndexIVF
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
+from .precondition import QueryPreconditioner
 from .search import (
     QUERY_FIX,
     ExactSearch,
@@ -37,6 +38,7 @@ from .search import (
     prepare_queries,
     single_threaded_torch,
 )
+from .sketch import fold_sketch
 from .storage import IndexMetadata, Manifest, iter_shards, read_manifest, read_noise, to_ids_array, to_storage_array
 from .training_data import TrainingRows
 
@@ -129,6 +131,8 @@ class GradientIndex(ProgressBarMixin):
             self._noise = _as_noise(noise)
         self._graph = IndexGraph()  # the HNSW graph: in memory, saved, or to download
         self._ivf = IndexIVF()  # the FAISS IVF index: in memory, saved, or to download
+        self._preconditioner: QueryPreconditioner | None = None  # fitted, or loaded from its file on first use
+        self._preconditioner_file: StoredFile | None = None
         self._warned_weak_fingerprint = False
         self._source_folder: Path | None = None
         self._rows: TrainingRows | None = None  # the attached training set
@@ -453,6 +457,9 @@ class GradientIndex(ProgressBarMixin):
             )
         self._blocks.append(Block(array, ids_array))
         self._ids = np.concatenate([self._ids, ids_array])
+        if self._preconditioner is not None or self._preconditioner_file is not None:
+            logger.info("New rows: the fitted query preconditioner is dropped; refit it with `fit_preconditioner`.")
+            self._preconditioner, self._preconditioner_file = None, None
         self._exact = None
         self._sorted_ids = None
         self._graph.extend(self._exact_search(), progress=self._progress_enabled())
@@ -675,6 +682,7 @@ class GradientIndex(ProgressBarMixin):
         ef: int | None = None,
         backend: Literal["exact", "hnsw", "faiss"] | None = None,
         nprobe: int | None = None,
+        precondition: bool = False,
     ) -> list[InfluenceResult]:
         r"""
         Find the training samples whose sketches have the largest inner products with each query.
@@ -708,6 +716,11 @@ class GradientIndex(ProgressBarMixin):
                 candidates exactly at full K (built with the defaults on first use; see [`build_faiss`]).
             nprobe (`int`, *optional*):
                 FAISS only: lists probed for this call (default: the index's, calibrated or 16).
+            precondition (`bool`, *optional*, defaults to `False`):
+                Multiply each (folded) query by the index's damped inverse sketch covariance per timestep before
+                scoring (TRAK's kernel at DMin's cost; see [`fit_preconditioner`], which must have been called, or
+                an index saved after it). Only the query changes: exact search and the HNSW graph are the same. The
+                preconditioner must have been fitted at the search's sketch dimension.
 
         Returns:
             `list[InfluenceResult]`: One per query: `sample_ids` (int64) and `scores` (float32 inner products),
@@ -731,6 +744,14 @@ class GradientIndex(ProgressBarMixin):
             folded = prepare_queries(
                 queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
             )  # (q, T, k_s)
+            draws = self._config.num_noise_draws if self._config.noise_draws == "separate" else 1
+            if folded.shape[-1] % draws:
+                raise ConfigError(
+                    f"This index keeps {draws} noise draws in separate blocks (`noise_draws='separate'`), so a search "
+                    f"may fold its sketches only to multiples of {draws} buckets, not to sketch_dim={folded.shape[-1]}."
+                )
+            if precondition is not False:
+                folded = self._apply_preconditioner(folded, precondition)
             full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
         exact_search = self._exact_search()
         if backend is None:
@@ -773,6 +794,93 @@ class GradientIndex(ProgressBarMixin):
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
         return results
+
+    @property
+    def preconditioner(self) -> QueryPreconditioner | None:
+        """The fitted (or saved) [`~precondition.QueryPreconditioner`], or `None`. Loaded and verified against the
+        manifest's sha256 on first access."""
+        if self._preconditioner is None and self._preconditioner_file is not None:
+            stored = self._preconditioner_file
+            path = stored.local_path(download=True)
+            if path is None:
+                raise IndexCorruptError(f"The index lists {stored.name}, but it could not be found or downloaded.")
+            stored.verify("preconditioner file", path)
+            self._preconditioner = QueryPreconditioner.load(
+                path, num_timesteps=self.num_timesteps, sketch_dim=self._preconditioner_dim()
+            )
+        return self._preconditioner
+
+    def fit_preconditioner(
+        self, damping: float, *, center: bool = False, sketch_dim: int | None = None, batch_rows: int = 4096
+    ) -> QueryPreconditioner:
+        r"""
+        Fit the query preconditioner of [`search`]`(precondition=True)` on this index's own rows: per timestep the
+        damped inverse `(Sigma_t + lambda_t I)^-1` of the rows' K x K second moment (covariance with `center=True`),
+        `lambda_t = damping * tr(Sigma_t) / K`. It is saved with the index (`preconditioner.safetensors`, listed in
+        the manifest with its sha256; `T K^2` float32 numbers: 640 MiB at T = 10, K = 4,096, 40 MiB at K = 1,024).
+
+        Args:
+            damping (`float`): Relative damping, > 0. Choose it on held-out queries: on our benchmarks
+                (benchmarks/quality/estimator_options.py, held-out query halves) the best values were 10 for the tiny
+                SD's detection and 0.1 for the digits DDPM's LDS, and preconditioning lowered the digits' class
+                detection; it is therefore off by default.
+            center (`bool`, *optional*, defaults to `False`): Also subtract the rows' mean sketch from queries
+                (rankings are then those of fully centred sketches).
+            sketch_dim (`int`, *optional*): Fit at this divisor of K (the rows folded), for searches at that
+                `sketch_dim`; defaults to K.
+            batch_rows (`int`, *optional*, defaults to 4096): Rows read at once.
+
+        Returns:
+            [`~precondition.QueryPreconditioner`]: The fitted preconditioner (also kept by the index).
+        """
+        self._check_nonempty()
+        k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
+        check_int(batch_rows, "batch_rows")
+        exact = self._exact_search()
+
+        def batches():
+            for start in range(0, len(self), batch_rows):
+                rows = exact.gather(np.arange(start, min(start + batch_rows, len(self))))
+                yield fold_sketch(rows.reshape(-1, self.num_timesteps, self.sketch_dim), k)
+
+        with single_threaded_torch():
+            self._preconditioner = QueryPreconditioner.fit(batches(), damping=damping, center=center)
+        self._preconditioner_file = None
+        return self._preconditioner
+
+    def _preconditioner_dim(self) -> int:
+        """The K the saved preconditioner was fitted at: the manifest records its file's shape as `(T, K)`."""
+        info = self._preconditioner_file.info
+        shape = info.shape
+        if (
+            shape is None
+            or len(shape) != 2
+            or shape[0] != self.num_timesteps
+            or not shape[1]
+            or self.sketch_dim % shape[1]
+        ):
+            raise IndexCorruptError(
+                f"The manifest records {info.name} with shape {shape}; expected (T={self.num_timesteps}, a divisor of "
+                f"K={self.sketch_dim})."
+            )
+        return int(shape[1])
+
+    def _apply_preconditioner(self, folded: torch.Tensor, precondition: Any) -> torch.Tensor:
+        if precondition is not True:
+            raise ConfigError(f"`precondition` must be True or False, but is {precondition!r}.")
+        pre = self.preconditioner
+        if pre is None:
+            raise ConfigError(
+                "`precondition=True` needs a fitted preconditioner: call `index.fit_preconditioner(damping=...)` "
+                "first (this index has none saved)."
+            )
+        if pre.sketch_dim != folded.shape[-1]:
+            raise ConfigError(
+                f"The preconditioner was fitted at sketch_dim={pre.sketch_dim}, but this search runs at "
+                f"{folded.shape[-1]}; pass `sketch_dim={pre.sketch_dim}` or refit with "
+                f"`fit_preconditioner(..., sketch_dim={folded.shape[-1]})`."
+            )
+        return pre.apply(folded)
 
     def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         r"""
@@ -923,6 +1031,8 @@ class GradientIndex(ProgressBarMixin):
             index._graph.use_file(StoredFile(manifest.hnsw, folder, origin))
         if manifest.faiss is not None:
             index._ivf.use_file(StoredFile(manifest.faiss, folder, origin))
+        if manifest.preconditioner is not None:  # read (and downloaded from the Hub) on first use
+            index._preconditioner_file = StoredFile(manifest.preconditioner, folder, origin)
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
         return index
@@ -998,6 +1108,8 @@ class GradientIndex(ProgressBarMixin):
             faiss_dirty=self._ivf.dirty,
             faiss_calibration=self._ivf.calibration,
             source_folder=self._source_folder,
+            preconditioner=self._preconditioner if self._preconditioner_file is None else None,
+            preconditioner_file=self._preconditioner_file,
             link=link,
             repo_id=repo_id,
             max_shard_rows=max_shard_rows,
@@ -1014,6 +1126,8 @@ class GradientIndex(ProgressBarMixin):
             self._noise_file = written.noise
         self._graph.saved(written.graph)
         self._ivf.saved(written.faiss)
+        if written.preconditioner is not None:
+            self._preconditioner_file = written.preconditioner
         return written.manifest
 
     def _exact_search(self) -> ExactSearch:
