@@ -1,0 +1,231 @@
+"""Issue 12, part 4: every attribution method on the digits DDPM: LDS and counterfactual removal.
+
+- **LDS** over the 32 random-half retrains of `DigitsContext.lds_masks(32)` (the full recipe, the same models as the
+  ablations' LDS; cached in `--cache-dir`), 64 generated digits (seed 1000, as the ablations draw them). The digits
+  have no validation split (all 1,797 train the model), so only generated queries are scored. Queries at even
+  positions choose each method's damping; the odd ones are reported.
+- **Counterfactual removal** (`counterfactual.py`'s protocol): for Q generated digits (seed 2000 + training seed),
+  remove each method's top 5% (90) training digits, retrain from the same initialisation and seed, and measure the
+  change of the digit's loss at the fixed probe noise; G queries share one retrain (their union removed). Each
+  method's damping is the one its LDS tuning half chose.
+- Journey-TRAK uses the DDIM trajectory of each generated digit, re-run step by step (`ddim_trajectory`, checked to
+  reproduce `generate_ddpm`'s samples).
+
+Usage:
+    python -m benchmarks.quality.digits_methods --threads 1 --cache-dir /work/cache/digits
+    python -m benchmarks.quality.digits_methods --quick --threads 1   # 400-step recipe, 8 subsets, 32 queries
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .attribution import NOT_AVAILABLE, AttributionTask, registry
+from .common import (
+    base_parser,
+    command_line,
+    log,
+    markdown_table,
+    mode_name,
+    pyplot,
+    save_plot,
+    set_threads,
+    write_json,
+    write_markdown,
+)
+from .digits_context import DigitsContext, recipe_for
+from .metrics import lds, subset_predictions, summary, top_k
+
+
+@torch.no_grad()
+def ddim_trajectory(pipe, num: int, seed: int, steps: int = 25, keep: int = 10):
+    """`generate_ddpm`'s samples, re-run step by step: images `(num, 1, s, s)`, denoiser inputs at `keep` evenly
+    spaced steps `(num, keep, 1, s, s)` and their timesteps."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet, scheduler = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size
+    generator = torch.Generator().manual_seed(seed)
+    image = randn_tensor((num, unet.config.in_channels, size, size), generator=generator, dtype=unet.dtype)
+    scheduler.set_timesteps(steps)
+    inputs = []
+    for t in scheduler.timesteps:
+        inputs.append(image.clone())
+        output = unet(image, t).sample
+        image = scheduler.step(output, t, image, eta=0.0, generator=generator).prev_sample
+    chosen = np.linspace(0, steps - 1, keep).round().astype(int)
+    images = (image / 2 + 0.5).clamp(0, 1)
+    return images, torch.stack([inputs[i] for i in chosen], 1), [int(scheduler.timesteps[i]) for i in chosen]
+
+
+def method_scores(ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None) -> dict:
+    out = {}
+    for method in registry():
+        if only and method.name not in only:
+            continue
+        task = AttributionTask(
+            pipe=ctx.reference,
+            train_images=ctx.images,
+            train_prompts=None,
+            query_images=queries,
+            query_prompts=None,
+            trajectories=trajectories,
+            trajectory_timesteps=traj_t,
+            seed=seed,
+        )
+        start = time.perf_counter()
+        result = method.fn(task, **method.kwargs)
+        out[method.name] = (result, time.perf_counter() - start)
+        log(f"{method.name}: {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def run(quick: bool, seed: int, cache_dir, num_queries: int | None, cf_queries: int, cf_group: int, only=None):
+    start_all = time.perf_counter()
+    ctx = DigitsContext(recipe_for(quick, seed), cache_dir)
+    num_subsets = 8 if quick else 32
+    num_queries = num_queries or (32 if quick else 64)
+    n = ctx.num_train
+
+    # ---- LDS
+    queries, labels, _ = ctx.queries(num_queries)
+    images, trajectories, traj_t = ddim_trajectory(ctx.reference, num_queries, 1000)
+    mismatch = float((images - queries).abs().max())
+    if mismatch > 1e-4:
+        raise RuntimeError(f"ddim_trajectory does not reproduce generate_ddpm (max |diff| {mismatch:.2e}).")
+    masks = ctx.lds_masks(num_subsets)
+    start = time.perf_counter()
+    actual = ctx.subset_losses(masks, queries)
+    gt_seconds = time.perf_counter() - start
+    scored = method_scores(ctx, queries, trajectories, traj_t, seed, only)
+    tune = np.arange(num_queries) % 2 == 0
+    rows = {}
+    chosen_label = {}
+    for name, (result, wall) in scored.items():
+        per_hp = {}
+        for label, scores in result.scores.items():
+            per_hp[label] = lds(subset_predictions(scores, masks), actual)
+        chosen = max(per_hp, key=lambda k: np.nanmean(per_hp[k][tune]))
+        chosen_label[name] = chosen
+        rows[name] = {
+            "chosen": chosen,
+            "tune_lds": {k: float(np.nanmean(v[tune])) for k, v in per_hp.items()},
+            "lds": summary(per_hp[chosen][~tune]),
+            "lds_per_query": per_hp[chosen][~tune],
+            "train_seconds_per_sample": result.train_seconds / n,
+            "query_seconds_per_query": result.query_seconds / num_queries,
+            "bytes_per_sample": result.bytes_per_sample,
+            "wall_seconds": wall,
+            "notes": result.notes,
+        }
+        log(f"LDS {name}: {rows[name]['lds']['mean']:.3f} ({chosen})")
+
+    # ---- counterfactual removal
+    counterfactual = {}
+    if cf_queries:
+        cf_q, _, _ = ctx.queries(cf_queries, seed=2000 + seed)
+        cf_images, cf_traj, cf_t = ddim_trajectory(ctx.reference, cf_queries, 2000 + seed)
+        base_loss = ctx.query_losses(ctx.reference, cf_q)
+        k = int(round(0.05 * n))
+        groups = [list(range(g, cf_queries, cf_queries // cf_group)) for g in range(cf_queries // cf_group)]
+        cf_scored = method_scores(ctx, cf_q, cf_traj, cf_t, seed, only)
+        for name, (result, _) in cf_scored.items():
+            scores = result.scores[chosen_label[name]] if chosen_label[name] in result.scores else result.scores["-"]
+            removed_sets = top_k(scores, k)
+            delta = np.full(cf_queries, np.nan)
+            for members in groups:
+                removed = np.unique(np.concatenate([removed_sets[q] for q in members]))
+                pipe = ctx.model(removed)
+                delta[members] = ctx.query_losses(pipe, cf_q[members]) - base_loss[members]
+            counterfactual[name] = {"delta_loss": summary(delta), "per_query": delta, "share_positive": float((delta > 0).mean())}
+            log(f"counterfactual {name}: {np.mean(delta):+.5f}")
+        counterfactual["_protocol"] = {"queries": cf_queries, "group": cf_group, "k": k, "base_loss": base_loss}
+    return {
+        "recipe": ctx.recipe.to_dict(),
+        "num_subsets": num_subsets,
+        "num_queries": num_queries,
+        "reported_queries": int((~tune).sum()),
+        "ground_truth_seconds": gt_seconds,
+        "methods": rows,
+        "counterfactual": counterfactual,
+        "training_stats": dict(ctx.stats),
+        "not_available": NOT_AVAILABLE,
+        "seconds": time.perf_counter() - start_all,
+    }
+
+
+def markdown(result: dict, command: str) -> str:
+    cf = result["counterfactual"]
+    header = ["method", "LDS (generated)", "chosen", "counterfactual Δloss (mean ± std)", "Δ>0 share"]
+    header += ["train s/sample", "query s/query", "bytes/sample"]
+    rows = []
+    for name, r in result["methods"].items():
+        c = cf.get(name)
+        rows.append(
+            [
+                name,
+                f"{r['lds']['mean']:.3f} ± {r['lds']['sem']:.3f}",
+                r["chosen"],
+                f"{c['delta_loss']['mean']:+.5f} ± {c['delta_loss']['std']:.5f}" if c else "-",
+                c["share_positive"] if c else None,
+                f"{r['train_seconds_per_sample']:.4f}",
+                f"{r['query_seconds_per_query']:.4f}",
+                f"{r['bytes_per_sample']:,.0f}",
+            ]
+        )
+    for name, why in result["not_available"].items():
+        rows.append([name, "n/a", why, "-", None, "-", "-", "-"])
+    p = cf.get("_protocol")
+    cf_text = (
+        f" Counterfactual: {p['queries']} generated digits, top {p['k']} removed, {p['group']} queries per retrain "
+        f"(their union removed), damping as chosen on the LDS tuning half."
+        if p
+        else ""
+    )
+    return (
+        f"Digits DDPM ({result['recipe']['steps']} steps): LDS over {result['num_subsets']} random-half retrains, "
+        f"{result['num_queries']} generated digits, damping chosen on the even half, reported on the other "
+        f"{result['reported_queries']} (mean ± sem).{cf_text} Total {result['seconds']:.0f} s.\n\n"
+        f"Command: `{command}`\n\n" + markdown_table(header, rows)
+    )
+
+
+def plot(result: dict, name: str) -> None:
+    plt = pyplot()
+    names = list(result["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    means = [result["methods"][m]["lds"]["mean"] for m in names]
+    sems = [result["methods"][m]["lds"]["sem"] for m in names]
+    axes[0].bar(range(len(names)), means, yerr=sems)
+    axes[0].set_title("Digits DDPM: LDS")
+    cf = result["counterfactual"]
+    axes[1].bar(range(len(names)), [cf.get(m, {}).get("delta_loss", {}).get("mean") or 0 for m in names])
+    axes[1].set_title("Counterfactual Δloss (top 5% removed)")
+    for ax in axes:
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=25, fontsize=7)
+    save_plot(fig, name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = base_parser(__doc__)
+    parser.add_argument("--num-queries", type=int, default=None)
+    parser.add_argument("--cf-queries", type=int, default=10)
+    parser.add_argument("--cf-group", type=int, default=5)
+    parser.add_argument("--methods", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    result = run(args.quick, args.seed, args.cache_dir, args.num_queries, args.cf_queries, args.cf_group, args.methods)
+    result["command"] = command_line()
+    name = f"methods_digits_{mode_name(args.quick)}_seed{args.seed}"
+    write_json(name, result)
+    write_markdown(name, markdown(result, result["command"]))
+    plot(result, name)
+    return result
+
+
+if __name__ == "__main__":
+    main()
