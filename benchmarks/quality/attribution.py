@@ -287,8 +287,9 @@ class GaussNewton:
     r"""Exact Gauss-Newton-vector products of the training diffusion loss mean((eps_theta - eps)^2) on a minibatch,
     in the engine's selected parameters (`torch.func.jvp` then `vjp`), for a block of vectors at once."""
 
-    def __init__(self, engine: GradientEngine):
+    def __init__(self, engine: GradientEngine, chunk: int = 16):
         self.engine = engine
+        self.chunk = chunk
         s = engine.sketcher
         self.denoiser = s.adapter.denoiser
         self.names = [name for name, _ in s.parameters]
@@ -304,7 +305,7 @@ class GaussNewton:
 
     def products(self, vectors: torch.Tensor, noisy, t_model, cond) -> torch.Tensor:
         """`(V, D)` -> `(V, D)`: G v with G = (2 / (B m)) J^T J, J the Jacobian of the minibatch's outputs."""
-        from torch.func import functional_call, vjp
+        from torch.func import functional_call, vjp, vmap
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         adapter = self.engine.sketcher.adapter
@@ -322,11 +323,13 @@ class GaussNewton:
             primal, vjp_fn = vjp(f, self.selected)
             m = primal.numel()
             _, transpose_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(primal))
-            for v in vectors:
-                (jv,) = transpose_vjp(self._unflatten(v))
-                (gv,) = vjp_fn(jv.detach())
-                out.append(torch.cat([gv[n].reshape(-1) for n in self.names]).detach() * (2.0 / m))
-        return torch.stack(out)
+            for start in range(0, len(vectors), self.chunk):
+                block = vectors[start : start + self.chunk]
+                tangents = {n: part.reshape(len(block), *shape) for n, part, shape in zip(self.names, torch.split(block, self.sizes, 1), self.shapes)}
+                (jv,) = vmap(transpose_vjp)(tangents)
+                (gv,) = vmap(vjp_fn)(jv.detach())
+                out.append(torch.cat([gv[n].reshape(len(block), -1) for n in self.names], 1).detach() * (2.0 / m))
+        return torch.cat(out)
 
 
 def lissa(
@@ -542,5 +545,5 @@ def registry(dmin_configs: dict[str, dict] | None = None, lissa_depth: int = 50)
 
 NOT_AVAILABLE = {
     "CLIP similarity": "no CLIP image-encoder weights offline (no installed package ships them; the Hub is unreachable)",
-    "DAS": "not implemented in this round",
+    "DAS": "not implemented: its score needs the projected output Jacobian of every training sample (N x outputs x K numbers); not done in this round",
 }

@@ -61,10 +61,15 @@ def ddim_trajectory(pipe, num: int, seed: int, steps: int = 25, keep: int = 10):
     return images, torch.stack([inputs[i] for i in chosen], 1), [int(scheduler.timesteps[i]) for i in chosen]
 
 
-def method_scores(ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None) -> dict:
+def method_scores(ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_path=None) -> dict:
+    """name -> (MethodResult, wall seconds); kept in `cache_path` (pickle) so later phases reuse them."""
+    import pickle
+
     out = {}
+    if cache_path is not None and cache_path.exists():
+        out = pickle.loads(cache_path.read_bytes())
     for method in registry():
-        if only and method.name not in only:
+        if (only and method.name not in only) or method.name in out:
             continue
         task = AttributionTask(
             pipe=ctx.reference,
@@ -80,35 +85,59 @@ def method_scores(ctx: DigitsContext, queries, trajectories, traj_t, seed: int, 
         result = method.fn(task, **method.kwargs)
         out[method.name] = (result, time.perf_counter() - start)
         log(f"{method.name}: {time.perf_counter() - start:.1f} s")
+        if cache_path is not None:
+            cache_path.write_bytes(pickle.dumps(out))
     return out
 
 
-def run(quick: bool, seed: int, cache_dir, num_queries: int | None, cf_queries: int, cf_group: int, only=None):
+def cached_masks(ctx: DigitsContext, masks: np.ndarray) -> np.ndarray:
+    """Which masks' retrained models are already in the context's cache."""
+    if ctx.cache_dir is None:
+        return np.zeros(len(masks), dtype=bool)
+    return np.asarray(
+        [(ctx.cache_dir / f"ddpm-{ctx._key(np.flatnonzero(mask == 0))}.pt").exists() for mask in masks]
+    )
+
+
+def run(quick, seed, cache_dir, num_queries, cf_queries, cf_group, only=None, available_only=False, cf_methods=None):
     start_all = time.perf_counter()
     ctx = DigitsContext(recipe_for(quick, seed), cache_dir)
     num_subsets = 8 if quick else 32
     num_queries = num_queries or (32 if quick else 64)
     n = ctx.num_train
 
-    # ---- LDS
+    # ---- queries: the LDS digits (seed 1000, as the ablations) and the counterfactual digits (seed 2000 + seed)
     queries, labels, _ = ctx.queries(num_queries)
     images, trajectories, traj_t = ddim_trajectory(ctx.reference, num_queries, 1000)
     mismatch = float((images - queries).abs().max())
     if mismatch > 1e-4:
         raise RuntimeError(f"ddim_trajectory does not reproduce generate_ddpm (max |diff| {mismatch:.2e}).")
+    if cf_queries:
+        cf_q, _, _ = ctx.queries(cf_queries, seed=2000 + seed)
+        _, cf_traj, _ = ddim_trajectory(ctx.reference, cf_queries, 2000 + seed)
+        all_q, all_traj = torch.cat([queries, cf_q]), torch.cat([trajectories, cf_traj])
+    else:
+        all_q, all_traj = queries, trajectories
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = cache_dir / f"q12-scores-{ctx._key(np.zeros(0))}-{num_queries}-{cf_queries}.pkl"
+    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, cache_path)
+
+    # ---- LDS (over the subsets whose retrained models exist, with --available-only)
     masks = ctx.lds_masks(num_subsets)
+    used = cached_masks(ctx, masks) if available_only else np.ones(len(masks), dtype=bool)
+    masks = masks[used]
     start = time.perf_counter()
-    actual = ctx.subset_losses(masks, queries)
+    actual = ctx.subset_losses(masks, queries) if len(masks) else np.zeros((num_queries, 0))
     gt_seconds = time.perf_counter() - start
-    scored = method_scores(ctx, queries, trajectories, traj_t, seed, only)
     tune = np.arange(num_queries) % 2 == 0
     rows = {}
     chosen_label = {}
     for name, (result, wall) in scored.items():
         per_hp = {}
         for label, scores in result.scores.items():
-            per_hp[label] = lds(subset_predictions(scores, masks), actual)
-        chosen = max(per_hp, key=lambda k: np.nanmean(per_hp[k][tune]))
+            per_hp[label] = lds(subset_predictions(scores[:num_queries], masks), actual) if len(masks) > 2 else np.full(num_queries, np.nan)
+        chosen = max(per_hp, key=lambda k: np.nan_to_num(np.nanmean(per_hp[k][tune]), nan=-1.0))
         chosen_label[name] = chosen
         rows[name] = {
             "chosen": chosen,
@@ -116,36 +145,40 @@ def run(quick: bool, seed: int, cache_dir, num_queries: int | None, cf_queries: 
             "lds": summary(per_hp[chosen][~tune]),
             "lds_per_query": per_hp[chosen][~tune],
             "train_seconds_per_sample": result.train_seconds / n,
-            "query_seconds_per_query": result.query_seconds / num_queries,
+            "query_seconds_per_query": result.query_seconds / len(all_q),
             "bytes_per_sample": result.bytes_per_sample,
             "wall_seconds": wall,
             "notes": result.notes,
         }
-        log(f"LDS {name}: {rows[name]['lds']['mean']:.3f} ({chosen})")
+        log(f"LDS {name}: {rows[name]['lds']['mean']} ({chosen})")
 
     # ---- counterfactual removal
     counterfactual = {}
     if cf_queries:
-        cf_q, _, _ = ctx.queries(cf_queries, seed=2000 + seed)
-        cf_images, cf_traj, cf_t = ddim_trajectory(ctx.reference, cf_queries, 2000 + seed)
         base_loss = ctx.query_losses(ctx.reference, cf_q)
         k = int(round(0.05 * n))
         groups = [list(range(g, cf_queries, cf_queries // cf_group)) for g in range(cf_queries // cf_group)]
-        cf_scored = method_scores(ctx, cf_q, cf_traj, cf_t, seed, only)
-        for name, (result, _) in cf_scored.items():
-            scores = result.scores[chosen_label[name]] if chosen_label[name] in result.scores else result.scores["-"]
+        for name, (result, _) in scored.items():
+            if cf_methods is not None and name not in cf_methods:
+                continue
+            scores = result.scores[chosen_label[name]][num_queries:]
             removed_sets = top_k(scores, k)
             delta = np.full(cf_queries, np.nan)
             for members in groups:
                 removed = np.unique(np.concatenate([removed_sets[q] for q in members]))
                 pipe = ctx.model(removed)
                 delta[members] = ctx.query_losses(pipe, cf_q[members]) - base_loss[members]
-            counterfactual[name] = {"delta_loss": summary(delta), "per_query": delta, "share_positive": float((delta > 0).mean())}
+            counterfactual[name] = {
+                "delta_loss": summary(delta),
+                "per_query": delta,
+                "share_positive": float((delta > 0).mean()),
+            }
             log(f"counterfactual {name}: {np.mean(delta):+.5f}")
         counterfactual["_protocol"] = {"queries": cf_queries, "group": cf_group, "k": k, "base_loss": base_loss}
     return {
         "recipe": ctx.recipe.to_dict(),
-        "num_subsets": num_subsets,
+        "num_subsets": int(len(masks)),
+        "subsets_of": num_subsets,
         "num_queries": num_queries,
         "reported_queries": int((~tune).sum()),
         "ground_truth_seconds": gt_seconds,
@@ -167,7 +200,7 @@ def markdown(result: dict, command: str) -> str:
         rows.append(
             [
                 name,
-                f"{r['lds']['mean']:.3f} ± {r['lds']['sem']:.3f}",
+                f"{r['lds']['mean']:.3f} ± {r['lds']['sem']:.3f}" if r["lds"]["mean"] is not None else "-",
                 r["chosen"],
                 f"{c['delta_loss']['mean']:+.5f} ± {c['delta_loss']['std']:.5f}" if c else "-",
                 c["share_positive"] if c else None,
@@ -186,7 +219,8 @@ def markdown(result: dict, command: str) -> str:
         else ""
     )
     return (
-        f"Digits DDPM ({result['recipe']['steps']} steps): LDS over {result['num_subsets']} random-half retrains, "
+        f"Digits DDPM ({result['recipe']['steps']} steps): LDS over {result['num_subsets']} random-half retrains "
+        f"(those of `lds_masks({result['subsets_of']})` whose retrained models were cached), "
         f"{result['num_queries']} generated digits, damping chosen on the even half, reported on the other "
         f"{result['reported_queries']} (mean ± sem).{cf_text} Total {result['seconds']:.0f} s.\n\n"
         f"Command: `{command}`\n\n" + markdown_table(header, rows)
@@ -197,8 +231,8 @@ def plot(result: dict, name: str) -> None:
     plt = pyplot()
     names = list(result["methods"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    means = [result["methods"][m]["lds"]["mean"] for m in names]
-    sems = [result["methods"][m]["lds"]["sem"] for m in names]
+    means = [result["methods"][m]["lds"]["mean"] or 0 for m in names]
+    sems = [result["methods"][m]["lds"]["sem"] or 0 for m in names]
     axes[0].bar(range(len(names)), means, yerr=sems)
     axes[0].set_title("Digits DDPM: LDS")
     cf = result["counterfactual"]
@@ -216,9 +250,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cf-queries", type=int, default=10)
     parser.add_argument("--cf-group", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument(
+        "--cf-methods", nargs="*", default=None, help="methods of the removal test (default: all; none: skip it)"
+    )
+    parser.add_argument(
+        "--available-only", action="store_true", help="LDS over the subsets whose retrains are already cached"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    result = run(args.quick, args.seed, args.cache_dir, args.num_queries, args.cf_queries, args.cf_group, args.methods)
+    result = run(
+        args.quick,
+        args.seed,
+        args.cache_dir,
+        args.num_queries,
+        args.cf_queries,
+        args.cf_group,
+        args.methods,
+        args.available_only,
+        args.cf_methods,
+    )
     result["command"] = command_line()
     name = f"methods_digits_{mode_name(args.quick)}_seed{args.seed}"
     write_json(name, result)

@@ -233,7 +233,10 @@ def query_losses(pipe, images, prompts) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def run(quick: bool, seed: int, cache_dir: Path | None, num_subsets: int | None, methods_filter=None) -> dict:
+def run(
+    quick: bool, seed: int, cache_dir: Path | None, num_subsets: int | None, methods_filter=None, method_seed=None
+) -> dict:
+    method_seed = seed if method_seed is None else method_seed
     start_all = time.perf_counter()
     num_subsets = num_subsets or (8 if quick else 32)
     per_group = 4 if quick else 8
@@ -269,13 +272,27 @@ def run(quick: bool, seed: int, cache_dir: Path | None, num_subsets: int | None,
     rng = np.random.default_rng(1000 + seed)
     for m in range(num_subsets):
         masks[m, rng.permutation(n)[: n // 2]] = 1.0
-    actual = {kind: np.empty((len(v[0]), num_subsets)) for kind, v in kinds.items()}
+    actual = {kind: np.full((len(v[0]), num_subsets), np.nan) for kind, v in kinds.items()}
+    gt_path = None
+    if cache_dir is not None:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps({"recipe": recipe, "masks": masks.tolist()}).encode())
+        for px, *_ in kinds.values():
+            digest.update(px.numpy().tobytes())
+        gt_path = cache_dir / f"truth-{digest.hexdigest()[:20]}.npz"
+        if gt_path.exists():
+            with np.load(gt_path) as stored:
+                actual = {kind: stored[kind] for kind in kinds}
     for m, mask in enumerate(masks):
+        if all(np.isfinite(actual[kind][:, m]).all() for kind in kinds):
+            continue
         set_lora_state(pipe, cache.get(pipe, init, train_px, train_cap, mask))
         for kind, (px, prompts, _, _) in kinds.items():
             actual[kind][:, m] = query_losses(pipe, px, prompts)
-        if (m + 1) % 8 == 0:
-            log(f"subset {m + 1}/{num_subsets} ground truth done")
+        if gt_path is not None:
+            np.savez(gt_path, **actual)
+        log(f"subset {m + 1}/{num_subsets} ground truth done")
     set_lora_state(pipe, reference)
     gt_seconds = time.perf_counter() - start
 
@@ -294,10 +311,15 @@ def run(quick: bool, seed: int, cache_dir: Path | None, num_subsets: int | None,
                 query_prompts=prompts,
                 trajectories=trajectories,
                 trajectory_timesteps=traj_t,
-                seed=seed,
+                seed=method_seed,
             )
             t0 = time.perf_counter()
-            out = method.fn(task, **method.kwargs)
+            try:
+                out = method.fn(task, **method.kwargs)
+            except Exception as err:  # one failing method must not lose the others' results
+                log(f"{method.name} [{kind}] failed: {type(err).__name__}: {err}")
+                results.setdefault(method.name, {})[kind] = {"error": f"{type(err).__name__}: {err}"}
+                continue
             wall = time.perf_counter() - t0
             tune = np.arange(len(px)) % 2 == 0
             report = ~tune
@@ -326,6 +348,7 @@ def run(quick: bool, seed: int, cache_dir: Path | None, num_subsets: int | None,
             log(f"{method.name} [{kind}]: LDS {row['lds']['mean']:.3f} ({chosen}), {wall:.1f} s")
     return {
         "recipe": recipe,
+        "method_seed": method_seed,
         "num_train": n,
         "num_subsets": num_subsets,
         "queries_per_kind": 4 * per_group,
@@ -346,6 +369,10 @@ def markdown(result: dict, command: str) -> str:
     rows = []
     for name, kinds in result["methods"].items():
         g, v = kinds.get("generated"), kinds.get("validation")
+        g = None if g is None or "error" in g else g
+        v = None if v is None or "error" in v else v
+        if g is None and v is None:
+            continue
 
         def lds_text(r):
             return f"{r['lds']['mean']:.3f} ± {r['lds']['sem']:.3f}" if r else "n/a"
@@ -382,8 +409,8 @@ def plot(result: dict, name: str) -> None:
     names = list(result["methods"])
     fig, ax = plt.subplots(figsize=(9, 3.5))
     for j, kind in enumerate(("generated", "validation")):
-        means = [result["methods"][m].get(kind, {}).get("lds", {}).get("mean") for m in names]
-        sems = [result["methods"][m].get(kind, {}).get("lds", {}).get("sem") for m in names]
+        means = [(result["methods"][m].get(kind) or {}).get("lds", {}).get("mean") for m in names]
+        sems = [(result["methods"][m].get(kind) or {}).get("lds", {}).get("sem") for m in names]
         x = np.arange(len(names)) + (j - 0.5) * 0.38
         ax.bar(x, [m or 0 for m in means], 0.38, yerr=[s or 0 for s in sems], label=kind)
     ax.axhline(0, color="gray", lw=0.8)
@@ -399,11 +426,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(cache_dir=DEFAULT_CACHE)
     parser.add_argument("--num-subsets", type=int, default=None)
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument(
+        "--method-seed", type=int, default=None, help="seed of the methods' noise and sketches only (default --seed)"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    result = run(args.quick, args.seed, args.cache_dir, args.num_subsets, args.methods)
+    result = run(args.quick, args.seed, args.cache_dir, args.num_subsets, args.methods, args.method_seed)
     result["command"] = command_line()
-    name = f"methods_sd_{mode_name(args.quick)}_seed{args.seed}"
+    suffix = "" if args.method_seed is None else f"_methodseed{args.method_seed}"
+    name = f"methods_sd_{mode_name(args.quick)}_seed{args.seed}{suffix}"
     write_json(name, result)
     write_markdown(name, markdown(result, result["command"]))
     plot(result, name)
