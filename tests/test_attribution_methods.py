@@ -98,7 +98,9 @@ def test_gauss_newton_products_equal_j_transpose_j(ddpm):
     rows = []
     for j in range(out.numel()):
         grads = torch.autograd.grad(out[j], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        )
     jac = torch.stack(rows)
     expected = (2.0 / out.numel()) * (jac.T @ (jac @ v.T)).T
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)

@@ -32,6 +32,7 @@ on the tiny SD, the attention parameters of the digits DDPM: `params="auto"`).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -179,7 +180,9 @@ class GradientEngine:
             raise ValueError(f"`output` must be 'loss' or 'square', but is {output!r}.")
         outs = []
         for start in range(0, len(images), batch):
-            x0, cond = self.encode(images[start : start + batch], None if prompts is None else prompts[start : start + batch])
+            x0, cond = self.encode(
+                images[start : start + batch], None if prompts is None else prompts[start : start + batch]
+            )
             b = len(x0)
             per_t = []
             for t_value in timesteps:
@@ -219,8 +222,7 @@ class GradientEngine:
     def parameter_slices(self) -> list[tuple[str, slice]]:
         s = self.sketcher
         return [
-            (name, slice(offset, offset + param.numel()))
-            for (name, param), offset in zip(s.parameters, s._offsets)
+            (name, slice(offset, offset + param.numel())) for (name, param), offset in zip(s.parameters, s._offsets)
         ]
 
 
@@ -325,7 +327,10 @@ class GaussNewton:
             _, transpose_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(primal))
             for start in range(0, len(vectors), self.chunk):
                 block = vectors[start : start + self.chunk]
-                tangents = {n: part.reshape(len(block), *shape) for n, part, shape in zip(self.names, torch.split(block, self.sizes, 1), self.shapes)}
+                tangents = {
+                    n: part.reshape(len(block), *shape)
+                    for n, part, shape in zip(self.names, torch.split(block, self.sizes, 1), self.shapes)
+                }
                 (jv,) = vmap(transpose_vjp)(tangents)
                 (gv,) = vmap(vjp_fn)(jv.detach())
                 out.append(torch.cat([gv[n].reshape(len(block), -1) for n in self.names], 1).detach() * (2.0 / m))
@@ -394,7 +399,9 @@ def method_dmin(task: AttributionTask, **config_kwargs) -> MethodResult:
     def sketch(images, prompts, batch=64):
         rows = []
         for i in range(0, len(images), batch):
-            rows.append(sketcher(images=images[i : i + batch], prompts=None if prompts is None else prompts[i : i + batch]))
+            rows.append(
+                sketcher(images=images[i : i + batch], prompts=None if prompts is None else prompts[i : i + batch])
+            )
         return torch.cat(rows)
 
     train, train_s = _timed(lambda: sketch(task.train_images, task.train_prompts))
@@ -541,6 +548,22 @@ def registry(dmin_configs: dict[str, dict] | None = None, lissa_depth: int = 50)
         Method("random", method_random),
     ]
     return methods
+
+
+def parse_dmin_configs(text: str | None) -> dict[str, dict]:
+    """`--dmin-configs` JSON (row name -> DMinConfig kwargs), added after the default row; each is validated now."""
+    configs = {"DMin (default)": {}}
+    if text:
+        extra = json.loads(text)
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError(
+                f"--dmin-configs must be a JSON object of row name -> DMinConfig kwargs, e.g. "
+                f'\'{{"DMin (normalize=none)": {{"normalize": "none"}}}}\', but is {text!r}.'
+            )
+        for name, kwargs in extra.items():
+            DMinConfig(**kwargs)  # a bad option fails before any computation
+            configs[name] = kwargs
+    return configs
 
 
 NOT_AVAILABLE = {

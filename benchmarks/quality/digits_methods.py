@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from .attribution import NOT_AVAILABLE, AttributionTask, registry
+from .attribution import NOT_AVAILABLE, AttributionTask, parse_dmin_configs, registry
 from .common import (
     base_parser,
     command_line,
@@ -61,14 +61,16 @@ def ddim_trajectory(pipe, num: int, seed: int, steps: int = 25, keep: int = 10):
     return images, torch.stack([inputs[i] for i in chosen], 1), [int(scheduler.timesteps[i]) for i in chosen]
 
 
-def method_scores(ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_path=None) -> dict:
+def method_scores(
+    ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_path=None, dmin_configs=None
+) -> dict:
     """name -> (MethodResult, wall seconds); kept in `cache_path` (pickle) so later phases reuse them."""
     import pickle
 
     out = {}
     if cache_path is not None and cache_path.exists():
         out = pickle.loads(cache_path.read_bytes())
-    for method in registry():
+    for method in registry(dmin_configs):
         if (only and method.name not in only) or method.name in out:
             continue
         task = AttributionTask(
@@ -94,12 +96,21 @@ def cached_masks(ctx: DigitsContext, masks: np.ndarray) -> np.ndarray:
     """Which masks' retrained models are already in the context's cache."""
     if ctx.cache_dir is None:
         return np.zeros(len(masks), dtype=bool)
-    return np.asarray(
-        [(ctx.cache_dir / f"ddpm-{ctx._key(np.flatnonzero(mask == 0))}.pt").exists() for mask in masks]
-    )
+    return np.asarray([(ctx.cache_dir / f"ddpm-{ctx._key(np.flatnonzero(mask == 0))}.pt").exists() for mask in masks])
 
 
-def run(quick, seed, cache_dir, num_queries, cf_queries, cf_group, only=None, available_only=False, cf_methods=None):
+def run(
+    quick,
+    seed,
+    cache_dir,
+    num_queries,
+    cf_queries,
+    cf_group,
+    only=None,
+    available_only=False,
+    cf_methods=None,
+    dmin_configs=None,
+):
     start_all = time.perf_counter()
     ctx = DigitsContext(recipe_for(quick, seed), cache_dir)
     num_subsets = 8 if quick else 32
@@ -121,7 +132,7 @@ def run(quick, seed, cache_dir, num_queries, cf_queries, cf_group, only=None, av
     cache_path = None
     if cache_dir is not None:
         cache_path = cache_dir / f"q12-scores-{ctx._key(np.zeros(0))}-{num_queries}-{cf_queries}.pkl"
-    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, cache_path)
+    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, cache_path, dmin_configs)
 
     # ---- LDS (over the subsets whose retrained models exist, with --available-only)
     masks = ctx.lds_masks(num_subsets)
@@ -136,7 +147,11 @@ def run(quick, seed, cache_dir, num_queries, cf_queries, cf_group, only=None, av
     for name, (result, wall) in scored.items():
         per_hp = {}
         for label, scores in result.scores.items():
-            per_hp[label] = lds(subset_predictions(scores[:num_queries], masks), actual) if len(masks) > 2 else np.full(num_queries, np.nan)
+            per_hp[label] = (
+                lds(subset_predictions(scores[:num_queries], masks), actual)
+                if len(masks) > 2
+                else np.full(num_queries, np.nan)
+            )
         chosen = max(per_hp, key=lambda k: np.nan_to_num(np.nanmean(per_hp[k][tune]), nan=-1.0))
         chosen_label[name] = chosen
         rows[name] = {
@@ -251,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cf-group", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument(
+        "--dmin-configs", default=None, help='extra DMin rows, JSON: {"row name": {DMinConfig kwargs}, ...}'
+    )
+    parser.add_argument(
         "--cf-methods", nargs="*", default=None, help="methods of the removal test (default: all; none: skip it)"
     )
     parser.add_argument(
@@ -268,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.methods,
         args.available_only,
         args.cf_methods,
+        parse_dmin_configs(args.dmin_configs),
     )
     result["command"] = command_line()
     name = f"methods_digits_{mode_name(args.quick)}_seed{args.seed}"

@@ -110,7 +110,9 @@ def digits_table(runs: list[dict]) -> tuple[str, dict]:
     protocol = first.get("counterfactual", {}).get("_protocol")
     cf = (
         f" Counterfactual: {protocol['queries']} generated digits, top {protocol['k']} removed, {protocol['group']} "
-        f"digits per retrain." if protocol else ""
+        f"digits per retrain."
+        if protocol
+        else ""
     )
     text = (
         f"**Digits DDPM** ({first['recipe']['steps']} steps; LDS over {first['num_subsets']} random-half retrains, "

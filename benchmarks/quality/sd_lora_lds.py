@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attribution import NOT_AVAILABLE, AttributionTask, registry
+from .attribution import NOT_AVAILABLE, AttributionTask, parse_dmin_configs, registry
 from .common import (
     CHECKPOINT_DIR,
     base_parser,
@@ -160,9 +160,9 @@ class LoraCache:
 
         from safetensors.torch import load_file, save_file
 
-        key = hashlib.sha256(
-            json.dumps({"recipe": self.recipe, "mask": [int(v) for v in mask]}).encode()
-        ).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps({"recipe": self.recipe, "mask": [int(v) for v in mask]}).encode()).hexdigest()[
+            :20
+        ]
         path = self.folder / f"lora-{key}.safetensors" if self.folder else None
         if path is not None and path.exists():
             state = load_file(str(path))
@@ -186,8 +186,10 @@ def generate_with_trajectory(pipe, prompts, seed: int, steps: int = 25, keep: in
     """Images `(Q, 3, s, s)`, and the denoiser inputs x_s at `keep` evenly spaced sampling steps `(Q, keep, ...)`
     with their timesteps (for Journey-TRAK)."""
     shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
-    inputs, times = [], []
+    latents = torch.cat(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))]
+    )
+    inputs = []
 
     def record(_pipe, i, t, kwargs):
         inputs.append(kwargs["latents"].detach().clone())
@@ -234,7 +236,13 @@ def query_losses(pipe, images, prompts) -> np.ndarray:
 
 
 def run(
-    quick: bool, seed: int, cache_dir: Path | None, num_subsets: int | None, methods_filter=None, method_seed=None
+    quick: bool,
+    seed: int,
+    cache_dir: Path | None,
+    num_subsets: int | None,
+    methods_filter=None,
+    method_seed=None,
+    dmin_configs=None,
 ) -> dict:
     method_seed = seed if method_seed is None else method_seed
     start_all = time.perf_counter()
@@ -297,7 +305,7 @@ def run(
     gt_seconds = time.perf_counter() - start
 
     results: dict = {}
-    for method in registry():
+    for method in registry(dmin_configs):
         if methods_filter and method.name not in methods_filter:
             continue
         for kind, (px, prompts, groups, trajectories) in kinds.items():
@@ -427,11 +435,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-subsets", type=int, default=None)
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument(
+        "--dmin-configs", default=None, help='extra DMin rows, JSON: {"row name": {DMinConfig kwargs}, ...}'
+    )
+    parser.add_argument(
         "--method-seed", type=int, default=None, help="seed of the methods' noise and sketches only (default --seed)"
     )
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    result = run(args.quick, args.seed, args.cache_dir, args.num_subsets, args.methods, args.method_seed)
+    result = run(
+        args.quick,
+        args.seed,
+        args.cache_dir,
+        args.num_subsets,
+        args.methods,
+        args.method_seed,
+        parse_dmin_configs(args.dmin_configs),
+    )
     result["command"] = command_line()
     suffix = "" if args.method_seed is None else f"_methodseed{args.method_seed}"
     name = f"methods_sd_{mode_name(args.quick)}_seed{args.seed}{suffix}"
