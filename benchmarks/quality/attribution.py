@@ -392,7 +392,7 @@ def _timed(fn: Callable):
 
 def method_dmin(task: AttributionTask, **config_kwargs) -> MethodResult:
     """The library end to end: sketches of both sides, an exact `GradientIndex` search over every training sample."""
-    config = DMinConfig(**config_kwargs)
+    config = DMinConfig(**{"seed": task.seed, **config_kwargs})  # the task's seed unless the row sets one
     sketcher = GradientSketcher.from_pipeline(task.pipe, config)
     sketcher.set_progress_bar_config(disable=True)
 
