@@ -32,13 +32,22 @@ def _spread(values: list[float], sems: list[float]) -> str:
     return f"{values[0]:.3f} ± {sems[0]:.3f}"
 
 
+def _one_per_seed(runs: list[dict], name: str) -> list[dict]:
+    """The runs holding method `name`, at most one per method seed (a rerun of the same seed is not a new seed)."""
+    out = {}
+    for r in runs:
+        if name in r["methods"]:
+            out.setdefault(r.get("method_seed", r.get("recipe", {}).get("seed")), r)
+    return list(out.values())
+
+
 def sd_table(runs: list[dict]) -> tuple[str, dict]:
     names = list(dict.fromkeys(name for r in runs for name in r["methods"]))
     rows, data = [], {}
     for name in names:
         per_kind = {}
         for kind in ("generated", "validation"):
-            entries = [r["methods"].get(name, {}).get(kind) for r in runs]
+            entries = [r["methods"].get(name, {}).get(kind) for r in _one_per_seed(runs, name)]
             entries = [e for e in entries if e and "error" not in e]
             per_kind[kind] = entries
         g, v = per_kind["generated"], per_kind["validation"]
