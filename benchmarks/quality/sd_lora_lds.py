@@ -371,6 +371,10 @@ def run(
     }
 
 
+def _fine_tune_text(seconds: float) -> str:
+    return "the reference fine-tune came from the cache" if seconds < 1.0 else f"{seconds:.1f} s per fine-tune"
+
+
 def markdown(result: dict, command: str) -> str:
     header = ["method", "LDS generated", "LDS validation", "det top-5", "det top-10", "chosen (gen / val)"]
     header += ["train s/sample", "query s/query", "bytes/sample"]
@@ -404,7 +408,7 @@ def markdown(result: dict, command: str) -> str:
     return (
         f"Tiny SD + rank-{result['recipe']['rank']} LoRA on {result['num_train']} marked faces (4 caption/mark "
         f"groups); LDS over {result['num_subsets']} random-half LoRA fine-tunes ({result['recipe']['steps']} steps, "
-        f"{result['lora_train_seconds_one_run']:.1f} s per fine-tune); {result['queries_per_kind']} queries per kind, "
+        f"{_fine_tune_text(result['lora_train_seconds_one_run'])}); {result['queries_per_kind']} queries per kind, "
         f"half of them choose each method's damping, the other {result['reported_queries_per_kind']} are reported "
         f"(LDS mean ± sem over them). Detection: share of the top-k training faces in the generated query's caption "
         f"group (chance 0.25); {100 * result['generated_mark_accuracy']:.0f}% of the generations carry their caption's "
