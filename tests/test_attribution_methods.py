@@ -3,12 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from benchmarks.quality import attribution
 
 from diffusers_dmin import DMinConfig, GradientSketcher
 from diffusers_dmin.testing import tiny_ddpm_pipeline
-
-
-attribution = pytest.importorskip("benchmarks.quality.attribution")
 
 
 def test_damped_kernel_scores_match_the_primal_formula():
