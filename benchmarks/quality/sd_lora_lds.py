@@ -21,8 +21,9 @@ the odd ones are reported. **Detection**: on the generated queries, the share of
 the query caption's mark (chance 0.25).
 
 Usage:
-    python -m benchmarks.quality.sd_lora_lds --threads 1            # 32 subsets, ~?? min
-    python -m benchmarks.quality.sd_lora_lds --quick --threads 1    # 8 subsets, fewer queries
+    python -m benchmarks.quality.sd_lora_lds --threads 1            # 32 subsets: 33 fine-tunes + every method
+    python -m benchmarks.quality.sd_lora_lds --quick --threads 1    # 8 subsets, 16 queries per kind
+    python -m benchmarks.quality.sd_lora_lds --methods TRAK --method-seed 1   # some methods, another noise seed
 """
 
 from __future__ import annotations
