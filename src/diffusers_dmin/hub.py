@@ -15,7 +15,8 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ logger = get_logger(__name__)
 
 __all__ = [
     "HubLocation",
+    "locate_index",
     "offline_reason",
     "download_index",
     "download_file",
@@ -206,6 +208,30 @@ class HubLocation:
             include_hnsw=include_hnsw,
         )
 
+    def upload(
+        self,
+        write: Callable[[Path], Any],
+        *,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Push an index to this location in one commit: `write(folder)` writes it into a temporary folder, which
+        [`upload_index_folder`] uploads (to `revision`, a branch that must exist). Returns the `CommitInfo`."""
+        with tempfile.TemporaryDirectory(prefix="dmin-push-") as tmp:
+            write(Path(tmp))
+            return upload_index_folder(
+                tmp,
+                self.repo_id,
+                repo_type=self.repo_type,
+                private=private,
+                token=self.token,  # type: ignore[arg-type]
+                commit_message=commit_message,
+                revision=self.revision,
+                create_pr=create_pr,
+                endpoint=self.endpoint,
+            )
+
     def download_file(self, filename: str, *, force_download: bool = False) -> str:
         """[`download_file`] of this location (a lazy download, e.g. `hnsw.bin` on first approximate search)."""
         return download_file(
@@ -219,6 +245,33 @@ class HubLocation:
             endpoint=self.endpoint,
             force_download=force_download,
         )
+
+
+def locate_index(
+    repo_id_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+    repo_type: str = DEFAULT_REPO_TYPE,
+    force_download: bool = False,
+    include_hnsw: bool = False,
+) -> tuple[Path, HubLocation | None]:
+    """The folder of an index: `repo_id_or_path` itself when it is a local folder (`revision` is then ignored, with a
+    warning), else the snapshot [`download_index`] pulls. Also returns where files left out of the pull (the graph)
+    are fetched later: the repo at the commit the manifest came from (None for a local folder)."""
+    path = Path(os.path.expanduser(os.fspath(repo_id_or_path)))
+    if path.is_dir():
+        if revision is not None:
+            logger.warning(f"Ignoring `revision={revision!r}`: {str(path)!r} is a local folder.")
+        return path, None
+    location = HubLocation(
+        os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
+    )
+    folder = Path(location.download_index(force_download=force_download, include_hnsw=include_hnsw))
+    return folder, (location.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else location)
 
 
 def download_index(

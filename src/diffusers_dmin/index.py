@@ -9,8 +9,6 @@ lifecycle), [`folder`] (writing an index folder crash-safely), [`storage`] (read
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,34 +16,25 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .calibration import RecallCalibration, held_out_queries
+from .backends import calibrate_backend, check_backend, check_query_spec, search_backend
+from .calibration import RecallCalibration
 from .config import DMinConfig, SketcherOptions, SketchSpec
 from .constants import DEFAULT_COMMIT_MESSAGE, DEFAULT_REPO_TYPE
-from .errors import ConfigError, IndexCorruptError, IndexMismatchError, check_int
-from .folder import Block, StoredFile, write_index_folder
+from .errors import ConfigError
+from .folder import StoredFile, new_block, read_index_folder, write_index_folder
 from .graph import IndexGraph
-from .hub import HubLocation, upload_index_folder
+from .hub import HubLocation, locate_index
 from .ivf import IndexIVF
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
-from .search import (
-    QUERY_FIX,
-    ExactSearch,
-    approximate_search,
-    check_search_dim,
-    expand_queries,
-    prepare_queries,
-    single_threaded_torch,
-)
-from .storage import IndexMetadata, Manifest, iter_shards, read_manifest, read_noise, to_ids_array, to_storage_array
+from .search import ExactSearch, IdPositions, check_search_dim
+from .storage import IndexMetadata, Manifest, read_noise, rows_config
 from .training_data import TrainingRows
 
 
 logger = get_logger(__name__)
 
 __all__ = ["GradientIndex"]
-
-_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
 class GradientIndex(ProgressBarMixin):
@@ -89,40 +78,15 @@ class GradientIndex(ProgressBarMixin):
         noise: torch.Tensor | np.ndarray | None = None,
         metadata: IndexMetadata | Mapping[str, Any] | None = None,
     ):
-        if spec is not None:
-            if not isinstance(spec, SketchSpec):
-                raise ConfigError(f"`spec` must be a SketchSpec (e.g. `sketcher.spec`), but is {type(spec).__name__}.")
-            if config is not None and config != spec.config:
-                differences = spec.config.differences(config, ignore=())
-                raise ConfigError(
-                    f"`config` differs from `spec.config` in {sorted(differences)}; pass only `spec=`, which carries "
-                    "its config."
-                )
-            if len(spec.timesteps) != spec.config.num_timesteps:
-                raise ConfigError(
-                    f"`spec` lists {len(spec.timesteps)} timesteps but its config has num_timesteps="
-                    f"{spec.config.num_timesteps}."
-                )
-            config = spec.config
-        if config is None:
-            raise ConfigError(
-                "A GradientIndex needs `spec=` (e.g. `sketcher.spec`) or `config=` (a DMinConfig) describing its rows."
-            )
-        if not isinstance(config, DMinConfig):
-            raise ConfigError(f"`config` must be a DMinConfig, but is {type(config).__name__}.")
-        if metadata is None:
-            metadata = IndexMetadata()
-        elif isinstance(metadata, Mapping):
-            metadata = IndexMetadata.from_kwargs(**metadata)
-        elif not isinstance(metadata, IndexMetadata):
-            raise ConfigError(f"`metadata` must be an IndexMetadata or a dict, but is {type(metadata).__name__}.")
+        config = rows_config(config, spec)
+        metadata = IndexMetadata.coerce(metadata)
         self._config = config
         self._spec = spec
         self._metadata = metadata
-        self._blocks: list[Block] = []
+        self._blocks: list = []  # folder.Block: rows, ids and the shard holding them
         self._ids = np.empty(0, dtype=np.int64)
         self._exact: ExactSearch | None = None
-        self._sorted_ids: tuple[np.ndarray, np.ndarray] | None = None
+        self._positions: IdPositions | None = None  # row positions of sample ids
         self._noise: torch.Tensor | None = None
         self._noise_file: StoredFile | None = None
         if noise is not None:
@@ -190,9 +154,7 @@ class GradientIndex(ProgressBarMixin):
 
     def calibration(self, backend: Literal["hnsw", "faiss"]) -> RecallCalibration | None:
         """The recall calibration stored for `backend` (see [`calibrate`]), or None."""
-        if backend not in ("hnsw", "faiss"):
-            raise ConfigError(f"`backend` must be 'hnsw' or 'faiss', but is {backend!r}.")
-        return self._graph.calibration if backend == "hnsw" else self._ivf.calibration
+        return self._graph.calibration if check_backend(backend) == "hnsw" else self._ivf.calibration
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -426,35 +388,11 @@ class GradientIndex(ProgressBarMixin):
             [`IndexMismatchError`]: T or K differ from the index's.
             [`ConfigError`]: Bad shapes, non-integer or duplicate ids (also against existing rows).
         """
-        array = to_storage_array(sketches, self.dtype)
-        n, t, k = array.shape
-        if n == 0:
-            raise ConfigError("`sketches` holds no rows; pass a tensor of shape (n, T, K) with n >= 1.")
-        if t != self.num_timesteps or k != self.sketch_dim:
-            differences = {}
-            if t != self.num_timesteps:
-                differences["num_timesteps"] = (self.num_timesteps, t)
-            if k != self.sketch_dim:
-                differences["config.sketch_dim"] = (self.sketch_dim, k)
-            fix = "Compute the sketches with the index's config."
-            if k != self.sketch_dim and k % self.sketch_dim == 0:
-                fix += f" Larger sketches fold exactly: `fold_sketch(sketches, {self.sketch_dim})`."
-            raise IndexMismatchError.from_differences(differences, what="new sketches", fix=fix)
-        if ids is None:
-            start = int(self._ids.max()) + 1 if len(self._ids) else 0
-            ids_array = np.arange(start, start + n, dtype=np.int64)
-        else:
-            ids_array = to_ids_array(ids, n)
-        clash = np.intersect1d(ids_array, self._ids)
-        if len(clash):
-            raise ConfigError(
-                f"The ids {clash[:10].tolist()}{'...' if len(clash) > 10 else ''} are already in the index; every "
-                "sample needs its own id. Pass other `ids=`, or omit `ids` to continue after the largest id."
-            )
-        self._blocks.append(Block(array, ids_array))
-        self._ids = np.concatenate([self._ids, ids_array])
+        block = new_block(sketches, ids, self._ids, self._config)
+        self._blocks.append(block)
+        self._ids = np.concatenate([self._ids, block.ids])
         self._exact = None
-        self._sorted_ids = None
+        self._positions = None
         self._graph.extend(self._exact_search(), progress=self._progress_enabled())
         self._ivf.extend(self._exact_search(), progress=self._progress_enabled())
 
@@ -587,38 +525,22 @@ class GradientIndex(ProgressBarMixin):
         >>> index.save_pretrained("idx")  # the manifest records the calibration
         ```
         """
-        if backend not in ("hnsw", "faiss"):
-            raise ConfigError(f"`backend` must be 'hnsw' or 'faiss', but is {backend!r}.")
+        check_backend(backend)
         self._check_nonempty()
-        rows = self._exact_search()
-        if queries is None:
-            _, flat = held_out_queries(rows, num_queries, noise=noise, seed=seed)
-            used_noise: float | None = float(noise)
-        else:
-            with single_threaded_torch():
-                folded = prepare_queries(queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim)
-                flat = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
-            used_noise = None
-        if backend == "faiss":
-            return self._ivf.calibrate(
-                rows,
-                flat,
-                top_k=top_k,
-                target=target,
-                noise=used_noise,
-                seed=seed,
-                confidence=confidence,
-                max_candidates=max_candidates,
-            )
-        return self._graph.calibrate(
-            rows,
-            flat,
-            top_k=top_k,
-            progress=self._progress_enabled(),
+        return calibrate_backend(
+            self._exact_search(),
+            self._graph,
+            self._ivf,
+            backend=backend,
             target=target,
-            noise=used_noise,
+            top_k=top_k,
+            queries=queries,
+            num_queries=num_queries,
+            noise=noise,
             seed=seed,
             confidence=confidence,
+            max_candidates=max_candidates,
+            progress=self._progress_enabled(),
         )
 
     # ------------------------------------------------------------------------------------------------ search
@@ -633,34 +555,13 @@ class GradientIndex(ProgressBarMixin):
         Args:
             spec (`SketchSpec` or `DMinConfig`): How the queries were computed (e.g. `sketcher.spec`).
         """
-        ignore = ("dtype", "sketch_dim")
-        if isinstance(spec, SketchSpec):
-            if self._spec is not None:
-                differences = self._spec.differences(spec)
-                if self._spec.model_fingerprint is None and not self._warned_weak_fingerprint:
-                    logger.warning(
-                        "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only "
-                        "the selected parameters are compared with the queries' model, so a different base model "
-                        "under the same adapter, or changed unselected weights, go unnoticed. Rebuild the index to "
-                        "get the full check."
-                    )
-                    self._warned_weak_fingerprint = True
-            else:
-                self._warn_unspecified()
-                differences = {
-                    f"config.{k}": v for k, v in self._config.differences(spec.config, ignore=ignore).items()
-                }
-            query_config = spec.config
-        elif isinstance(spec, DMinConfig):
-            differences = {f"config.{k}": v for k, v in self._config.differences(spec, ignore=ignore).items()}
-            query_config = spec
-        else:
-            raise ConfigError(f"`spec` must be a SketchSpec or a DMinConfig, but is {type(spec).__name__}.")
-        k, kq = self.sketch_dim, query_config.sketch_dim
-        if k % kq and kq % k:
-            differences["config.sketch_dim"] = (k, kq)
-        if differences:
-            raise IndexMismatchError.from_differences(differences, what="queries", fix=QUERY_FIX)
+        check_query_spec(
+            self._spec,
+            self._config,
+            spec,
+            warn_weak_fingerprint=self._warn_weak_fingerprint,
+            warn_unspecified=self._warn_unspecified,
+        )
 
     def search(
         self,
@@ -726,45 +627,21 @@ class GradientIndex(ProgressBarMixin):
         if spec is not None:
             self.check_compatible(spec)
         self._check_nonempty()
-        check_int(top_k, "top_k")
-        with single_threaded_torch():
-            folded = prepare_queries(
-                queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
-            )  # (q, T, k_s)
-            full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
-        exact_search = self._exact_search()
-        if backend is None:
-            backend = "exact" if exact else ("faiss" if self._ivf.params is not None else "hnsw")
-        elif backend not in ("exact", "hnsw", "faiss"):
-            raise ConfigError(f"`backend` must be 'exact', 'hnsw' or 'faiss', but is {backend!r}.")
-        if backend == "hnsw":
-            check_int(ef, "ef", optional=True)
-        if backend == "faiss":
-            if not rescore:
-                raise ConfigError("The FAISS backend always re-scores its candidates exactly; drop `rescore=False`.")
-            check_int(nprobe, "nprobe", optional=True)
-            ivf = self._ivf.get(exact_search, progress=self._progress_enabled())
-            with single_threaded_torch():
-                positions, scores = ivf.search_rescored(exact_search, full, top_k, largest=largest, nprobe=nprobe)
-        # with re-scoring, candidates covering every row (small indices) are just exact search
-        elif backend == "exact" or (rescore and max(int(top_k), ef or self._graph.params["ef"]) >= len(self)):
-            positions, scores = exact_search.search(full, top_k, largest=largest)
-        else:
-            graph = self._graph.get(exact_search, folded.shape[-1], progress=self._progress_enabled())
-            graph_ef = graph.ef
-            graph.ef = graph_ef if ef is None else ef
-            try:
-                positions, scores = approximate_search(
-                    graph,
-                    exact_search,
-                    folded,
-                    top_k,
-                    largest=largest,
-                    rescore_candidates=rescore,
-                    num_candidates=graph.ef,
-                )
-            finally:
-                graph.ef = graph_ef
+        positions, scores = search_backend(
+            self._exact_search(),
+            self._graph,
+            self._ivf,
+            queries,
+            top_k,
+            exact=exact,
+            backend=backend,
+            largest=largest,
+            search_dim=sketch_dim,
+            rescore=rescore,
+            ef=ef,
+            nprobe=nprobe,
+            progress=self._progress_enabled(),
+        )
         results = []
         for row_positions, row_scores in zip(positions, scores):
             sample_ids = self._ids[row_positions]
@@ -781,20 +658,10 @@ class GradientIndex(ProgressBarMixin):
         Raises:
             [`ConfigError`]: An id is not in the index.
         """
-        if isinstance(sample_ids, torch.Tensor):
-            sample_ids = sample_ids.cpu().numpy()
-        wanted = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-        if self._sorted_ids is None:
-            order = np.argsort(self._ids, kind="stable")
-            self._sorted_ids = (self._ids[order], order)
-        sorted_ids, order = self._sorted_ids
-        slots = np.searchsorted(sorted_ids, wanted)
-        slots = np.minimum(slots, len(sorted_ids) - 1) if len(sorted_ids) else slots
-        if not len(sorted_ids) or np.any(sorted_ids[slots] != wanted):
-            missing = wanted[~np.isin(wanted, self._ids)]
-            raise ConfigError(f"The sample ids {missing[:10].tolist()} are not in the index.")
-        rows = self._exact_search().gather(order[slots])
-        return rows.reshape(len(wanted), self.num_timesteps, self.sketch_dim)
+        if self._positions is None:
+            self._positions = IdPositions(self._ids)
+        positions = self._positions(sample_ids)
+        return self._exact_search().gather(positions).reshape(len(positions), self.num_timesteps, self.sketch_dim)
 
     # ------------------------------------------------------------------------------------------------ dataset
 
@@ -881,19 +748,17 @@ class GradientIndex(ProgressBarMixin):
         >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", local_files_only=True)  # from the cache
         ```
         """
-        path = Path(os.path.expanduser(os.fspath(repo_id_or_path)))
-        origin = None
-        if path.is_dir():
-            if revision is not None:
-                logger.warning(f"Ignoring `revision={revision!r}`: {str(path)!r} is a local folder.")
-            folder = path
-        else:
-            location = HubLocation(
-                os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
-            )
-            folder = Path(location.download_index(force_download=force_download, include_hnsw=load_hnsw))
-            # files fetched later (the graph) come from the commit the manifest came from
-            origin = location.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else location
+        folder, origin = locate_index(
+            repo_id_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            endpoint=endpoint,
+            repo_type=repo_type,
+            force_download=force_download,
+            include_hnsw=load_hnsw,
+        )
         index = cls._from_folder(folder, origin=origin)
         if load_hnsw and index._graph.file is not None:
             index._graph.get(
@@ -903,26 +768,14 @@ class GradientIndex(ProgressBarMixin):
 
     @classmethod
     def _from_folder(cls, folder: Path, *, origin: HubLocation | None = None) -> GradientIndex:
-        manifest = read_manifest(folder)
+        loaded = read_index_folder(folder, origin=origin)
+        manifest = loaded.manifest
         index = cls(manifest.config, spec=manifest.spec, metadata=manifest.metadata)
-        blocks = [
-            Block(shard.sketches, shard.ids, StoredFile(shard.info, folder, origin))
-            for shard in iter_shards(folder, manifest)
-        ]
-        ids = np.concatenate([b.ids for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
-        if len(np.unique(ids)) != len(ids):
-            raise IndexCorruptError(
-                f"The shards of {folder} hold duplicate sample ids; the index is damaged. Rebuild it, or re-download "
-                "it with `force_download=True`."
-            )
-        index._blocks, index._ids = blocks, ids
-        if manifest.noise is not None:
-            index._noise_file = StoredFile(manifest.noise, folder, origin)
-            index._noise_file.verify("noise file")
-        if manifest.hnsw is not None:
-            index._graph.use_file(StoredFile(manifest.hnsw, folder, origin))
-        if manifest.faiss is not None:
-            index._ivf.use_file(StoredFile(manifest.faiss, folder, origin))
+        index._blocks, index._ids, index._noise_file = loaded.blocks, loaded.ids, loaded.noise
+        if loaded.graph is not None:
+            index._graph.use_file(loaded.graph)
+        if loaded.faiss is not None:
+            index._ivf.use_file(loaded.faiss)
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
         return index
@@ -963,19 +816,13 @@ class GradientIndex(ProgressBarMixin):
         >>> index.push_to_hub("my-org/pokemon-lora-dmin-index", private=True)
         ```
         """
-        with tempfile.TemporaryDirectory(prefix="dmin-push-") as tmp:
-            self._written(Path(tmp), link=True, repo_id=repo_id, max_shard_rows=max_shard_rows)
-            return upload_index_folder(
-                tmp,
-                repo_id,
-                repo_type=repo_type,
-                private=private,
-                token=token,
-                commit_message=commit_message,
-                revision=revision,
-                create_pr=create_pr,
-                endpoint=endpoint,
-            )
+        location = HubLocation(repo_id, repo_type, revision, token, endpoint=endpoint)
+        return location.upload(
+            lambda folder: self._written(folder, link=True, repo_id=repo_id, max_shard_rows=max_shard_rows),
+            private=private,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
 
     # ------------------------------------------------------------------------------------------------ internals
 
@@ -989,14 +836,8 @@ class GradientIndex(ProgressBarMixin):
             blocks=self._blocks,
             noise=self._noise,
             noise_file=self._noise_file,
-            graph=self._graph.graph,
-            graph_file=self._graph.file,
-            graph_dirty=self._graph.dirty,
-            graph_calibration=self._graph.calibration,
-            faiss=self._ivf.ivf,
-            faiss_file=self._ivf.file,
-            faiss_dirty=self._ivf.dirty,
-            faiss_calibration=self._ivf.calibration,
+            **self._graph.folder_args(),
+            **self._ivf.folder_args(),
             source_folder=self._source_folder,
             link=link,
             repo_id=repo_id,
@@ -1024,6 +865,16 @@ class GradientIndex(ProgressBarMixin):
     def _check_nonempty(self) -> None:
         if not len(self):
             raise ConfigError("The index holds no rows; add sketches with `index.add(...)` first.")
+
+    def _warn_weak_fingerprint(self) -> None:
+        if not self._warned_weak_fingerprint:
+            logger.warning(
+                "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only "
+                "the selected parameters are compared with the queries' model, so a different base model "
+                "under the same adapter, or changed unselected weights, go unnoticed. Rebuild the index to "
+                "get the full check."
+            )
+            self._warned_weak_fingerprint = True
 
     def _warn_unspecified(self) -> None:
         if not self._warned_unspecified:
