@@ -7,7 +7,6 @@ Sits above [`search`] (the backends themselves), [`graph`] and [`ivf`] (their li
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,11 @@ from .config import DMinConfig, SketchSpec
 from .errors import ConfigError, IndexMismatchError, check_int
 from .graph import IndexGraph
 from .ivf import IndexIVF
+from .logging import get_logger
 from .search import QUERY_FIX, ExactSearch, approximate_search, expand_queries, prepare_queries, single_threaded_torch
 
+
+logger = get_logger(__name__)
 
 __all__ = ["check_backend", "check_query_spec", "calibrate_backend", "search_backend"]
 
@@ -39,20 +41,19 @@ def check_query_spec(
     index_config: DMinConfig,
     spec: SketchSpec | DMinConfig,
     *,
-    warn_weak_fingerprint: Callable[[], None],
-    warn_unspecified: Callable[[], None],
+    warned: set[str],
 ) -> None:
     """[`GradientIndex.check_compatible`]: raise [`IndexMismatchError`] naming every field in which `spec` differs
-    from the index's `index_spec` (or `index_config` for an unspecified index). The warnings are the caller's (once
-    per index)."""
+    from the index's `index_spec` (or `index_config` for an unspecified index). Warns once per index (`warned`: the
+    index's set of warnings given) about an unspecified index or one without a whole-model fingerprint."""
     ignore = ("dtype", "sketch_dim")
     if isinstance(spec, SketchSpec):
         if index_spec is not None:
             differences = index_spec.differences(spec)
             if index_spec.model_fingerprint is None:
-                warn_weak_fingerprint()
+                warn_once(warned, "weak_fingerprint")
         else:
-            warn_unspecified()
+            warn_once(warned, "unspecified")
             differences = {f"config.{k}": v for k, v in index_config.differences(spec.config, ignore=ignore).items()}
         query_config = spec.config
     elif isinstance(spec, DMinConfig):
@@ -65,6 +66,26 @@ def check_query_spec(
         differences["config.sketch_dim"] = (k, kq)
     if differences:
         raise IndexMismatchError.from_differences(differences, what="queries", fix=QUERY_FIX)
+
+
+_WARNINGS = {
+    "weak_fingerprint": (
+        "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only the selected "
+        "parameters are compared with the queries' model, so a different base model under the same adapter, or "
+        "changed unselected weights, go unnoticed. Rebuild the index to get the full check."
+    ),
+    "unspecified": (
+        "This index was created from a config only (its spec is unspecified): queries are checked against the "
+        "config, not against the model, adapter or parameters. Build indices with `spec=sketcher.spec`."
+    ),
+}
+
+
+def warn_once(warned: set[str], key: str) -> None:
+    """Log the warning `key` unless `warned` (one index's record) already holds it."""
+    if key not in warned:
+        logger.warning(_WARNINGS[key])
+        warned.add(key)
 
 
 def search_backend(

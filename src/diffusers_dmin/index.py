@@ -1,9 +1,10 @@
 """[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub).
 
 The facade keeps state (rows, ids, spec, metadata, noise, graph, attached dataset) and composes the modules that own
-each concern: [`search`] (query checks and folding, exact search, candidate re-scoring), [`graph`] (the HNSW graph's
-lifecycle), [`folder`] (writing an index folder crash-safely), [`storage`] (reading shards and the manifest),
-[`hub`] (push and pull), [`build`] (building over a dataset, finished here).
+each concern: [`backends`] (which backend a search or calibration runs on, query spec checks), [`search`] (query
+folding, exact search, candidate re-scoring), [`graph`] and [`ivf`] (the HNSW graph's and FAISS index's lifecycles),
+[`folder`] (reading and writing index folders, checking new rows), [`storage`] (shards and the manifest), [`hub`]
+(locating, pulling and pushing), [`build`] (building over a dataset, finished here).
 """
 
 from __future__ import annotations
@@ -93,10 +94,9 @@ class GradientIndex(ProgressBarMixin):
             self._noise = _as_noise(noise)
         self._graph = IndexGraph()  # the HNSW graph: in memory, saved, or to download
         self._ivf = IndexIVF()  # the FAISS IVF index: in memory, saved, or to download
-        self._warned_weak_fingerprint = False
+        self._warned: set[str] = set()  # one-time warnings given (backends.warn_once)
         self._source_folder: Path | None = None
         self._rows: TrainingRows | None = None  # the attached training set
-        self._warned_unspecified = False
 
     # ------------------------------------------------------------------------------------------------ properties
 
@@ -184,30 +184,18 @@ class GradientIndex(ProgressBarMixin):
         Create an index from precomputed sketches.
 
         Args:
-            sketches (`torch.Tensor` or `np.ndarray` of shape `(N, T, K)`):
-                Sketches of the training samples (e.g. from [`GradientSketcher`]); stored in `config.dtype`.
-            ids (array-like of shape `(N,)`, *optional*):
-                Unique integer sample ids (stored as int64). Defaults to `0 .. N-1`.
-            config (`DMinConfig`, *optional*):
-                The configuration the sketches were computed with. Without `spec`, the index is "unspecified": its
-                `spec` is `None`, and queries are checked against this config only.
-            spec (`SketchSpec`, *optional*):
-                The full spec of the sketches (`sketcher.spec`); the normal way to build an index.
-            noise (`torch.Tensor`, *optional*):
-                The fixed noise (`sketcher.noise`), saved for audit.
-            **metadata:
-                Provenance stored in the manifest and shown on the dataset card: `base_model_id`,
-                `base_model_revision`, `adapter_id`, `adapter_revision`, `dataset_id`, `dataset_revision`,
-                `dataset_split`, `dataset_fingerprint`, `id_column`, and `extra` (a JSON-serialisable dict).
+            sketches (`torch.Tensor` or `np.ndarray` of shape `(N, T, K)`): Sketches of the training samples (e.g.
+                from [`GradientSketcher`]); stored in `config.dtype`.
+            ids (array-like of shape `(N,)`, *optional*): Unique integer sample ids (int64); defaults to `0 .. N-1`.
+            config (`DMinConfig`, *optional*): The configuration of the sketches; without `spec` the index is
+                "unspecified" (`spec` is `None`) and queries are checked against this config only.
+            spec (`SketchSpec`, *optional*): The full spec (`sketcher.spec`); the normal way to build an index.
+            noise (`torch.Tensor`, *optional*): The fixed noise (`sketcher.noise`), saved for audit.
+            **metadata: Provenance for the manifest and dataset card: the fields of [`IndexMetadata`]
+                (`base_model_id`, `adapter_id`, `dataset_id`, `id_column`, ..., `extra`).
 
         Returns:
             [`GradientIndex`]
-
-        Examples:
-        ```py
-        >>> index = GradientIndex.from_sketches(sketcher(images=images, prompts=prompts), spec=sketcher.spec,
-        ...                                     noise=sketcher.noise, dataset_id="org/pokemon", id_column="id")
-        ```
         """
         index = cls(config, spec=spec, noise=noise, metadata=IndexMetadata.from_kwargs(**metadata))
         index.add(sketches, ids)
@@ -237,76 +225,41 @@ class GradientIndex(ProgressBarMixin):
         **metadata: Any,
     ) -> GradientIndex:
         r"""
-        Build the index of a training set in `output_dir`: resumable, incremental, and split across processes when
-        run under `accelerate launch` or `torchrun`.
-
-        Every row's image is read, resized (shorter side) and center-cropped to the sketcher's resolution and
-        converted to the model's channels in a `DataLoader` (with `num_workers` worker processes, overlapping with
-        the gradient work); latent models encode it with the VAE's `mode()`. Sketches are written in shards of
-        `shard_rows` rows as they are computed, so memory does not grow with the dataset.
-
-        - **Resume**: a build that was interrupted (even by SIGKILL) continues where it stopped: finished shards are
-          kept, temp files removed, only missing rows computed. A different spec (config, model, adapter) or id
-          column raises [`IndexMismatchError`]. `resume=False` deletes the index files in `output_dir` (only those)
-          and starts over.
-        - **Incremental add**: on a finished index, a dataset with new rows computes only the new ids, appends
-          shards (old files are not touched) and extends a saved HNSW graph.
-        - **Multi-process**: the same call in every process of `accelerate launch --multi_gpu --num_processes N
-          script.py` (on GPUs or CPUs) or `torchrun`: shard `i` of the remaining rows is computed by process
-          `i % N`, each process writes its own shards, and the main process writes the manifest after a barrier. The
-          result equals a single-process build row for row.
+        Build the index of a training set in `output_dir` ([`~build.build_index`]; its module doc describes resume,
+        incremental add, multi-process builds, crash safety and bad rows): resumable (even after SIGKILL), incremental
+        (only new ids are computed, a saved HNSW graph is extended) and split across processes under `accelerate
+        launch` or `torchrun` (equal to a single-process build row for row). Sketches are written in shards as they
+        are computed, so memory does not grow with the dataset.
 
         Args:
-            pipeline (`DiffusionPipeline`):
-                A supported pipeline (DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL, SD3), with its LoRA loaded if the
-                gradients should cover it.
-            dataset (`datasets.Dataset`):
-                The training set (e.g. `load_dataset(...)["train"]`, `load_from_disk(...)`, `load_dataset(
-                "imagefolder", data_dir=...)`). Image columns may hold `datasets.Image` values, PIL images, paths
-                (relative ones resolved against `image_root`) or arrays. For a video family (an adapter with
-                `num_frames`, e.g. CogVideoX) the column holds one video per row: a list of frames, an `(F, H, W, C)`
-                array, or the path of an animated GIF or of a folder of frame images (see
-                [`~video.decode_video`]); every frame is resized and cropped like an image, and a video must have
-                exactly `num_frames` frames (else the row is unreadable: [`DatasetError`] naming its id, or skipped).
-            config (`DMinConfig`, *optional*):
-                How the sketches are computed (T, spacing, K, seed, params, dtype, resolution); `None` for the
-                defaults.
-            output_dir (`str` or `os.PathLike`):
-                The index folder (created if needed).
-            image_column (`str`, *optional*, defaults to `"image"`):
-                The column holding the training images (the videos, for a video family).
-            prompt_column (`str`, *optional*, defaults to `"text"`):
-                The column holding the captions; ignored (may be `None`) for unconditional pipelines.
-            id_column (`str`, *optional*):
-                An integer column of unique sample ids; by default a row's id is its position in `dataset`.
-            batch_size (`int`, *optional*, defaults to 8):
-                Rows per gradient batch.
-            resume (`bool`, *optional*, defaults to `True`):
-                Continue (or extend) the index in `output_dir`; `False` deletes its index files first.
-            on_error (`str`, *optional*, defaults to `"raise"`):
-                `"raise"`: an unreadable image raises [`DatasetError`] and a non-finite gradient
-                [`NonFiniteGradientError`], naming the row id. `"skip"`: such rows are left out and listed in the
-                manifest (`index.metadata.extra["skipped"]`, with the reason).
-            shard_rows (`int`, *optional*):
-                Rows per shard (the unit of work a crash can lose); by default up to 1,024 rows and 256 MiB,
-                rounded to a multiple of `batch_size`.
-            num_workers (`int`, *optional*, defaults to 0):
-                `DataLoader` worker processes reading and resizing images.
-            image_root (`str` or `os.PathLike`, *optional*):
-                Folder that relative image paths are resolved against (default: the working directory).
-            hnsw (`bool`, *optional*, defaults to `False`):
-                Also build the HNSW graph (a graph saved earlier is always extended with new rows).
-            progress (`bool`, *optional*, defaults to `True`):
-                Show a progress bar (samples/s, ETA) on the main process.
-            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*):
-                The distributed state; by default `accelerate.PartialState()` (a single process unless launched).
-            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*):
-                How the sketcher runs (`mode`, `max_pairs_per_batch`, `num_threads`, ...): a [`SketcherOptions`] or a
-                dict of its fields.
-            **metadata:
-                Provenance for the manifest and dataset card: `dataset_id`, `dataset_revision`, `dataset_split`,
-                `adapter_id`, `adapter_revision`, `base_model_id`, `base_model_revision`, `extra`. The base model id
-                (`pipeline.name_or_path`), the dataset's split and fingerprint and `id_column` are filled in.
+            pipeline (`DiffusionPipeline`): A supported pipeline (with its LoRA loaded, if any).
+            dataset (`datasets.Dataset`): The training set. Image cells may be `datasets.Image` values, PIL images,
+                paths (relative ones resolved against `image_root`) or arrays; a video family takes one video per row
+                (frames, an `(F, H, W, C)` array, a GIF or a folder of frames; see [`~video.decode_video`]).
+            config (`DMinConfig`, *optional*): How the sketches are computed; `None` for the defaults.
+            output_dir (`str` or `os.PathLike`): The index folder (created if needed).
+            image_column (`str`, *optional*, defaults to `"image"`): The column of images (videos, for a video family).
+            prompt_column (`str`, *optional*, defaults to `"text"`): Captions; may be `None` for unconditional models.
+            id_column (`str`, *optional*): An integer column of unique sample ids (default: the row position).
+            batch_size (`int`, *optional*, defaults to 8): Rows per gradient batch.
+            resume (`bool`, *optional*, defaults to `True`): Continue or extend the index in `output_dir`; `False`
+                deletes its index files (only those) first. Another spec or id column raises [`IndexMismatchError`].
+            on_error (`str`, *optional*, defaults to `"raise"`): `"raise"` ([`DatasetError`] for an unreadable
+                image, [`NonFiniteGradientError`], naming the row id) or `"skip"` (left out, listed in
+                `index.metadata.extra["skipped"]` with the reason).
+            shard_rows (`int`, *optional*): Rows per shard; by default up to 1,024 rows and 256 MiB, rounded to a
+                multiple of `batch_size`.
+            num_workers (`int`, *optional*, defaults to 0): `DataLoader` worker processes reading images.
+            image_root (`str` or `os.PathLike`, *optional*): Folder relative image paths are resolved against.
+            hnsw (`bool`, *optional*, defaults to `False`): Also build the HNSW graph (a saved one is always extended).
+            progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
+            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): The distributed state
+                (default: `accelerate.PartialState()`).
+            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*): How the sketcher runs (`mode`,
+                `max_pairs_per_batch`, `num_threads`, ...).
+            **metadata: Provenance for the manifest and card ([`IndexMetadata`] fields: `dataset_id`, `adapter_id`,
+                `base_model_revision`, `extra`, ...); base model id, dataset split, fingerprint and `id_column` are
+                filled in.
 
         Returns:
             [`GradientIndex`]: The finished index, loaded from `output_dir` (in every process).
@@ -318,19 +271,11 @@ class GradientIndex(ProgressBarMixin):
 
         Examples:
         ```py
-        >>> from diffusers_dmin import DMinConfig, GradientIndex
         >>> from diffusers_dmin.data import load_digits
         >>> from diffusers_dmin.testing import tiny_ddpm_pipeline
-
-        >>> pipe = tiny_ddpm_pipeline()
-        >>> dataset = load_digits(image_size=16, split="train[:32]")
-        >>> config = DMinConfig(num_timesteps=2, sketch_dim=64)
-        >>> index = GradientIndex.build(pipe, dataset, config, "digits-index", prompt_column=None, id_column="id")
-        >>> len(index)
-        32
-        >>> # later, with more rows: only the new ones are computed
-        >>> index = GradientIndex.build(pipe, load_digits(16), config, "digits-index", prompt_column=None,
-        ...                             id_column="id")
+        >>> index = GradientIndex.build(tiny_ddpm_pipeline(), load_digits(16, split="train[:32]"),
+        ...                             DMinConfig(num_timesteps=2, sketch_dim=64), "digits-index",
+        ...                             prompt_column=None, id_column="id")
         ```
         """
         from .build import build_index  # build.py sits above index.py in the module map
@@ -407,10 +352,8 @@ class GradientIndex(ProgressBarMixin):
         seed: int = 0,
     ) -> None:
         r"""
-        Build the HNSW graph (hnswlib, inner-product space) over all rows, replacing any existing one.
-
-        [`search`] with `exact=False` builds it on first use when the index has none; call this to choose the
-        parameters. [`save_pretrained`] / [`push_to_hub`] save it as `hnsw.bin`.
+        Build the HNSW graph (hnswlib, inner product; [`~graph.IndexGraph`]) over all rows, replacing any existing
+        one. `search(exact=False)` builds one with the defaults on first use; saves write it as `hnsw.bin`.
 
         Args:
             M (`int`, *optional*, defaults to 16): Graph degree.
@@ -449,10 +392,8 @@ class GradientIndex(ProgressBarMixin):
     ) -> None:
         r"""
         Build a FAISS IVF index (optional extra: `pip install "diffusers-dmin[faiss]"`) over all rows, replacing any
-        existing one: k-means lists over the rows folded to `sketch_dim` buckets per timestep, with PQ or SQ codes.
-        `search(..., backend="faiss")` then re-scores its candidates exactly at full K from the shards.
-        [`save_pretrained`] / [`push_to_hub`] save it as `faiss_ivf.safetensors` (arrays we write and validate; FAISS
-        never parses a file). Use [`calibrate`] to set `nprobe` and the candidate count for a recall target.
+        existing one ([`~faiss_backend.FaissIVFSearch`]); saved as `faiss_ivf.safetensors` (arrays we write and
+        validate; FAISS never parses a file). [`calibrate`] sets `nprobe` and the candidate count for a recall target.
 
         Args:
             codec (`str`, *optional*, defaults to `"pq"`): `"pq"` (`pq_m` bytes per row), `"sq8"` (one byte per
@@ -500,30 +441,22 @@ class GradientIndex(ProgressBarMixin):
     ) -> RecallCalibration:
         r"""
         Calibrate the approximate search to a recall target: the smallest `ef` (HNSW) or `nprobe` and candidate
-        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its 95% lower
-        confidence bound, by default). The values are applied, and stored in the manifest by the next
-        [`save_pretrained`] / [`push_to_hub`]; the backend is built first when the index has none.
+        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its lower
+        confidence bound). Applied now, stored in the manifest by the next save or push; the backend is built first
+        when the index has none ([`~backends.calibrate_backend`]).
 
         Args:
             backend (`str`, *optional*, defaults to `"faiss"`): `"faiss"` or `"hnsw"`.
             target (`float`, *optional*, defaults to 0.95): Requested recall@`top_k`.
             top_k (`int`, *optional*, defaults to 10): The k of recall@k.
-            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches (e.g. of
-                generated images). By default `num_queries` rows are sampled from the index (seeded) and queried as
-                noisy copies of themselves (relative noise `noise`).
+            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches; by default
+                `num_queries` rows are sampled (seeded by `seed`) and queried as copies with relative noise `noise`.
             confidence (`float`, *optional*, defaults to 0.95): See
                 [`~diffusers_dmin.calibration.calibrate_recall`]; `None` compares the mean recall itself.
             max_candidates (`int`, *optional*, defaults to 1024): FAISS only: most candidates re-scored per query.
 
         Returns:
             [`~diffusers_dmin.calibration.RecallCalibration`]: `reached=False` when even the widest search misses.
-
-        Examples:
-        ```py
-        >>> index.build_faiss(codec="pq")
-        >>> index.calibrate(backend="faiss", target=0.95).value  # nprobe
-        >>> index.save_pretrained("idx")  # the manifest records the calibration
-        ```
         """
         check_backend(backend)
         self._check_nonempty()
@@ -559,8 +492,7 @@ class GradientIndex(ProgressBarMixin):
             self._spec,
             self._config,
             spec,
-            warn_weak_fingerprint=self._warn_weak_fingerprint,
-            warn_unspecified=self._warn_unspecified,
+            warned=self._warned,
         )
 
     def search(
@@ -578,37 +510,24 @@ class GradientIndex(ProgressBarMixin):
         nprobe: int | None = None,
     ) -> list[InfluenceResult]:
         r"""
-        Find the training samples whose sketches have the largest inner products with each query.
+        Find the training samples whose sketches have the largest inner products with each query
+        ([`~backends.search_backend`] picks and runs the backend).
 
         Args:
-            queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, T, K_q)`):
-                Query sketches (e.g. of generated images). `K_q` must equal the index's K or be a multiple of it
-                (queries are folded), or equal `sketch_dim`. For one query pass `queries[None]`.
-            top_k (`int`, *optional*, defaults to 10):
-                Results per query (fewer when the index has fewer rows).
-            exact (`bool`, *optional*, defaults to `True`):
-                Exact search over all rows; `False` searches approximately: with the FAISS index when the index has
-                one (built, saved or listed in the manifest), else with the HNSW graph (loaded, downloaded or built
-                on first use).
-            spec (`SketchSpec` or `DMinConfig`, *optional*):
-                How the queries were computed; checked with [`check_compatible`] before searching.
-            largest (`bool`, *optional*, defaults to `True`):
-                `False` returns the most negative scores first (opponents: samples whose gradients oppose the query).
-            sketch_dim (`int`, *optional*):
-                Search at this divisor of K: both sides are folded (cheaper, slightly less precise). For HNSW the
-                graph must have been built at a divisor of it.
-            rescore (`bool`, *optional*, defaults to `True`):
-                HNSW only: re-score `max(top_k, ef)` candidates exactly (float32 inner products at the search
-                dimension, as exact search computes them, up to rounding). `False` returns hnswlib's scores (the
-                graph dimension must then equal the search dimension).
-            ef (`int`, *optional*):
-                HNSW only: candidate list size for this call (default: the graph's `ef`, 100).
-            backend (`str`, *optional*):
-                `"exact"`, `"hnsw"` or `"faiss"`; overrides `exact`. FAISS (optional extra
-                `pip install "diffusers-dmin[faiss]"`) probes `nprobe` IVF lists of folded sketches and re-scores its
-                candidates exactly at full K (built with the defaults on first use; see [`build_faiss`]).
-            nprobe (`int`, *optional*):
-                FAISS only: lists probed for this call (default: the index's, calibrated or 16).
+            queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, T, K_q)`): Query sketches; `K_q` equals
+                the index's K, a multiple of it (folded) or `sketch_dim`. For one query pass `queries[None]`.
+            top_k (`int`, *optional*, defaults to 10): Results per query (fewer when the index has fewer rows).
+            exact (`bool`, *optional*, defaults to `True`): Exact search over all rows; `False` searches with the
+                FAISS index when the index has one, else with the HNSW graph (loaded or built on first use).
+            spec (`SketchSpec` or `DMinConfig`, *optional*): How the queries were computed; see [`check_compatible`].
+            largest (`bool`, *optional*, defaults to `True`): `False` returns the most negative scores first.
+            sketch_dim (`int`, *optional*): Search at this divisor of K, both sides folded (for HNSW, the graph must
+                have been built at a divisor of it).
+            rescore (`bool`, *optional*, defaults to `True`): HNSW only: re-score `max(top_k, ef)` candidates exactly;
+                `False` returns hnswlib's scores (the graph dimension must then equal the search dimension).
+            ef (`int`, *optional*): HNSW only: candidate list size for this call (default: the graph's `ef`).
+            backend (`str`, *optional*): `"exact"`, `"hnsw"` or `"faiss"` (see [`build_faiss`]); overrides `exact`.
+            nprobe (`int`, *optional*): FAISS only: lists probed for this call (default: the index's).
 
         Returns:
             `list[InfluenceResult]`: One per query: `sample_ids` (int64) and `scores` (float32 inner products),
@@ -616,13 +535,6 @@ class GradientIndex(ProgressBarMixin):
 
         Raises:
             [`IndexMismatchError`]: The queries' spec, T or K do not match the index.
-
-        Examples:
-        ```py
-        >>> results = index.search(sketcher(images=generated, prompts=prompts), top_k=5, spec=sketcher.spec)
-        >>> results[0].sample_ids, results[0].scores
-        >>> opponents = index.search(queries, top_k=5, largest=False)
-        ```
         """
         if spec is not None:
             self.check_compatible(spec)
@@ -684,11 +596,9 @@ class GradientIndex(ProgressBarMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_rows: int | None = None) -> None:
         r"""
-        Save the index to a folder (DESIGN §4): shards, noise, HNSW graph (when built or loaded), dataset card, and the
-        manifest last. Every file is written atomically.
-
-        Saving again to the same folder only adds shards for rows added since (old shards stay byte-identical) and
-        rewrites the graph, card and manifest.
+        Save the index to a folder (DESIGN §4) with [`~folder.write_index_folder`]: shards, noise, HNSW graph and
+        FAISS index (when built or loaded), dataset card, and the manifest last, every file atomically. Saving again
+        to the same folder only adds shards for rows added since (old shards stay byte-identical).
 
         Args:
             save_directory (`str` or `os.PathLike`): The folder (created if needed).
@@ -717,11 +627,9 @@ class GradientIndex(ProgressBarMixin):
         load_hnsw: bool = False,
     ) -> GradientIndex:
         r"""
-        Load an index from a local folder or a Hub repository (a dataset repo by default).
-
-        Every shard's size and sha256 are verified against the manifest before it is memory-mapped. A Hub pull
-        fetches only the manifest, shards, noise and card: the HNSW graph is downloaded on the first approximate
-        search (or now, with `load_hnsw=True`). Files come from the Hub cache when present.
+        Load an index from a local folder or a Hub repository (a dataset repo by default; [`~hub.locate_index`],
+        [`~folder.read_index_folder`]). Shards are verified (size, sha256) before they are memory-mapped; a Hub pull
+        skips the HNSW graph until the first approximate search (or `load_hnsw=True`) and uses the Hub cache.
 
         Args:
             repo_id_or_path (`str` or `os.PathLike`): A folder written by [`save_pretrained`], or a repo id.
@@ -734,19 +642,9 @@ class GradientIndex(ProgressBarMixin):
             force_download (`bool`, *optional*, defaults to `False`): Download again (repairs a damaged cache).
             load_hnsw (`bool`, *optional*, defaults to `False`): Fetch and load the HNSW graph now.
 
-        Returns:
-            [`GradientIndex`]
-
         Raises:
-            [`IndexNotFoundError`]: No index at the path or repo.
-            [`IndexCorruptError`]: A file fails its checks.
+            [`IndexNotFoundError`]: No index at the path or repo. [`IndexCorruptError`]: A file fails its checks.
             [`HubAuthenticationError`]: The Hub refused the token.
-
-        Examples:
-        ```py
-        >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", revision="main")
-        >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", local_files_only=True)  # from the cache
-        ```
         """
         folder, origin = locate_index(
             repo_id_or_path,
@@ -795,7 +693,7 @@ class GradientIndex(ProgressBarMixin):
     ) -> Any:
         r"""
         Upload the index to a Hub repository (a dataset repo by default, created if needed) in one commit, with a
-        generated dataset card (what the index is, how it was built, how to use it, and a privacy note).
+        generated dataset card ([`~hub.HubLocation.upload`]).
 
         Args:
             repo_id (`str`): The repo, e.g. `"org/my-lora-dmin-index"` (or just a name, in your namespace).
@@ -810,11 +708,6 @@ class GradientIndex(ProgressBarMixin):
 
         Returns:
             `huggingface_hub.CommitInfo`: The commit (a `str` with its URL).
-
-        Examples:
-        ```py
-        >>> index.push_to_hub("my-org/pokemon-lora-dmin-index", private=True)
-        ```
         """
         location = HubLocation(repo_id, repo_type, revision, token, endpoint=endpoint)
         return location.upload(
@@ -865,24 +758,6 @@ class GradientIndex(ProgressBarMixin):
     def _check_nonempty(self) -> None:
         if not len(self):
             raise ConfigError("The index holds no rows; add sketches with `index.add(...)` first.")
-
-    def _warn_weak_fingerprint(self) -> None:
-        if not self._warned_weak_fingerprint:
-            logger.warning(
-                "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only "
-                "the selected parameters are compared with the queries' model, so a different base model "
-                "under the same adapter, or changed unselected weights, go unnoticed. Rebuild the index to "
-                "get the full check."
-            )
-            self._warned_weak_fingerprint = True
-
-    def _warn_unspecified(self) -> None:
-        if not self._warned_unspecified:
-            logger.warning(
-                "This index was created from a config only (its spec is unspecified): queries are checked against "
-                "the config, not against the model, adapter or parameters. Build indices with `spec=sketcher.spec`."
-            )
-            self._warned_unspecified = True
 
     def _progress_enabled(self) -> bool:
         return not getattr(self, "_progress_bar_config", {}).get("disable", False)
