@@ -53,7 +53,6 @@ logger = get_logger(__name__)
 
 __all__ = [
     "HubLocation",
-    "locate_index",
     "offline_reason",
     "download_index",
     "download_file",
@@ -194,6 +193,18 @@ class HubLocation:
             self.repo_id, self.repo_type, revision, self.token, self.cache_dir, self.endpoint, self.local_files_only
         )
 
+    def locate(self, *, force_download: bool = False, include_hnsw: bool = False) -> tuple[Path, HubLocation | None]:
+        """The folder of the index: `repo_id` itself when it names a local folder (`revision` is then ignored, with a
+        warning), else the snapshot [`download_index`] pulls. Also returns where files left out of the pull (the
+        graph) are fetched later: this repo at the commit the manifest came from (None for a local folder)."""
+        path = Path(os.path.expanduser(self.repo_id))
+        if path.is_dir():
+            if self.revision is not None:
+                logger.warning(f"Ignoring `revision={self.revision!r}`: {str(path)!r} is a local folder.")
+            return path, None
+        folder = Path(self.download_index(force_download=force_download, include_hnsw=include_hnsw))
+        return folder, (self.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else self)
+
     def download_index(self, *, force_download: bool = False, include_hnsw: bool = False) -> str:
         """[`download_index`] of this location; returns the local snapshot folder."""
         return download_index(
@@ -245,33 +256,6 @@ class HubLocation:
             endpoint=self.endpoint,
             force_download=force_download,
         )
-
-
-def locate_index(
-    repo_id_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    endpoint: str | None = None,
-    repo_type: str = DEFAULT_REPO_TYPE,
-    force_download: bool = False,
-    include_hnsw: bool = False,
-) -> tuple[Path, HubLocation | None]:
-    """The folder of an index: `repo_id_or_path` itself when it is a local folder (`revision` is then ignored, with a
-    warning), else the snapshot [`download_index`] pulls. Also returns where files left out of the pull (the graph)
-    are fetched later: the repo at the commit the manifest came from (None for a local folder)."""
-    path = Path(os.path.expanduser(os.fspath(repo_id_or_path)))
-    if path.is_dir():
-        if revision is not None:
-            logger.warning(f"Ignoring `revision={revision!r}`: {str(path)!r} is a local folder.")
-        return path, None
-    location = HubLocation(
-        os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
-    )
-    folder = Path(location.download_index(force_download=force_download, include_hnsw=include_hnsw))
-    return folder, (location.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else location)
 
 
 def download_index(

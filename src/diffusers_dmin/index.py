@@ -24,7 +24,7 @@ from .constants import DEFAULT_COMMIT_MESSAGE, DEFAULT_REPO_TYPE
 from .errors import ConfigError
 from .folder import StoredFile, new_block, read_index_folder, write_index_folder
 from .graph import IndexGraph
-from .hub import HubLocation, locate_index
+from .hub import HubLocation
 from .ivf import IndexIVF
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
@@ -627,7 +627,7 @@ class GradientIndex(ProgressBarMixin):
         load_hnsw: bool = False,
     ) -> GradientIndex:
         r"""
-        Load an index from a local folder or a Hub repository (a dataset repo by default; [`~hub.locate_index`],
+        Load an index from a local folder or a Hub repository (a dataset repo by default; [`~hub.HubLocation.locate`],
         [`~folder.read_index_folder`]). Shards are verified (size, sha256) before they are memory-mapped; a Hub pull
         skips the HNSW graph until the first approximate search (or `load_hnsw=True`) and uses the Hub cache.
 
@@ -646,17 +646,10 @@ class GradientIndex(ProgressBarMixin):
             [`IndexNotFoundError`]: No index at the path or repo. [`IndexCorruptError`]: A file fails its checks.
             [`HubAuthenticationError`]: The Hub refused the token.
         """
-        folder, origin = locate_index(
-            repo_id_or_path,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            endpoint=endpoint,
-            repo_type=repo_type,
-            force_download=force_download,
-            include_hnsw=load_hnsw,
+        location = HubLocation(
+            os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
         )
+        folder, origin = location.locate(force_download=force_download, include_hnsw=load_hnsw)
         index = cls._from_folder(folder, origin=origin)
         if load_hnsw and index._graph.file is not None:
             index._graph.get(
