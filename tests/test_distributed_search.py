@@ -250,14 +250,14 @@ def test_a_failing_shard_or_a_stalled_process_stops_both_processes_with_a_clear_
         "searches": [
             {"index": str(folder), "queries": str(root / "q5.npy")},  # process 1's shard fails its sha256
             {"index": str(root / "uneven"), "index_of_rank": {"1": str(root / "single")}},  # another index
-            {"index": str(root / "uneven"), "queries": str(root / "q5.npy")},  # process 1 stalls 8 s before it
+            {"index": str(root / "uneven"), "queries": str(root / "q5.npy")},  # process 1 stalls 24 s before it
         ]
     }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    stall = ["--stall-rank", "1", "--stall-seconds", "8", "--stall-search", "2"]
-    processes = _start_two(tmp_path / "plan.json", tmp_path, "--timeout", "4", *stall)
+    stall = ["--stall-rank", "1", "--stall-seconds", "24", "--stall-search", "2"]
+    processes = _start_two(tmp_path / "plan.json", tmp_path, "--timeout", "12", *stall)
     try:
-        codes = [p.wait(timeout=120) for p in processes]
+        codes = [p.wait(timeout=180) for p in processes]
     finally:
         for process in processes:
             process.kill()
@@ -269,10 +269,10 @@ def test_a_failing_shard_or_a_stalled_process_stops_both_processes_with_a_clear_
     for rank in (0, 1):
         message = (tmp_path / f"1-rank{rank}.err").read_text()
         assert "The dmin_index.json of process(es) [1] differs from that of process 0" in message
-    # process 0 waits 4 s for process 1 in the next search, then stops; process 1 then finds process 0 gone
+    # process 0 waits 12 s for process 1 in the next search, then stops; process 1 then finds process 0 gone
     message = (tmp_path / "2-rank0.err").read_text()
     assert "Process 0 of 2 stopped waiting while preparing the queries" in message
-    assert "within the timeout (4 s)" in message
+    assert "within the timeout (12 s)" in message
     # (at the same step, or the next one if its share of the first exchange had already arrived)
     assert "Process 1 of 2 stopped waiting while" in (tmp_path / "2-rank1.err").read_text()
 

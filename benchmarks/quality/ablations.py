@@ -54,6 +54,17 @@ QUICK_DIGITS = (
 )
 
 
+# issue 12's estimator options, shared by digits_configs and detection.sd_configs
+ESTIMATOR_ROWS = {
+    "sketch_normalize (cosine of sketches)": {"sketch_normalize": True},
+    "sketch_normalize, K=1024": {"sketch_normalize": True, "sketch_dim": 1024},
+    "K=1024": {"sketch_dim": 1024},
+    "output_function=output_norm (D-TRAK)": {"output_function": "output_norm"},
+    "noise draws=4, separate (per-draw blocks)": {"num_noise_draws": 4, "noise_draws": "separate"},
+    "noise draws=4 + sketch_normalize": {"num_noise_draws": 4, "sketch_normalize": True},
+}
+
+
 def digits_configs(quick: bool) -> dict[str, dict]:
     """name -> config changes from BASE for the digits DDPM (keys starting with `_` are not config fields)."""
     configs = {
@@ -82,6 +93,8 @@ def digits_configs(quick: bool) -> dict[str, dict]:
         "normalize=timestep + timesteps=uniform": {"normalize": "timestep", "timestep_spacing": "uniform"},
         "normalize=timestep + timesteps=cubic": {"normalize": "timestep", "timestep_spacing": "cubic"},
         "official DDPM choices: cubic T=10, all params, per-timestep norm": dict(OFFICIAL_DDPM),
+        # issue 12's estimator options (estimator_options.py measures them with a held-out split and seeds)
+        **ESTIMATOR_ROWS,
     }
     if quick:
         configs = {k: v for k, v in configs.items() if k in QUICK_DIGITS}

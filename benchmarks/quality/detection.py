@@ -25,7 +25,7 @@ import torch
 
 from diffusers_dmin import DMinConfig, GradientIndex, GradientSketcher, InfluencePipeline
 
-from .ablations import BASE, HIGH_NOISE, LOW_NOISE, make_config, same_as_default
+from .ablations import BASE, ESTIMATOR_ROWS, HIGH_NOISE, LOW_NOISE, make_config, same_as_default
 from .baselines import pixel_cosine_scores, random_scores, ssim_scores
 from .common import (
     base_parser,
@@ -80,6 +80,7 @@ def sd_configs(quick: bool) -> dict[str, dict]:
             "params": "attention",
             "normalize": "timestep",
         },
+        **{name: changes for name, changes in ESTIMATOR_ROWS.items() if "sketch_dim" not in changes},
     }
     if quick:
         keep = ("timesteps=uniform T=10", "normalize=timestep")

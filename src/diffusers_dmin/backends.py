@@ -7,6 +7,7 @@ Sits above [`search`] (the backends themselves), [`graph`] and [`ivf`] (their li
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,14 +104,26 @@ def search_backend(
     ef: int | None,
     nprobe: int | None,
     progress: bool,
+    config: DMinConfig,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Any, Any]:
-    """[`GradientIndex.search`] after its spec check: fold the queries, pick the backend (`backend`, else exact, else
-    FAISS when the index has one, else HNSW) and search. Returns `(positions, scores)`, one row per query."""
+    """[`GradientIndex.search`] after its spec check: fold the queries (to multiples of the noise draws an index of
+    `config` keeps in separate blocks), apply `transform` to them (the query preconditioner), pick the backend
+    (`backend`, else exact, else FAISS when the index has one, else HNSW) and search. Returns `(positions, scores)`,
+    one row per query."""
     check_int(top_k, "top_k")
     with single_threaded_torch():
         folded = prepare_queries(
             queries, num_timesteps=rows.num_timesteps, sketch_dim=rows.sketch_dim, search_dim=search_dim
         )  # (q, T, k_s)
+        draws = config.num_noise_draws if config.noise_draws == "separate" else 1
+        if folded.shape[-1] % draws:
+            raise ConfigError(
+                f"This index keeps {draws} noise draws in separate blocks (`noise_draws='separate'`), so a search "
+                f"may fold its sketches only to multiples of {draws} buckets, not to sketch_dim={folded.shape[-1]}."
+            )
+        if transform is not None:
+            folded = transform(folded)
         full = expand_queries(folded, rows.sketch_dim).reshape(len(folded), -1)
     if backend is None:
         backend = "exact" if exact else ("faiss" if ivf.params is not None else "hnsw")

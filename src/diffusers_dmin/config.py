@@ -26,6 +26,8 @@ TARGETS = ("noise", "sample", "v_prediction", "flow")
 NORMALIZATIONS = ("timestep", "layer", "none")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 TEXT_ENCODER_PARAMS = ("lora",)
+OUTPUT_FUNCTIONS = ("loss", "output_norm")
+NOISE_DRAW_COMBINATIONS = ("mean", "separate")
 MAX_SKETCH_DIM = 2**24
 DEFAULT_NUM_TIMESTEPS = 10
 
@@ -39,6 +41,14 @@ _OPTIONAL_OVERRIDES = (
     "precondition_outputs",
     "text_encoder_params",
 )
+# Estimator options added after indices were first written: `{field: value an index written without it meant}`.
+# A field is written to JSON only when it differs from that value, and a manifest without it reads as that value, so
+# an old index keeps its meaning (and fingerprint) whatever the dataclass default becomes.
+_LEGACY_VALUES: dict[str, Any] = {
+    "sketch_normalize": False,
+    "output_function": "loss",
+    "noise_draws": "mean",
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,24 @@ class DMinConfig:
             biases whose true gradient is zero, are left out rather than amplified), `"timestep"` L2-normalises each
             timestep's gradient (the paper's DMin), `"none"` keeps raw gradients (the paper's ablation).
         num_noise_draws (`int`, *optional*, defaults to 1):
-            Number of fixed noise tensors; the sketch of a timestep is the mean of the normalised sketches over them.
+            Number of fixed noise tensors R. Each (timestep, draw) gradient is normalised on its own (per draw, as
+            `normalize` says); `noise_draws` says how the R draws are combined.
+        noise_draws (`str`, *optional*, defaults to `"mean"`):
+            `"mean"`: a timestep's sketch is the mean of its R per-draw normalised sketches (scores then contain
+            cross-draw terms `<q_r, x_s>`). `"separate"`: the K buckets are split into R blocks of K/R, block r holds
+            the K/R-sketch of draw r scaled by `1/sqrt(R)`, so the score is the mean over draws of the per-draw scores
+            `<q_r, x_r>` (matched noise only, as SNR-LDS scores several draws) at the storage of one K-sketch; needs
+            R to divide K, and a search may fold it only to sizes K' that R divides (each block folds on its own).
+        sketch_normalize (`bool`, *optional*, defaults to `False`):
+            Divide each timestep's final sketch (after combining the noise draws) by its own L2 norm, so a score is a
+            sum of cosines of sketches rather than of sketched unit vectors (whose norms the sketch distorts by about
+            `1/sqrt(K)`). With `noise_draws="separate"` each draw's block is normalised to `1/sqrt(R)`. Dense
+            gradients ([`GradientSketcher.full_gradients`]) are normalised the same way per timestep. A sketch folded
+            to fewer buckets ([`fold_sketch`]) is no longer unit-norm; fold with `renormalize=True`.
+        output_function (`str`, *optional*, defaults to `"loss"`):
+            The function whose gradient is taken: `"loss"` (the training loss, DMin) or `"output_norm"` (D-TRAK's
+            `||prediction||^2`, the mean square of the denoiser's output times the family's sign, with no target and
+            no loss weighting).
         resolution (`int` or `tuple[int, int]`, *optional*):
             Image resolution `(height, width)` the gradients are taken at; defaults to the model's native size.
         weighting_scheme (`str`, *optional*):
@@ -122,6 +149,9 @@ class DMinConfig:
     target: Literal["noise", "sample", "v_prediction", "flow"] | None = None
     normalize: Literal["timestep", "layer", "none"] = "layer"
     num_noise_draws: int = 1
+    noise_draws: Literal["mean", "separate"] = "mean"
+    sketch_normalize: bool = False
+    output_function: Literal["loss", "output_norm"] = "loss"
     resolution: tuple[int, int] | None = None
     weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] | None = None
     guidance_scale: float | None = None
@@ -201,6 +231,20 @@ class DMinConfig:
             raise ConfigError(f"`normalize` must be one of {NORMALIZATIONS}, but is {self.normalize!r}.")
         if not _is_int(self.num_noise_draws) or self.num_noise_draws < 1:
             raise ConfigError(f"`num_noise_draws` must be a positive integer, but is {self.num_noise_draws!r}.")
+        if self.noise_draws not in NOISE_DRAW_COMBINATIONS:
+            raise ConfigError(f"`noise_draws` must be one of {NOISE_DRAW_COMBINATIONS}, but is {self.noise_draws!r}.")
+        if self.noise_draws == "separate" and self.sketch_dim % self.num_noise_draws:
+            raise ConfigError(
+                f"`noise_draws='separate'` splits the {self.sketch_dim} buckets into one block per draw, so "
+                f"`num_noise_draws={self.num_noise_draws}` must divide `sketch_dim`; use a power of two for both."
+            )
+        if not isinstance(self.sketch_normalize, bool):
+            raise ConfigError(f"`sketch_normalize` must be True or False, but is {self.sketch_normalize!r}.")
+        if self.output_function not in OUTPUT_FUNCTIONS:
+            raise ConfigError(
+                f"`output_function` must be one of {OUTPUT_FUNCTIONS} ('loss': DMin's training loss, 'output_norm': "
+                f"D-TRAK's squared output norm), but is {self.output_function!r}."
+            )
 
         if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ConfigError(
@@ -246,11 +290,14 @@ class DMinConfig:
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists; objective overrides only when set, so that configs and manifests
-        written before they existed stay identical)."""
+        """A JSON-ready dict (tuples become lists; objective overrides only when set and estimator options only when
+        they differ from what an index written before them meant, so that such configs and manifests stay identical)."""
         data = asdict(self)
         for key in _OPTIONAL_OVERRIDES:
             if data[key] is None:
+                del data[key]
+        for key, legacy in _LEGACY_VALUES.items():
+            if data[key] == legacy:
                 del data[key]
         for key, value in data.items():
             if isinstance(value, tuple):
@@ -263,7 +310,8 @@ class DMinConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DMinConfig:
-        """Inverse of [`to_dict`]. Unknown keys are ignored with a warning (an index from a newer version)."""
+        """Inverse of [`to_dict`]. Unknown keys are ignored with a warning (an index from a newer version); a missing
+        estimator option reads as the value indices written before it meant (`_LEGACY_VALUES`), not as the default."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"`DMinConfig.from_dict` needs a mapping, but got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
@@ -273,7 +321,7 @@ class DMinConfig:
                 f"Ignoring unknown DMinConfig keys {unknown}: they were probably written by a newer diffusers_dmin. "
                 "Upgrade with `pip install -U diffusers-dmin` if results look wrong."
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{**_LEGACY_VALUES, **{k: v for k, v in data.items() if k in known}})
 
     @classmethod
     def from_json(cls, text: str) -> DMinConfig:
@@ -292,7 +340,7 @@ class DMinConfig:
 
     def differences(self, other: DMinConfig, *, ignore: Sequence[str] = _STORAGE_ONLY_FIELDS) -> dict[str, tuple]:
         """Fields whose values differ, as `{name: (self_value, other_value)}`."""
-        mine, theirs = self.to_dict(), other.to_dict()
+        mine, theirs = {**_LEGACY_VALUES, **self.to_dict()}, {**_LEGACY_VALUES, **other.to_dict()}
         names = [f.name for f in fields(self)]
         return {k: (mine.get(k), theirs.get(k)) for k in names if k not in ignore and mine.get(k) != theirs.get(k)}
 

@@ -36,6 +36,7 @@ BUILD_SHARD_STEM_TEMPLATE = SHARDS_DIR + "/sketches-from-{:012d}"  # builds: fir
 NOISE_NAME = "noise.safetensors"
 HNSW_NAME = "hnsw.bin"
 FAISS_NAME = "faiss_ivf.safetensors"
+PRECONDITIONER_NAME = "preconditioner.safetensors"  # optional: the fitted query preconditioner
 README_NAME = "README.md"
 
 # Files of a build in progress, and of writes in progress.

@@ -26,6 +26,7 @@ from .errors import ConfigError, DMinError, IndexCorruptError, IndexMismatchErro
 from .faiss_backend import FaissIVFSearch
 from .hnsw_file import validate_hnsw_file
 from .logging import get_logger
+from .precondition import PRECONDITIONER_NAME, QueryPreconditioner
 from .search import HNSWSearch
 from .storage import (
     FaissInfo,
@@ -134,12 +135,13 @@ class WrittenFolder:
     noise: StoredFile | None
     graph: StoredFile | None
     faiss: StoredFile | None = None
+    preconditioner: StoredFile | None = None
 
 
 @dataclass
 class LoadedFolder:
     """What [`read_index_folder`] read: the manifest, the verified shards as blocks with all their ids, and the
-    stored noise, graph and FAISS files the manifest lists (verified or loaded on use)."""
+    stored noise, graph, FAISS and preconditioner files the manifest lists (verified or loaded on use)."""
 
     manifest: Manifest
     blocks: list[Block]
@@ -147,6 +149,7 @@ class LoadedFolder:
     noise: StoredFile | None
     graph: StoredFile | None
     faiss: StoredFile | None
+    preconditioner: StoredFile | None = None
 
 
 def read_index_folder(folder: Path, *, origin: hub.HubLocation | None = None) -> LoadedFolder:
@@ -170,7 +173,9 @@ def read_index_folder(folder: Path, *, origin: hub.HubLocation | None = None) ->
         noise.verify("noise file")
     graph = StoredFile(manifest.hnsw, folder, origin) if manifest.hnsw is not None else None
     faiss = StoredFile(manifest.faiss, folder, origin) if manifest.faiss is not None else None
-    return LoadedFolder(manifest, blocks, ids, noise, graph, faiss)
+    # read (and downloaded from the Hub) on first use
+    pre = StoredFile(manifest.preconditioner, folder, origin) if manifest.preconditioner is not None else None
+    return LoadedFolder(manifest, blocks, ids, noise, graph, faiss, pre)
 
 
 def new_block(sketches: torch.Tensor | np.ndarray, ids: object, existing_ids: np.ndarray, config: DMinConfig) -> Block:
@@ -232,6 +237,8 @@ def write_index_folder(
     faiss_file: StoredFile | None = None,
     faiss_dirty: bool = False,
     faiss_calibration: RecallCalibration | None = None,
+    preconditioner: QueryPreconditioner | None = None,
+    preconditioner_file: StoredFile | None = None,
     link: bool,
     repo_id: str | None = None,
     max_shard_rows: int | None = None,
@@ -296,6 +303,7 @@ def write_index_folder(
             folder, graph, graph_file, graph_dirty, num_timesteps, link, staged, calibration=graph_calibration
         )
         faiss_info = _stage_faiss(folder, faiss, faiss_file, faiss_dirty, faiss_calibration, link, staged)
+        pre_info = _stage_preconditioner(folder, preconditioner, preconditioner_file, link, staged)
         manifest = Manifest(
             config=config,
             spec=spec,
@@ -303,6 +311,7 @@ def write_index_folder(
             noise=noise_info,
             hnsw=hnsw_info,
             faiss=faiss_info,
+            preconditioner=pre_info,
             metadata=metadata,
         )
         card = folder / README_NAME
@@ -323,8 +332,8 @@ def write_index_folder(
         committed = True  # from here on the folder's old manifest may be gone: keep what this call wrote
         if replaced:
             if manifest.noise is None or (manifest.noise.name not in staged):
-                # loadable while the graph and the FAISS index move
-                write_manifest(folder, dataclasses.replace(manifest, hnsw=None, faiss=None))
+                # loadable while the graph, the FAISS index and the preconditioner move (all optional)
+                write_manifest(folder, dataclasses.replace(manifest, hnsw=None, faiss=None, preconditioner=None))
             else:
                 (folder / MANIFEST_NAME).unlink(missing_ok=True)
                 fsync_dir(folder)
@@ -339,11 +348,8 @@ def write_index_folder(
             for name in written:
                 (folder / name).unlink(missing_ok=True)
     if current is not None:  # files of the index this one replaced
-        kept = {info.name for info in shards}
-        kept |= {f.name for f in (manifest.noise, manifest.hnsw, manifest.faiss) if f is not None}
-        for name in [info.name for info in current.shards] + [
-            f.name for f in (current.noise, current.hnsw, current.faiss) if f is not None
-        ]:
+        kept = {info.name for info in shards} | {f.name for f in _extra_files(manifest)}
+        for name in [info.name for info in current.shards] + [f.name for f in _extra_files(current)]:
             if name not in kept and name not in mine:
                 (folder / name).unlink(missing_ok=True)
     return WrittenFolder(
@@ -352,7 +358,50 @@ def write_index_folder(
         noise=None if noise_info is None else StoredFile(noise_info, folder),
         graph=None if hnsw_info is None else StoredFile(hnsw_info, folder),
         faiss=None if faiss_info is None else StoredFile(faiss_info, folder),
+        preconditioner=None if pre_info is None else StoredFile(pre_info, folder),
     )
+
+
+def _extra_files(manifest: Manifest) -> list:
+    """The files a manifest lists besides its shards."""
+    return [f for f in (manifest.noise, manifest.hnsw, manifest.faiss, manifest.preconditioner) if f is not None]
+
+
+def _stage_preconditioner(
+    folder: Path,
+    preconditioner: QueryPreconditioner | None,
+    stored: StoredFile | None,
+    link: bool,
+    staged: dict[str, Path],
+) -> FileInfo | None:
+    """The fitted preconditioner's file: copied (linked) from the file it was loaded from, else written anew."""
+    if stored is not None:
+        info = stored.info
+        if not stored.is_in(folder):
+            source = stored.local_path(download=True)
+            if source is None:
+                raise IndexNotFoundError(f"The index's {info.name} could not be found or downloaded.")
+            source = stored.verify("preconditioner file", source)
+            if link:
+                _place(source, folder / info.name, link)
+            elif not _same_file(folder / info.name, info):
+                staged[info.name] = stage_copy(source, folder / info.name)
+        return info
+    if preconditioner is None:
+        return None
+    tmp = temp_path(folder / PRECONDITIONER_NAME)
+    preconditioner.save(tmp)
+    QueryPreconditioner.load(tmp, num_timesteps=preconditioner.num_timesteps, sketch_dim=preconditioner.sketch_dim)
+    staged[PRECONDITIONER_NAME] = tmp
+    info = FileInfo(
+        name=PRECONDITIONER_NAME,
+        sha256=sha256_file(tmp),
+        num_bytes=tmp.stat().st_size,
+        shape=(preconditioner.num_timesteps, preconditioner.sketch_dim),
+    )
+    if _same_file(folder / PRECONDITIONER_NAME, info):
+        staged.pop(PRECONDITIONER_NAME).unlink(missing_ok=True)
+    return info
 
 
 def _stage_noise(
@@ -491,9 +540,7 @@ def _current_manifest(folder: Path) -> Manifest | None:
 def _lists(manifest: Manifest | None, name: str) -> bool:
     if manifest is None:
         return False
-    return name in {f.name for f in (manifest.noise, manifest.hnsw) if f is not None} | {
-        s.name for s in manifest.shards
-    }
+    return name in {f.name for f in _extra_files(manifest)} | {s.name for s in manifest.shards}
 
 
 def _same_file(path: Path, info: FileInfo | HNSWInfo) -> bool:

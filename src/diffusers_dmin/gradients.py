@@ -290,7 +290,8 @@ class GradientSketcher(ProgressBarMixin):
     Computes DMin gradient sketches of (image, prompt) pairs for a diffusers pipeline.
 
     Build it with [`GradientSketcher.from_pipeline`]. Calling it returns a float32 CPU tensor of shape `(B, T, K)`:
-    for each sample, the L2-normalised loss gradient at each of the T timesteps, sketched to K numbers.
+    for each sample, the L2-normalised loss gradient (or D-TRAK's output-norm gradient, `output_function`) at each
+    of the T timesteps, sketched to K numbers (see [`DMinConfig`] for `noise_draws` and `sketch_normalize`).
 
     Attributes:
         config (`DMinConfig`): The configuration.
@@ -352,9 +353,11 @@ class GradientSketcher(ProgressBarMixin):
             self._offsets.append(offset)
             offset += param.numel()
         self.input_dim = offset
-        self.sketch = OPORPSketch(
-            self.input_dim, config.sketch_dim, config.seed, table_budget_bytes=options.table_budget_bytes
-        )
+        self._output_function = self.objective.attribution_function(config.output_function)
+        # noise_draws="separate": each draw gets its own block of K / R buckets (the K/R-sketch with the same seed)
+        self._separate_draws = config.noise_draws == "separate" and config.num_noise_draws > 1
+        draw_dim = config.sketch_dim // config.num_noise_draws if self._separate_draws else config.sketch_dim
+        self.sketch = OPORPSketch(self.input_dim, draw_dim, config.seed, table_budget_bytes=options.table_budget_bytes)
         self.spec = SketchSpec(
             config=config,
             family=adapter.family,
@@ -644,7 +647,7 @@ class GradientSketcher(ProgressBarMixin):
             )
         self._check_adapters_unchanged()
         batch, num_t, num_draws = x0.shape[0], len(self.timesteps), self.noise.shape[0]
-        width = self.config.sketch_dim if sink == "sketch" else self.input_dim
+        width = self.sketch.sketch_dim if sink == "sketch" else self.input_dim
         out = torch.empty(batch * num_t * num_draws, width, dtype=torch.float32)
         size = self._pairs_per_batch() if self._use_vmap() else 1
         with contextlib.ExitStack() as stack:
@@ -657,7 +660,21 @@ class GradientSketcher(ProgressBarMixin):
             for pairs in self._pair_batches(x0, cond, size):
                 rows = self._gradient_rows(pairs, sink)
                 out[pairs["pairs"]] = rows.cpu()
-        return out.view(batch, num_t, num_draws, width).mean(2)
+        return self._combine_draws(out.view(batch, num_t, num_draws, width))
+
+    def _combine_draws(self, rows: torch.Tensor) -> torch.Tensor:
+        """`(B, T, R, W)` per-draw rows -> `(B, T, W)` (`noise_draws="mean"`) or `(B, T, R * W)` (`"separate"`: the
+        draws side by side, each scaled by `1/sqrt(R)`, so an inner product is the mean of the per-draw ones), then
+        per-timestep (per-block) unit norm under `sketch_normalize`."""
+        num_draws = rows.shape[2]
+        if self._separate_draws:
+            if self.config.sketch_normalize:
+                rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            return (rows / math.sqrt(num_draws)).flatten(2)
+        out = rows.mean(2)
+        if self.config.sketch_normalize:
+            out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        return out
 
     def _gradient_rows(self, pairs: dict, sink: str) -> torch.Tensor:
         """Sketches (or dense gradients) of one micro-batch of pairs, normalised per the config."""
@@ -763,7 +780,7 @@ class GradientSketcher(ProgressBarMixin):
         selected = {name: param.detach() for name, param in self.parameters if name not in text_names}
         others = {name: param.detach() for name, param in denoiser.named_parameters() if name not in selected}
         buffers = dict(denoiser.named_buffers())
-        adapter, objective = self.adapter, self.objective
+        adapter, output_function = self.adapter, self._output_function
         scale = self._loss_scale(pairs)
 
         def pair_loss(params, noisy, t, target, weight, cond, fixed):
@@ -772,7 +789,7 @@ class GradientSketcher(ProgressBarMixin):
 
             inputs = {k: v[None] for k, v in {**fixed, **cond}.items()}
             pred = adapter.forward(call, noisy[None], t[None], inputs)
-            return objective.loss(pred, target[None], weight[None])[0] * scale
+            return output_function(pred, target[None], weight[None])[0] * scale
 
         # with text-encoder parameters, also differentiate w.r.t. the conditioning tensors that carry the text encoders'
         # graph (masks, ids and conditioning that does not come from the prompt are passed along as they are)
@@ -825,7 +842,7 @@ class GradientSketcher(ProgressBarMixin):
         for i in range(rows):
             cond = {k: v[i : i + 1] for k, v in pairs["cond"].items()}
             pred = self.adapter.forward(denoiser, pairs["noisy"][i : i + 1], pairs["t"][i : i + 1], cond)
-            loss = self.objective.loss(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
+            loss = self._output_function(pred, pairs["target"][i : i + 1], pairs["weight"][i : i + 1])[0]
             row = torch.autograd.grad(loss * scale, params, allow_unused=True, retain_graph=retain)
             for j, (param, g) in enumerate(zip(params, row)):
                 grads[j].append(torch.zeros_like(param) if g is None else g.detach())

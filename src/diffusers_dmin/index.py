@@ -2,9 +2,10 @@
 
 The facade keeps state (rows, ids, spec, metadata, noise, graph, attached dataset) and composes the modules that own
 each concern: [`backends`] (which backend a search or calibration runs on, query spec checks), [`search`] (query
-folding, exact search, candidate re-scoring), [`graph`] and [`ivf`] (the HNSW graph's and FAISS index's lifecycles),
-[`folder`] (reading and writing index folders, checking new rows), [`storage`] (shards and the manifest), [`hub`]
-(locating, pulling and pushing), [`build`] (building over a dataset, finished here).
+folding, exact search, candidate re-scoring), [`graph`], [`ivf`] and [`preconditioning`] (the lifecycles of the HNSW
+graph, the FAISS index and the query preconditioner), [`folder`] (reading and writing index folders, checking new
+rows), [`storage`] (shards and the manifest), [`hub`] (locating, pulling and pushing), [`build`] (building over a
+dataset, finished here).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .hub import HubLocation
 from .ivf import IndexIVF
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
+from .precondition import QueryPreconditioner
+from .preconditioning import IndexPreconditioner
 from .search import ExactSearch, IdPositions, check_search_dim
 from .storage import IndexMetadata, Manifest, read_noise, rows_config
 from .training_data import TrainingRows
@@ -94,6 +97,7 @@ class GradientIndex(ProgressBarMixin):
             self._noise = _as_noise(noise)
         self._graph = IndexGraph()  # the HNSW graph: in memory, saved, or to download
         self._ivf = IndexIVF()  # the FAISS IVF index: in memory, saved, or to download
+        self._pre = IndexPreconditioner()  # the query preconditioner: fitted, saved, or to download
         self._warned: set[str] = set()  # one-time warnings given (backends.warn_once)
         self._source_folder: Path | None = None
         self._rows: TrainingRows | None = None  # the attached training set
@@ -336,6 +340,7 @@ class GradientIndex(ProgressBarMixin):
         block = new_block(sketches, ids, self._ids, self._config)
         self._blocks.append(block)
         self._ids = np.concatenate([self._ids, block.ids])
+        self._pre.drop()
         self._exact = None
         self._positions = None
         self._graph.extend(self._exact_search(), progress=self._progress_enabled())
@@ -508,6 +513,7 @@ class GradientIndex(ProgressBarMixin):
         ef: int | None = None,
         backend: Literal["exact", "hnsw", "faiss"] | None = None,
         nprobe: int | None = None,
+        precondition: bool = False,
     ) -> list[InfluenceResult]:
         r"""
         Find the training samples whose sketches have the largest inner products with each query
@@ -528,6 +534,10 @@ class GradientIndex(ProgressBarMixin):
             ef (`int`, *optional*): HNSW only: candidate list size for this call (default: the graph's `ef`).
             backend (`str`, *optional*): `"exact"`, `"hnsw"` or `"faiss"` (see [`build_faiss`]); overrides `exact`.
             nprobe (`int`, *optional*): FAISS only: lists probed for this call (default: the index's).
+            precondition (`bool`, *optional*, defaults to `False`): Multiply each (folded) query by the index's damped
+                inverse sketch covariance per timestep before scoring (TRAK's kernel at DMin's cost; see
+                [`fit_preconditioner`], which must have been called at the search's sketch dimension, or an index
+                saved after it). Only the query changes: exact search, the graph and the FAISS index are the same.
 
         Returns:
             `list[InfluenceResult]`: One per query: `sample_ids` (int64) and `scores` (float32 inner products),
@@ -553,6 +563,8 @@ class GradientIndex(ProgressBarMixin):
             ef=ef,
             nprobe=nprobe,
             progress=self._progress_enabled(),
+            config=self._config,
+            transform=None if precondition is False else self._preconditioned(precondition),
         )
         results = []
         for row_positions, row_scores in zip(positions, scores):
@@ -562,6 +574,44 @@ class GradientIndex(ProgressBarMixin):
                 InfluenceResult(sample_ids=sample_ids, scores=row_scores.astype(np.float32), samples=samples)
             )
         return results
+
+    @property
+    def preconditioner(self) -> QueryPreconditioner | None:
+        """The fitted (or saved) [`~precondition.QueryPreconditioner`], or `None`. Loaded and verified against the
+        manifest's sha256 on first access."""
+        return self._pre.get(self.num_timesteps, self.sketch_dim)
+
+    def fit_preconditioner(
+        self, damping: float, *, center: bool = False, sketch_dim: int | None = None, batch_rows: int = 4096
+    ) -> QueryPreconditioner:
+        r"""
+        Fit the query preconditioner of [`search`]`(precondition=True)` on this index's own rows
+        ([`~preconditioning.IndexPreconditioner.fit`]): per timestep the damped inverse `(Sigma_t + lambda_t I)^-1`
+        of the rows' K x K second moment (covariance with `center=True`), `lambda_t = damping * tr(Sigma_t) / K`.
+        Saved with the index (`preconditioner.safetensors`; `T K^2` float32 numbers: 640 MiB at T = 10, K = 4,096).
+
+        Args:
+            damping (`float`): Relative damping, > 0. Choose it on held-out queries: on our benchmarks
+                (benchmarks/quality/estimator_options.py, held-out query halves) the best values were 10 for the tiny
+                SD's detection and 0.1 for the digits DDPM's LDS, and preconditioning lowered the digits' class
+                detection; it is therefore off by default.
+            center (`bool`, *optional*, defaults to `False`): Also subtract the rows' mean sketch from queries
+                (rankings are then those of fully centred sketches).
+            sketch_dim (`int`, *optional*): Fit at this divisor of K (the rows folded), for searches at that
+                `sketch_dim`; defaults to K.
+            batch_rows (`int`, *optional*, defaults to 4096): Rows read at once.
+
+        Returns:
+            [`~precondition.QueryPreconditioner`]: The fitted preconditioner (also kept by the index).
+        """
+        self._check_nonempty()
+        k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
+        return self._pre.fit(self._exact_search(), damping, center=center, sketch_dim=k, batch_rows=batch_rows)
+
+    def _preconditioned(self, precondition: Any):
+        return lambda folded: self._pre.apply(
+            folded, precondition, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim
+        )
 
     def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         r"""
@@ -667,6 +717,8 @@ class GradientIndex(ProgressBarMixin):
             index._graph.use_file(loaded.graph)
         if loaded.faiss is not None:
             index._ivf.use_file(loaded.faiss)
+        if loaded.preconditioner is not None:
+            index._pre.use_file(loaded.preconditioner)
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
         return index
@@ -724,6 +776,7 @@ class GradientIndex(ProgressBarMixin):
             noise_file=self._noise_file,
             **self._graph.folder_args(),
             **self._ivf.folder_args(),
+            **self._pre.folder_args(),
             source_folder=self._source_folder,
             link=link,
             repo_id=repo_id,
@@ -741,6 +794,7 @@ class GradientIndex(ProgressBarMixin):
             self._noise_file = written.noise
         self._graph.saved(written.graph)
         self._ivf.saved(written.faiss)
+        self._pre.saved(written.preconditioner)
         return written.manifest
 
     def _exact_search(self) -> ExactSearch:

@@ -300,6 +300,24 @@ class Objective:
         loss = (prediction - target.float()).pow(2).flatten(1).mean(1)
         return loss if weight is None else loss * weight
 
+    def output_norm(
+        self, prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """D-TRAK's output function: per-sample mean square of the denoiser's output `||eps_theta(x_t, t)||^2 / n`
+        in float32 (a learned-variance output uses its first C channels). The target and the loss weight are not used:
+        the function measures the model's output, not its error (`DMinConfig(output_function="output_norm")`)."""
+        if prediction.shape[1] == 2 * target.shape[1]:
+            prediction = prediction[:, : target.shape[1]]
+        return prediction.float().pow(2).flatten(1).mean(1)
+
+    def attribution_function(self, name: str):
+        """The function whose gradient a sketch holds: [`loss`] for `"loss"`, [`output_norm`] for `"output_norm"`."""
+        if name == "loss":
+            return self.loss
+        if name == "output_norm":
+            return self.output_norm
+        raise ConfigError(f"`output_function` must be 'loss' or 'output_norm', but is {name!r}.")
+
 
 # ---------------------------------------------------------------------------------------------- image helpers
 

@@ -258,19 +258,42 @@ class OPORPSketch:
             raise ConfigError(f"Coordinates [{start}, {start + length}) fall outside [0, input_dim={self.input_dim}).")
 
 
-def fold_sketch(sketches: torch.Tensor, sketch_dim: int) -> torch.Tensor:
+def fold_sketch(
+    sketches: torch.Tensor, sketch_dim: int, *, renormalize: bool = False, blocks: int = 1
+) -> torch.Tensor:
     """
     Fold `(..., K)` sketches to `(..., sketch_dim)` by summing groups of adjacent buckets.
 
     The result equals sketching at `sketch_dim` directly with the same seed and input dimension. `sketch_dim` must
     divide K.
+
+    Args:
+        renormalize (`bool`, *optional*, defaults to `False`):
+            Give each folded row (each of its `blocks` blocks) the norm the row (block) had before folding, as
+            sketches made with `DMinConfig(sketch_normalize=True)` need: folding changes a sketch's norm.
+        blocks (`int`, *optional*, defaults to 1):
+            Number of independent blocks per row (`num_noise_draws` for `noise_draws="separate"`); it must divide
+            `sketch_dim` so that no folded bucket mixes two blocks.
     """
     k = sketches.shape[-1]
-    if sketch_dim == k:
-        return sketches
+    if not isinstance(blocks, int) or blocks < 1 or k % blocks:
+        raise ConfigError(f"`blocks={blocks!r}` must be a positive divisor of the sketch dimension {k}.")
     if not isinstance(sketch_dim, int) or sketch_dim < 1 or k % sketch_dim:
         raise ConfigError(
             f"`sketch_dim={sketch_dim!r}` must be a positive divisor of the stored sketch dimension {k}, e.g. "
             f"{k // 2 if k % 2 == 0 else 1}."
         )
-    return sketches.reshape(*sketches.shape[:-1], sketch_dim, k // sketch_dim).sum(-1)
+    if sketch_dim % blocks:
+        raise ConfigError(
+            f"`sketch_dim={sketch_dim}` must be a multiple of the {blocks} blocks per row (one per noise draw with "
+            "`noise_draws='separate'`), or folded buckets would mix draws."
+        )
+    if sketch_dim == k:
+        return sketches
+    folded = sketches.reshape(*sketches.shape[:-1], sketch_dim, k // sketch_dim).sum(-1)
+    if renormalize:
+        shape = (*sketches.shape[:-1], blocks, -1)
+        before = sketches.reshape(shape).norm(dim=-1, keepdim=True)
+        after = folded.reshape(shape).norm(dim=-1, keepdim=True)
+        folded = (folded.reshape(shape) * (before / after.clamp_min(1e-30))).reshape(folded.shape)
+    return folded

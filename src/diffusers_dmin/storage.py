@@ -423,6 +423,9 @@ class Manifest:
         noise (`FileInfo`, *optional*): The fixed noise file.
         hnsw (`HNSWInfo`, *optional*): The saved HNSW graph.
         faiss (`FaissInfo`, *optional*): The saved FAISS IVF index.
+        preconditioner (`FileInfo`, *optional*): The fitted query preconditioner
+            ([`~precondition.QueryPreconditioner`], `preconditioner.safetensors`); written to JSON only when present,
+            so manifests without it (all written before it existed) are unchanged.
         metadata (`IndexMetadata`): Provenance (base model, adapter, dataset, id column).
         format_version (`int`, *optional*, defaults to `FORMAT_VERSION`): Version of this format.
         library_version (`str`, *optional*): Version of diffusers_dmin that wrote the manifest.
@@ -434,6 +437,7 @@ class Manifest:
     noise: FileInfo | None = None
     hnsw: HNSWInfo | None = None
     faiss: FaissInfo | None = None
+    preconditioner: FileInfo | None = None
     metadata: IndexMetadata = field(default_factory=IndexMetadata)
     format_version: int = FORMAT_VERSION
     library_version: str | None = None
@@ -512,6 +516,7 @@ class Manifest:
             "noise": None if self.noise is None else self.noise.to_dict(),
             "hnsw": None if self.hnsw is None else self.hnsw.to_dict(),
             "faiss": None if self.faiss is None else self.faiss.to_dict(),
+            **({} if self.preconditioner is None else {"preconditioner": self.preconditioner.to_dict()}),
         }
 
     def to_json(self) -> str:
@@ -536,6 +541,9 @@ class Manifest:
             noise=None if data.get("noise") is None else FileInfo.from_dict(_check_mapping(data["noise"], "noise")),
             hnsw=None if data.get("hnsw") is None else HNSWInfo.from_dict(_check_mapping(data["hnsw"], "hnsw")),
             faiss=None if data.get("faiss") is None else FaissInfo.from_dict(_check_mapping(data["faiss"], "faiss")),
+            preconditioner=None
+            if data.get("preconditioner") is None
+            else FileInfo.from_dict(_check_mapping(data["preconditioner"], "preconditioner")),
             metadata=IndexMetadata.from_dict(data),
             format_version=version,
             library_version=data.get("library_version"),
