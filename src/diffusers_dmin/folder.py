@@ -22,7 +22,7 @@ from . import hub
 from .calibration import RecallCalibration
 from .config import DMinConfig, SketchSpec
 from .constants import FAISS_NAME, HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
-from .errors import DMinError, IndexCorruptError, IndexNotFoundError
+from .errors import ConfigError, DMinError, IndexCorruptError, IndexMismatchError, IndexNotFoundError
 from .faiss_backend import FaissIVFSearch
 from .hnsw_file import validate_hnsw_file
 from .logging import get_logger
@@ -38,6 +38,7 @@ from .storage import (
     atomic_copy,
     commit_temp,
     fsync_dir,
+    iter_shards,
     read_manifest,
     remove_temp_files,
     sha256_file,
@@ -47,6 +48,8 @@ from .storage import (
     stage_manifest,
     stage_noise,
     temp_path,
+    to_ids_array,
+    to_storage_array,
     verify_file,
     write_manifest,
     write_shards,
@@ -55,7 +58,15 @@ from .storage import (
 
 logger = get_logger(__name__)
 
-__all__ = ["StoredFile", "Block", "WrittenFolder", "write_index_folder"]
+__all__ = [
+    "StoredFile",
+    "Block",
+    "LoadedFolder",
+    "WrittenFolder",
+    "new_block",
+    "read_index_folder",
+    "write_index_folder",
+]
 
 _SHARD_NUMBER = re.compile(r"sketches-(\d+)\.safetensors$")
 _CANONICAL_SHARD = re.compile(r"sketches-\d{5,}\.safetensors")  # what saves write (builds use `sketches-from-<id>`)
@@ -125,6 +136,78 @@ class WrittenFolder:
     graph: StoredFile | None
     faiss: StoredFile | None = None
     preconditioner: StoredFile | None = None
+
+
+@dataclass
+class LoadedFolder:
+    """What [`read_index_folder`] read: the manifest, the verified shards as blocks with all their ids, and the
+    stored noise, graph, FAISS and preconditioner files the manifest lists (verified or loaded on use)."""
+
+    manifest: Manifest
+    blocks: list[Block]
+    ids: np.ndarray
+    noise: StoredFile | None
+    graph: StoredFile | None
+    faiss: StoredFile | None
+    preconditioner: StoredFile | None = None
+
+
+def read_index_folder(folder: Path, *, origin: hub.HubLocation | None = None) -> LoadedFolder:
+    """Read the index in `folder` (a local folder or a Hub snapshot pulled from `origin`): the manifest, every shard
+    (size and sha256 verified before it is memory-mapped), and the noise file (verified). Duplicate ids across shards
+    raise [`IndexCorruptError`]."""
+    manifest = read_manifest(folder)
+    blocks = [
+        Block(shard.sketches, shard.ids, StoredFile(shard.info, folder, origin))
+        for shard in iter_shards(folder, manifest)
+    ]
+    ids = np.concatenate([b.ids for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise IndexCorruptError(
+            f"The shards of {folder} hold duplicate sample ids; the index is damaged. Rebuild it, or re-download "
+            "it with `force_download=True`."
+        )
+    noise = None
+    if manifest.noise is not None:
+        noise = StoredFile(manifest.noise, folder, origin)
+        noise.verify("noise file")
+    graph = StoredFile(manifest.hnsw, folder, origin) if manifest.hnsw is not None else None
+    faiss = StoredFile(manifest.faiss, folder, origin) if manifest.faiss is not None else None
+    # read (and downloaded from the Hub) on first use
+    pre = StoredFile(manifest.preconditioner, folder, origin) if manifest.preconditioner is not None else None
+    return LoadedFolder(manifest, blocks, ids, noise, graph, faiss, pre)
+
+
+def new_block(sketches: torch.Tensor | np.ndarray, ids: object, existing_ids: np.ndarray, config: DMinConfig) -> Block:
+    """The rows of `GradientIndex.add`: `sketches` in the storage dtype with the index's T and K, and new unique ids
+    (`ids`, or consecutive ones after the largest of `existing_ids`). Raises [`IndexMismatchError`] for another T or
+    K and [`ConfigError`] for bad shapes or ids."""
+    array = to_storage_array(sketches, config.dtype)
+    n, t, k = array.shape
+    if n == 0:
+        raise ConfigError("`sketches` holds no rows; pass a tensor of shape (n, T, K) with n >= 1.")
+    if t != config.num_timesteps or k != config.sketch_dim:
+        differences = {}
+        if t != config.num_timesteps:
+            differences["num_timesteps"] = (config.num_timesteps, t)
+        if k != config.sketch_dim:
+            differences["config.sketch_dim"] = (config.sketch_dim, k)
+        fix = "Compute the sketches with the index's config."
+        if k != config.sketch_dim and k % config.sketch_dim == 0:
+            fix += f" Larger sketches fold exactly: `fold_sketch(sketches, {config.sketch_dim})`."
+        raise IndexMismatchError.from_differences(differences, what="new sketches", fix=fix)
+    if ids is None:
+        start = int(existing_ids.max()) + 1 if len(existing_ids) else 0
+        ids_array = np.arange(start, start + n, dtype=np.int64)
+    else:
+        ids_array = to_ids_array(ids, n)
+    clash = np.intersect1d(ids_array, existing_ids)
+    if len(clash):
+        raise ConfigError(
+            f"The ids {clash[:10].tolist()}{'...' if len(clash) > 10 else ''} are already in the index; every "
+            "sample needs its own id. Pass other `ids=`, or omit `ids` to continue after the largest id."
+        )
+    return Block(array, ids_array)
 
 
 def same_path(a: Path | None, b: Path | None) -> bool:

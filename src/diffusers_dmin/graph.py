@@ -40,6 +40,15 @@ class IndexGraph:
             return f"saved ({self.file.info.num_rows} rows)"
         return "none"
 
+    def folder_args(self) -> dict[str, Any]:
+        """The graph's arguments of [`~folder.write_index_folder`]."""
+        return {
+            "graph": self.graph,
+            "graph_file": self.file,
+            "graph_dirty": self.dirty,
+            "graph_calibration": self.calibration,
+        }
+
     def use_file(self, file: StoredFile) -> None:
         """A loaded index: its manifest lists this graph file (loaded on first use)."""
         info: HNSWInfo = file.info

@@ -15,7 +15,8 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,18 @@ class HubLocation:
             self.repo_id, self.repo_type, revision, self.token, self.cache_dir, self.endpoint, self.local_files_only
         )
 
+    def locate(self, *, force_download: bool = False, include_hnsw: bool = False) -> tuple[Path, HubLocation | None]:
+        """The folder of the index: `repo_id` itself when it names a local folder (`revision` is then ignored, with a
+        warning), else the snapshot [`download_index`] pulls. Also returns where files left out of the pull (the
+        graph) are fetched later: this repo at the commit the manifest came from (None for a local folder)."""
+        path = Path(os.path.expanduser(self.repo_id))
+        if path.is_dir():
+            if self.revision is not None:
+                logger.warning(f"Ignoring `revision={self.revision!r}`: {str(path)!r} is a local folder.")
+            return path, None
+        folder = Path(self.download_index(force_download=force_download, include_hnsw=include_hnsw))
+        return folder, (self.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else self)
+
     def download_index(self, *, force_download: bool = False, include_hnsw: bool = False) -> str:
         """[`download_index`] of this location; returns the local snapshot folder."""
         return download_index(
@@ -205,6 +218,30 @@ class HubLocation:
             force_download=force_download,
             include_hnsw=include_hnsw,
         )
+
+    def upload(
+        self,
+        write: Callable[[Path], Any],
+        *,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Push an index to this location in one commit: `write(folder)` writes it into a temporary folder, which
+        [`upload_index_folder`] uploads (to `revision`, a branch that must exist). Returns the `CommitInfo`."""
+        with tempfile.TemporaryDirectory(prefix="dmin-push-") as tmp:
+            write(Path(tmp))
+            return upload_index_folder(
+                tmp,
+                self.repo_id,
+                repo_type=self.repo_type,
+                private=private,
+                token=self.token,  # type: ignore[arg-type]
+                commit_message=commit_message,
+                revision=self.revision,
+                create_pr=create_pr,
+                endpoint=self.endpoint,
+            )
 
     def download_file(self, filename: str, *, force_download: bool = False) -> str:
         """[`download_file`] of this location (a lazy download, e.g. `hnsw.bin` on first approximate search)."""

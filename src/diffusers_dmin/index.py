@@ -1,16 +1,16 @@
 """[`GradientIndex`]: the gradient-sketch index of a training set (exact and HNSW search, save/load, Hub).
 
 The facade keeps state (rows, ids, spec, metadata, noise, graph, attached dataset) and composes the modules that own
-each concern: [`search`] (query checks and folding, exact search, candidate re-scoring), [`graph`] (the HNSW graph's
-lifecycle), [`folder`] (writing an index folder crash-safely), [`storage`] (reading shards and the manifest),
-[`hub`] (push and pull), [`build`] (building over a dataset, finished here).
+each concern: [`backends`] (which backend a search or calibration runs on, query spec checks), [`search`] (query
+folding, exact search, candidate re-scoring), [`graph`], [`ivf`] and [`preconditioning`] (the lifecycles of the HNSW
+graph, the FAISS index and the query preconditioner), [`folder`] (reading and writing index folders, checking new
+rows), [`storage`] (shards and the manifest), [`hub`] (locating, pulling and pushing), [`build`] (building over a
+dataset, finished here).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,36 +18,27 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .calibration import RecallCalibration, held_out_queries
+from .backends import calibrate_backend, check_backend, check_query_spec, search_backend
+from .calibration import RecallCalibration
 from .config import DMinConfig, SketcherOptions, SketchSpec
 from .constants import DEFAULT_COMMIT_MESSAGE, DEFAULT_REPO_TYPE
-from .errors import ConfigError, IndexCorruptError, IndexMismatchError, check_int
-from .folder import Block, StoredFile, write_index_folder
+from .errors import ConfigError
+from .folder import StoredFile, new_block, read_index_folder, write_index_folder
 from .graph import IndexGraph
-from .hub import HubLocation, upload_index_folder
+from .hub import HubLocation
 from .ivf import IndexIVF
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
 from .precondition import QueryPreconditioner
-from .search import (
-    QUERY_FIX,
-    ExactSearch,
-    approximate_search,
-    check_search_dim,
-    expand_queries,
-    prepare_queries,
-    single_threaded_torch,
-)
-from .sketch import fold_sketch
-from .storage import IndexMetadata, Manifest, iter_shards, read_manifest, read_noise, to_ids_array, to_storage_array
+from .preconditioning import IndexPreconditioner
+from .search import ExactSearch, IdPositions, check_search_dim
+from .storage import IndexMetadata, Manifest, read_noise, rows_config
 from .training_data import TrainingRows
 
 
 logger = get_logger(__name__)
 
 __all__ = ["GradientIndex"]
-
-_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
 class GradientIndex(ProgressBarMixin):
@@ -91,52 +82,25 @@ class GradientIndex(ProgressBarMixin):
         noise: torch.Tensor | np.ndarray | None = None,
         metadata: IndexMetadata | Mapping[str, Any] | None = None,
     ):
-        if spec is not None:
-            if not isinstance(spec, SketchSpec):
-                raise ConfigError(f"`spec` must be a SketchSpec (e.g. `sketcher.spec`), but is {type(spec).__name__}.")
-            if config is not None and config != spec.config:
-                differences = spec.config.differences(config, ignore=())
-                raise ConfigError(
-                    f"`config` differs from `spec.config` in {sorted(differences)}; pass only `spec=`, which carries "
-                    "its config."
-                )
-            if len(spec.timesteps) != spec.config.num_timesteps:
-                raise ConfigError(
-                    f"`spec` lists {len(spec.timesteps)} timesteps but its config has num_timesteps="
-                    f"{spec.config.num_timesteps}."
-                )
-            config = spec.config
-        if config is None:
-            raise ConfigError(
-                "A GradientIndex needs `spec=` (e.g. `sketcher.spec`) or `config=` (a DMinConfig) describing its rows."
-            )
-        if not isinstance(config, DMinConfig):
-            raise ConfigError(f"`config` must be a DMinConfig, but is {type(config).__name__}.")
-        if metadata is None:
-            metadata = IndexMetadata()
-        elif isinstance(metadata, Mapping):
-            metadata = IndexMetadata.from_kwargs(**metadata)
-        elif not isinstance(metadata, IndexMetadata):
-            raise ConfigError(f"`metadata` must be an IndexMetadata or a dict, but is {type(metadata).__name__}.")
+        config = rows_config(config, spec)
+        metadata = IndexMetadata.coerce(metadata)
         self._config = config
         self._spec = spec
         self._metadata = metadata
-        self._blocks: list[Block] = []
+        self._blocks: list = []  # folder.Block: rows, ids and the shard holding them
         self._ids = np.empty(0, dtype=np.int64)
         self._exact: ExactSearch | None = None
-        self._sorted_ids: tuple[np.ndarray, np.ndarray] | None = None
+        self._positions: IdPositions | None = None  # row positions of sample ids
         self._noise: torch.Tensor | None = None
         self._noise_file: StoredFile | None = None
         if noise is not None:
             self._noise = _as_noise(noise)
         self._graph = IndexGraph()  # the HNSW graph: in memory, saved, or to download
         self._ivf = IndexIVF()  # the FAISS IVF index: in memory, saved, or to download
-        self._preconditioner: QueryPreconditioner | None = None  # fitted, or loaded from its file on first use
-        self._preconditioner_file: StoredFile | None = None
-        self._warned_weak_fingerprint = False
+        self._pre = IndexPreconditioner()  # the query preconditioner: fitted, saved, or to download
+        self._warned: set[str] = set()  # one-time warnings given (backends.warn_once)
         self._source_folder: Path | None = None
         self._rows: TrainingRows | None = None  # the attached training set
-        self._warned_unspecified = False
 
     # ------------------------------------------------------------------------------------------------ properties
 
@@ -194,9 +158,7 @@ class GradientIndex(ProgressBarMixin):
 
     def calibration(self, backend: Literal["hnsw", "faiss"]) -> RecallCalibration | None:
         """The recall calibration stored for `backend` (see [`calibrate`]), or None."""
-        if backend not in ("hnsw", "faiss"):
-            raise ConfigError(f"`backend` must be 'hnsw' or 'faiss', but is {backend!r}.")
-        return self._graph.calibration if backend == "hnsw" else self._ivf.calibration
+        return self._graph.calibration if check_backend(backend) == "hnsw" else self._ivf.calibration
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -226,30 +188,18 @@ class GradientIndex(ProgressBarMixin):
         Create an index from precomputed sketches.
 
         Args:
-            sketches (`torch.Tensor` or `np.ndarray` of shape `(N, T, K)`):
-                Sketches of the training samples (e.g. from [`GradientSketcher`]); stored in `config.dtype`.
-            ids (array-like of shape `(N,)`, *optional*):
-                Unique integer sample ids (stored as int64). Defaults to `0 .. N-1`.
-            config (`DMinConfig`, *optional*):
-                The configuration the sketches were computed with. Without `spec`, the index is "unspecified": its
-                `spec` is `None`, and queries are checked against this config only.
-            spec (`SketchSpec`, *optional*):
-                The full spec of the sketches (`sketcher.spec`); the normal way to build an index.
-            noise (`torch.Tensor`, *optional*):
-                The fixed noise (`sketcher.noise`), saved for audit.
-            **metadata:
-                Provenance stored in the manifest and shown on the dataset card: `base_model_id`,
-                `base_model_revision`, `adapter_id`, `adapter_revision`, `dataset_id`, `dataset_revision`,
-                `dataset_split`, `dataset_fingerprint`, `id_column`, and `extra` (a JSON-serialisable dict).
+            sketches (`torch.Tensor` or `np.ndarray` of shape `(N, T, K)`): Sketches of the training samples (e.g.
+                from [`GradientSketcher`]); stored in `config.dtype`.
+            ids (array-like of shape `(N,)`, *optional*): Unique integer sample ids (int64); defaults to `0 .. N-1`.
+            config (`DMinConfig`, *optional*): The configuration of the sketches; without `spec` the index is
+                "unspecified" (`spec` is `None`) and queries are checked against this config only.
+            spec (`SketchSpec`, *optional*): The full spec (`sketcher.spec`); the normal way to build an index.
+            noise (`torch.Tensor`, *optional*): The fixed noise (`sketcher.noise`), saved for audit.
+            **metadata: Provenance for the manifest and dataset card: the fields of [`IndexMetadata`]
+                (`base_model_id`, `adapter_id`, `dataset_id`, `id_column`, ..., `extra`).
 
         Returns:
             [`GradientIndex`]
-
-        Examples:
-        ```py
-        >>> index = GradientIndex.from_sketches(sketcher(images=images, prompts=prompts), spec=sketcher.spec,
-        ...                                     noise=sketcher.noise, dataset_id="org/pokemon", id_column="id")
-        ```
         """
         index = cls(config, spec=spec, noise=noise, metadata=IndexMetadata.from_kwargs(**metadata))
         index.add(sketches, ids)
@@ -279,76 +229,41 @@ class GradientIndex(ProgressBarMixin):
         **metadata: Any,
     ) -> GradientIndex:
         r"""
-        Build the index of a training set in `output_dir`: resumable, incremental, and split across processes when
-        run under `accelerate launch` or `torchrun`.
-
-        Every row's image is read, resized (shorter side) and center-cropped to the sketcher's resolution and
-        converted to the model's channels in a `DataLoader` (with `num_workers` worker processes, overlapping with
-        the gradient work); latent models encode it with the VAE's `mode()`. Sketches are written in shards of
-        `shard_rows` rows as they are computed, so memory does not grow with the dataset.
-
-        - **Resume**: a build that was interrupted (even by SIGKILL) continues where it stopped: finished shards are
-          kept, temp files removed, only missing rows computed. A different spec (config, model, adapter) or id
-          column raises [`IndexMismatchError`]. `resume=False` deletes the index files in `output_dir` (only those)
-          and starts over.
-        - **Incremental add**: on a finished index, a dataset with new rows computes only the new ids, appends
-          shards (old files are not touched) and extends a saved HNSW graph.
-        - **Multi-process**: the same call in every process of `accelerate launch --multi_gpu --num_processes N
-          script.py` (on GPUs or CPUs) or `torchrun`: shard `i` of the remaining rows is computed by process
-          `i % N`, each process writes its own shards, and the main process writes the manifest after a barrier. The
-          result equals a single-process build row for row.
+        Build the index of a training set in `output_dir` ([`~build.build_index`]; its module doc describes resume,
+        incremental add, multi-process builds, crash safety and bad rows): resumable (even after SIGKILL), incremental
+        (only new ids are computed, a saved HNSW graph is extended) and split across processes under `accelerate
+        launch` or `torchrun` (equal to a single-process build row for row). Sketches are written in shards as they
+        are computed, so memory does not grow with the dataset.
 
         Args:
-            pipeline (`DiffusionPipeline`):
-                A supported pipeline (DDPM/DDIM, Stable Diffusion 1.x/2.x, SDXL, SD3), with its LoRA loaded if the
-                gradients should cover it.
-            dataset (`datasets.Dataset`):
-                The training set (e.g. `load_dataset(...)["train"]`, `load_from_disk(...)`, `load_dataset(
-                "imagefolder", data_dir=...)`). Image columns may hold `datasets.Image` values, PIL images, paths
-                (relative ones resolved against `image_root`) or arrays. For a video family (an adapter with
-                `num_frames`, e.g. CogVideoX) the column holds one video per row: a list of frames, an `(F, H, W, C)`
-                array, or the path of an animated GIF or of a folder of frame images (see
-                [`~video.decode_video`]); every frame is resized and cropped like an image, and a video must have
-                exactly `num_frames` frames (else the row is unreadable: [`DatasetError`] naming its id, or skipped).
-            config (`DMinConfig`, *optional*):
-                How the sketches are computed (T, spacing, K, seed, params, dtype, resolution); `None` for the
-                defaults.
-            output_dir (`str` or `os.PathLike`):
-                The index folder (created if needed).
-            image_column (`str`, *optional*, defaults to `"image"`):
-                The column holding the training images (the videos, for a video family).
-            prompt_column (`str`, *optional*, defaults to `"text"`):
-                The column holding the captions; ignored (may be `None`) for unconditional pipelines.
-            id_column (`str`, *optional*):
-                An integer column of unique sample ids; by default a row's id is its position in `dataset`.
-            batch_size (`int`, *optional*, defaults to 8):
-                Rows per gradient batch.
-            resume (`bool`, *optional*, defaults to `True`):
-                Continue (or extend) the index in `output_dir`; `False` deletes its index files first.
-            on_error (`str`, *optional*, defaults to `"raise"`):
-                `"raise"`: an unreadable image raises [`DatasetError`] and a non-finite gradient
-                [`NonFiniteGradientError`], naming the row id. `"skip"`: such rows are left out and listed in the
-                manifest (`index.metadata.extra["skipped"]`, with the reason).
-            shard_rows (`int`, *optional*):
-                Rows per shard (the unit of work a crash can lose); by default up to 1,024 rows and 256 MiB,
-                rounded to a multiple of `batch_size`.
-            num_workers (`int`, *optional*, defaults to 0):
-                `DataLoader` worker processes reading and resizing images.
-            image_root (`str` or `os.PathLike`, *optional*):
-                Folder that relative image paths are resolved against (default: the working directory).
-            hnsw (`bool`, *optional*, defaults to `False`):
-                Also build the HNSW graph (a graph saved earlier is always extended with new rows).
-            progress (`bool`, *optional*, defaults to `True`):
-                Show a progress bar (samples/s, ETA) on the main process.
-            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*):
-                The distributed state; by default `accelerate.PartialState()` (a single process unless launched).
-            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*):
-                How the sketcher runs (`mode`, `max_pairs_per_batch`, `num_threads`, ...): a [`SketcherOptions`] or a
-                dict of its fields.
-            **metadata:
-                Provenance for the manifest and dataset card: `dataset_id`, `dataset_revision`, `dataset_split`,
-                `adapter_id`, `adapter_revision`, `base_model_id`, `base_model_revision`, `extra`. The base model id
-                (`pipeline.name_or_path`), the dataset's split and fingerprint and `id_column` are filled in.
+            pipeline (`DiffusionPipeline`): A supported pipeline (with its LoRA loaded, if any).
+            dataset (`datasets.Dataset`): The training set. Image cells may be `datasets.Image` values, PIL images,
+                paths (relative ones resolved against `image_root`) or arrays; a video family takes one video per row
+                (frames, an `(F, H, W, C)` array, a GIF or a folder of frames; see [`~video.decode_video`]).
+            config (`DMinConfig`, *optional*): How the sketches are computed; `None` for the defaults.
+            output_dir (`str` or `os.PathLike`): The index folder (created if needed).
+            image_column (`str`, *optional*, defaults to `"image"`): The column of images (videos, for a video family).
+            prompt_column (`str`, *optional*, defaults to `"text"`): Captions; may be `None` for unconditional models.
+            id_column (`str`, *optional*): An integer column of unique sample ids (default: the row position).
+            batch_size (`int`, *optional*, defaults to 8): Rows per gradient batch.
+            resume (`bool`, *optional*, defaults to `True`): Continue or extend the index in `output_dir`; `False`
+                deletes its index files (only those) first. Another spec or id column raises [`IndexMismatchError`].
+            on_error (`str`, *optional*, defaults to `"raise"`): `"raise"` ([`DatasetError`] for an unreadable
+                image, [`NonFiniteGradientError`], naming the row id) or `"skip"` (left out, listed in
+                `index.metadata.extra["skipped"]` with the reason).
+            shard_rows (`int`, *optional*): Rows per shard; by default up to 1,024 rows and 256 MiB, rounded to a
+                multiple of `batch_size`.
+            num_workers (`int`, *optional*, defaults to 0): `DataLoader` worker processes reading images.
+            image_root (`str` or `os.PathLike`, *optional*): Folder relative image paths are resolved against.
+            hnsw (`bool`, *optional*, defaults to `False`): Also build the HNSW graph (a saved one is always extended).
+            progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
+            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): The distributed state
+                (default: `accelerate.PartialState()`).
+            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*): How the sketcher runs (`mode`,
+                `max_pairs_per_batch`, `num_threads`, ...).
+            **metadata: Provenance for the manifest and card ([`IndexMetadata`] fields: `dataset_id`, `adapter_id`,
+                `base_model_revision`, `extra`, ...); base model id, dataset split, fingerprint and `id_column` are
+                filled in.
 
         Returns:
             [`GradientIndex`]: The finished index, loaded from `output_dir` (in every process).
@@ -360,19 +275,11 @@ class GradientIndex(ProgressBarMixin):
 
         Examples:
         ```py
-        >>> from diffusers_dmin import DMinConfig, GradientIndex
         >>> from diffusers_dmin.data import load_digits
         >>> from diffusers_dmin.testing import tiny_ddpm_pipeline
-
-        >>> pipe = tiny_ddpm_pipeline()
-        >>> dataset = load_digits(image_size=16, split="train[:32]")
-        >>> config = DMinConfig(num_timesteps=2, sketch_dim=64)
-        >>> index = GradientIndex.build(pipe, dataset, config, "digits-index", prompt_column=None, id_column="id")
-        >>> len(index)
-        32
-        >>> # later, with more rows: only the new ones are computed
-        >>> index = GradientIndex.build(pipe, load_digits(16), config, "digits-index", prompt_column=None,
-        ...                             id_column="id")
+        >>> index = GradientIndex.build(tiny_ddpm_pipeline(), load_digits(16, split="train[:32]"),
+        ...                             DMinConfig(num_timesteps=2, sketch_dim=64), "digits-index",
+        ...                             prompt_column=None, id_column="id")
         ```
         """
         from .build import build_index  # build.py sits above index.py in the module map
@@ -430,38 +337,12 @@ class GradientIndex(ProgressBarMixin):
             [`IndexMismatchError`]: T or K differ from the index's.
             [`ConfigError`]: Bad shapes, non-integer or duplicate ids (also against existing rows).
         """
-        array = to_storage_array(sketches, self.dtype)
-        n, t, k = array.shape
-        if n == 0:
-            raise ConfigError("`sketches` holds no rows; pass a tensor of shape (n, T, K) with n >= 1.")
-        if t != self.num_timesteps or k != self.sketch_dim:
-            differences = {}
-            if t != self.num_timesteps:
-                differences["num_timesteps"] = (self.num_timesteps, t)
-            if k != self.sketch_dim:
-                differences["config.sketch_dim"] = (self.sketch_dim, k)
-            fix = "Compute the sketches with the index's config."
-            if k != self.sketch_dim and k % self.sketch_dim == 0:
-                fix += f" Larger sketches fold exactly: `fold_sketch(sketches, {self.sketch_dim})`."
-            raise IndexMismatchError.from_differences(differences, what="new sketches", fix=fix)
-        if ids is None:
-            start = int(self._ids.max()) + 1 if len(self._ids) else 0
-            ids_array = np.arange(start, start + n, dtype=np.int64)
-        else:
-            ids_array = to_ids_array(ids, n)
-        clash = np.intersect1d(ids_array, self._ids)
-        if len(clash):
-            raise ConfigError(
-                f"The ids {clash[:10].tolist()}{'...' if len(clash) > 10 else ''} are already in the index; every "
-                "sample needs its own id. Pass other `ids=`, or omit `ids` to continue after the largest id."
-            )
-        self._blocks.append(Block(array, ids_array))
-        self._ids = np.concatenate([self._ids, ids_array])
-        if self._preconditioner is not None or self._preconditioner_file is not None:
-            logger.info("New rows: the fitted query preconditioner is dropped; refit it with `fit_preconditioner`.")
-            self._preconditioner, self._preconditioner_file = None, None
+        block = new_block(sketches, ids, self._ids, self._config)
+        self._blocks.append(block)
+        self._ids = np.concatenate([self._ids, block.ids])
+        self._pre.drop()
         self._exact = None
-        self._sorted_ids = None
+        self._positions = None
         self._graph.extend(self._exact_search(), progress=self._progress_enabled())
         self._ivf.extend(self._exact_search(), progress=self._progress_enabled())
 
@@ -476,10 +357,8 @@ class GradientIndex(ProgressBarMixin):
         seed: int = 0,
     ) -> None:
         r"""
-        Build the HNSW graph (hnswlib, inner-product space) over all rows, replacing any existing one.
-
-        [`search`] with `exact=False` builds it on first use when the index has none; call this to choose the
-        parameters. [`save_pretrained`] / [`push_to_hub`] save it as `hnsw.bin`.
+        Build the HNSW graph (hnswlib, inner product; [`~graph.IndexGraph`]) over all rows, replacing any existing
+        one. `search(exact=False)` builds one with the defaults on first use; saves write it as `hnsw.bin`.
 
         Args:
             M (`int`, *optional*, defaults to 16): Graph degree.
@@ -518,10 +397,8 @@ class GradientIndex(ProgressBarMixin):
     ) -> None:
         r"""
         Build a FAISS IVF index (optional extra: `pip install "diffusers-dmin[faiss]"`) over all rows, replacing any
-        existing one: k-means lists over the rows folded to `sketch_dim` buckets per timestep, with PQ or SQ codes.
-        `search(..., backend="faiss")` then re-scores its candidates exactly at full K from the shards.
-        [`save_pretrained`] / [`push_to_hub`] save it as `faiss_ivf.safetensors` (arrays we write and validate; FAISS
-        never parses a file). Use [`calibrate`] to set `nprobe` and the candidate count for a recall target.
+        existing one ([`~faiss_backend.FaissIVFSearch`]); saved as `faiss_ivf.safetensors` (arrays we write and
+        validate; FAISS never parses a file). [`calibrate`] sets `nprobe` and the candidate count for a recall target.
 
         Args:
             codec (`str`, *optional*, defaults to `"pq"`): `"pq"` (`pq_m` bytes per row), `"sq8"` (one byte per
@@ -569,63 +446,39 @@ class GradientIndex(ProgressBarMixin):
     ) -> RecallCalibration:
         r"""
         Calibrate the approximate search to a recall target: the smallest `ef` (HNSW) or `nprobe` and candidate
-        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its 95% lower
-        confidence bound, by default). The values are applied, and stored in the manifest by the next
-        [`save_pretrained`] / [`push_to_hub`]; the backend is built first when the index has none.
+        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its lower
+        confidence bound). Applied now, stored in the manifest by the next save or push; the backend is built first
+        when the index has none ([`~backends.calibrate_backend`]).
 
         Args:
             backend (`str`, *optional*, defaults to `"faiss"`): `"faiss"` or `"hnsw"`.
             target (`float`, *optional*, defaults to 0.95): Requested recall@`top_k`.
             top_k (`int`, *optional*, defaults to 10): The k of recall@k.
-            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches (e.g. of
-                generated images). By default `num_queries` rows are sampled from the index (seeded) and queried as
-                noisy copies of themselves (relative noise `noise`).
+            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches; by default
+                `num_queries` rows are sampled (seeded by `seed`) and queried as copies with relative noise `noise`.
             confidence (`float`, *optional*, defaults to 0.95): See
                 [`~diffusers_dmin.calibration.calibrate_recall`]; `None` compares the mean recall itself.
             max_candidates (`int`, *optional*, defaults to 1024): FAISS only: most candidates re-scored per query.
 
         Returns:
             [`~diffusers_dmin.calibration.RecallCalibration`]: `reached=False` when even the widest search misses.
-
-        Examples:
-        ```py
-        >>> index.build_faiss(codec="pq")
-        >>> index.calibrate(backend="faiss", target=0.95).value  # nprobe
-        >>> index.save_pretrained("idx")  # the manifest records the calibration
-        ```
         """
-        if backend not in ("hnsw", "faiss"):
-            raise ConfigError(f"`backend` must be 'hnsw' or 'faiss', but is {backend!r}.")
+        check_backend(backend)
         self._check_nonempty()
-        rows = self._exact_search()
-        if queries is None:
-            _, flat = held_out_queries(rows, num_queries, noise=noise, seed=seed)
-            used_noise: float | None = float(noise)
-        else:
-            with single_threaded_torch():
-                folded = prepare_queries(queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim)
-                flat = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
-            used_noise = None
-        if backend == "faiss":
-            return self._ivf.calibrate(
-                rows,
-                flat,
-                top_k=top_k,
-                target=target,
-                noise=used_noise,
-                seed=seed,
-                confidence=confidence,
-                max_candidates=max_candidates,
-            )
-        return self._graph.calibrate(
-            rows,
-            flat,
-            top_k=top_k,
-            progress=self._progress_enabled(),
+        return calibrate_backend(
+            self._exact_search(),
+            self._graph,
+            self._ivf,
+            backend=backend,
             target=target,
-            noise=used_noise,
+            top_k=top_k,
+            queries=queries,
+            num_queries=num_queries,
+            noise=noise,
             seed=seed,
             confidence=confidence,
+            max_candidates=max_candidates,
+            progress=self._progress_enabled(),
         )
 
     # ------------------------------------------------------------------------------------------------ search
@@ -640,34 +493,12 @@ class GradientIndex(ProgressBarMixin):
         Args:
             spec (`SketchSpec` or `DMinConfig`): How the queries were computed (e.g. `sketcher.spec`).
         """
-        ignore = ("dtype", "sketch_dim")
-        if isinstance(spec, SketchSpec):
-            if self._spec is not None:
-                differences = self._spec.differences(spec)
-                if self._spec.model_fingerprint is None and not self._warned_weak_fingerprint:
-                    logger.warning(
-                        "This index was written before diffusers_dmin recorded a fingerprint of the whole model: only "
-                        "the selected parameters are compared with the queries' model, so a different base model "
-                        "under the same adapter, or changed unselected weights, go unnoticed. Rebuild the index to "
-                        "get the full check."
-                    )
-                    self._warned_weak_fingerprint = True
-            else:
-                self._warn_unspecified()
-                differences = {
-                    f"config.{k}": v for k, v in self._config.differences(spec.config, ignore=ignore).items()
-                }
-            query_config = spec.config
-        elif isinstance(spec, DMinConfig):
-            differences = {f"config.{k}": v for k, v in self._config.differences(spec, ignore=ignore).items()}
-            query_config = spec
-        else:
-            raise ConfigError(f"`spec` must be a SketchSpec or a DMinConfig, but is {type(spec).__name__}.")
-        k, kq = self.sketch_dim, query_config.sketch_dim
-        if k % kq and kq % k:
-            differences["config.sketch_dim"] = (k, kq)
-        if differences:
-            raise IndexMismatchError.from_differences(differences, what="queries", fix=QUERY_FIX)
+        check_query_spec(
+            self._spec,
+            self._config,
+            spec,
+            warned=self._warned,
+        )
 
     def search(
         self,
@@ -685,42 +516,28 @@ class GradientIndex(ProgressBarMixin):
         precondition: bool = False,
     ) -> list[InfluenceResult]:
         r"""
-        Find the training samples whose sketches have the largest inner products with each query.
+        Find the training samples whose sketches have the largest inner products with each query
+        ([`~backends.search_backend`] picks and runs the backend).
 
         Args:
-            queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, T, K_q)`):
-                Query sketches (e.g. of generated images). `K_q` must equal the index's K or be a multiple of it
-                (queries are folded), or equal `sketch_dim`. For one query pass `queries[None]`.
-            top_k (`int`, *optional*, defaults to 10):
-                Results per query (fewer when the index has fewer rows).
-            exact (`bool`, *optional*, defaults to `True`):
-                Exact search over all rows; `False` searches approximately: with the FAISS index when the index has
-                one (built, saved or listed in the manifest), else with the HNSW graph (loaded, downloaded or built
-                on first use).
-            spec (`SketchSpec` or `DMinConfig`, *optional*):
-                How the queries were computed; checked with [`check_compatible`] before searching.
-            largest (`bool`, *optional*, defaults to `True`):
-                `False` returns the most negative scores first (opponents: samples whose gradients oppose the query).
-            sketch_dim (`int`, *optional*):
-                Search at this divisor of K: both sides are folded (cheaper, slightly less precise). For HNSW the
-                graph must have been built at a divisor of it.
-            rescore (`bool`, *optional*, defaults to `True`):
-                HNSW only: re-score `max(top_k, ef)` candidates exactly (float32 inner products at the search
-                dimension, as exact search computes them, up to rounding). `False` returns hnswlib's scores (the
-                graph dimension must then equal the search dimension).
-            ef (`int`, *optional*):
-                HNSW only: candidate list size for this call (default: the graph's `ef`, 100).
-            backend (`str`, *optional*):
-                `"exact"`, `"hnsw"` or `"faiss"`; overrides `exact`. FAISS (optional extra
-                `pip install "diffusers-dmin[faiss]"`) probes `nprobe` IVF lists of folded sketches and re-scores its
-                candidates exactly at full K (built with the defaults on first use; see [`build_faiss`]).
-            nprobe (`int`, *optional*):
-                FAISS only: lists probed for this call (default: the index's, calibrated or 16).
-            precondition (`bool`, *optional*, defaults to `False`):
-                Multiply each (folded) query by the index's damped inverse sketch covariance per timestep before
-                scoring (TRAK's kernel at DMin's cost; see [`fit_preconditioner`], which must have been called, or
-                an index saved after it). Only the query changes: exact search and the HNSW graph are the same. The
-                preconditioner must have been fitted at the search's sketch dimension.
+            queries (`torch.Tensor` or `np.ndarray` of shape `(num_queries, T, K_q)`): Query sketches; `K_q` equals
+                the index's K, a multiple of it (folded) or `sketch_dim`. For one query pass `queries[None]`.
+            top_k (`int`, *optional*, defaults to 10): Results per query (fewer when the index has fewer rows).
+            exact (`bool`, *optional*, defaults to `True`): Exact search over all rows; `False` searches with the
+                FAISS index when the index has one, else with the HNSW graph (loaded or built on first use).
+            spec (`SketchSpec` or `DMinConfig`, *optional*): How the queries were computed; see [`check_compatible`].
+            largest (`bool`, *optional*, defaults to `True`): `False` returns the most negative scores first.
+            sketch_dim (`int`, *optional*): Search at this divisor of K, both sides folded (for HNSW, the graph must
+                have been built at a divisor of it).
+            rescore (`bool`, *optional*, defaults to `True`): HNSW only: re-score `max(top_k, ef)` candidates exactly;
+                `False` returns hnswlib's scores (the graph dimension must then equal the search dimension).
+            ef (`int`, *optional*): HNSW only: candidate list size for this call (default: the graph's `ef`).
+            backend (`str`, *optional*): `"exact"`, `"hnsw"` or `"faiss"` (see [`build_faiss`]); overrides `exact`.
+            nprobe (`int`, *optional*): FAISS only: lists probed for this call (default: the index's).
+            precondition (`bool`, *optional*, defaults to `False`): Multiply each (folded) query by the index's damped
+                inverse sketch covariance per timestep before scoring (TRAK's kernel at DMin's cost; see
+                [`fit_preconditioner`], which must have been called at the search's sketch dimension, or an index
+                saved after it). Only the query changes: exact search, the graph and the FAISS index are the same.
 
         Returns:
             `list[InfluenceResult]`: One per query: `sample_ids` (int64) and `scores` (float32 inner products),
@@ -728,64 +545,27 @@ class GradientIndex(ProgressBarMixin):
 
         Raises:
             [`IndexMismatchError`]: The queries' spec, T or K do not match the index.
-
-        Examples:
-        ```py
-        >>> results = index.search(sketcher(images=generated, prompts=prompts), top_k=5, spec=sketcher.spec)
-        >>> results[0].sample_ids, results[0].scores
-        >>> opponents = index.search(queries, top_k=5, largest=False)
-        ```
         """
         if spec is not None:
             self.check_compatible(spec)
         self._check_nonempty()
-        check_int(top_k, "top_k")
-        with single_threaded_torch():
-            folded = prepare_queries(
-                queries, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim, search_dim=sketch_dim
-            )  # (q, T, k_s)
-            draws = self._config.num_noise_draws if self._config.noise_draws == "separate" else 1
-            if folded.shape[-1] % draws:
-                raise ConfigError(
-                    f"This index keeps {draws} noise draws in separate blocks (`noise_draws='separate'`), so a search "
-                    f"may fold its sketches only to multiples of {draws} buckets, not to sketch_dim={folded.shape[-1]}."
-                )
-            if precondition is not False:
-                folded = self._apply_preconditioner(folded, precondition)
-            full = expand_queries(folded, self.sketch_dim).reshape(len(folded), -1)
-        exact_search = self._exact_search()
-        if backend is None:
-            backend = "exact" if exact else ("faiss" if self._ivf.params is not None else "hnsw")
-        elif backend not in ("exact", "hnsw", "faiss"):
-            raise ConfigError(f"`backend` must be 'exact', 'hnsw' or 'faiss', but is {backend!r}.")
-        if backend == "hnsw":
-            check_int(ef, "ef", optional=True)
-        if backend == "faiss":
-            if not rescore:
-                raise ConfigError("The FAISS backend always re-scores its candidates exactly; drop `rescore=False`.")
-            check_int(nprobe, "nprobe", optional=True)
-            ivf = self._ivf.get(exact_search, progress=self._progress_enabled())
-            with single_threaded_torch():
-                positions, scores = ivf.search_rescored(exact_search, full, top_k, largest=largest, nprobe=nprobe)
-        # with re-scoring, candidates covering every row (small indices) are just exact search
-        elif backend == "exact" or (rescore and max(int(top_k), ef or self._graph.params["ef"]) >= len(self)):
-            positions, scores = exact_search.search(full, top_k, largest=largest)
-        else:
-            graph = self._graph.get(exact_search, folded.shape[-1], progress=self._progress_enabled())
-            graph_ef = graph.ef
-            graph.ef = graph_ef if ef is None else ef
-            try:
-                positions, scores = approximate_search(
-                    graph,
-                    exact_search,
-                    folded,
-                    top_k,
-                    largest=largest,
-                    rescore_candidates=rescore,
-                    num_candidates=graph.ef,
-                )
-            finally:
-                graph.ef = graph_ef
+        positions, scores = search_backend(
+            self._exact_search(),
+            self._graph,
+            self._ivf,
+            queries,
+            top_k,
+            exact=exact,
+            backend=backend,
+            largest=largest,
+            search_dim=sketch_dim,
+            rescore=rescore,
+            ef=ef,
+            nprobe=nprobe,
+            progress=self._progress_enabled(),
+            config=self._config,
+            transform=None if precondition is False else self._preconditioned(precondition),
+        )
         results = []
         for row_positions, row_scores in zip(positions, scores):
             sample_ids = self._ids[row_positions]
@@ -799,25 +579,16 @@ class GradientIndex(ProgressBarMixin):
     def preconditioner(self) -> QueryPreconditioner | None:
         """The fitted (or saved) [`~precondition.QueryPreconditioner`], or `None`. Loaded and verified against the
         manifest's sha256 on first access."""
-        if self._preconditioner is None and self._preconditioner_file is not None:
-            stored = self._preconditioner_file
-            path = stored.local_path(download=True)
-            if path is None:
-                raise IndexCorruptError(f"The index lists {stored.name}, but it could not be found or downloaded.")
-            stored.verify("preconditioner file", path)
-            self._preconditioner = QueryPreconditioner.load(
-                path, num_timesteps=self.num_timesteps, sketch_dim=self._preconditioner_dim()
-            )
-        return self._preconditioner
+        return self._pre.get(self.num_timesteps, self.sketch_dim)
 
     def fit_preconditioner(
         self, damping: float, *, center: bool = False, sketch_dim: int | None = None, batch_rows: int = 4096
     ) -> QueryPreconditioner:
         r"""
-        Fit the query preconditioner of [`search`]`(precondition=True)` on this index's own rows: per timestep the
-        damped inverse `(Sigma_t + lambda_t I)^-1` of the rows' K x K second moment (covariance with `center=True`),
-        `lambda_t = damping * tr(Sigma_t) / K`. It is saved with the index (`preconditioner.safetensors`, listed in
-        the manifest with its sha256; `T K^2` float32 numbers: 640 MiB at T = 10, K = 4,096, 40 MiB at K = 1,024).
+        Fit the query preconditioner of [`search`]`(precondition=True)` on this index's own rows
+        ([`~preconditioning.IndexPreconditioner.fit`]): per timestep the damped inverse `(Sigma_t + lambda_t I)^-1`
+        of the rows' K x K second moment (covariance with `center=True`), `lambda_t = damping * tr(Sigma_t) / K`.
+        Saved with the index (`preconditioner.safetensors`; `T K^2` float32 numbers: 640 MiB at T = 10, K = 4,096).
 
         Args:
             damping (`float`): Relative damping, > 0. Choose it on held-out queries: on our benchmarks
@@ -835,52 +606,12 @@ class GradientIndex(ProgressBarMixin):
         """
         self._check_nonempty()
         k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
-        check_int(batch_rows, "batch_rows")
-        exact = self._exact_search()
+        return self._pre.fit(self._exact_search(), damping, center=center, sketch_dim=k, batch_rows=batch_rows)
 
-        def batches():
-            for start in range(0, len(self), batch_rows):
-                rows = exact.gather(np.arange(start, min(start + batch_rows, len(self))))
-                yield fold_sketch(rows.reshape(-1, self.num_timesteps, self.sketch_dim), k)
-
-        with single_threaded_torch():
-            self._preconditioner = QueryPreconditioner.fit(batches(), damping=damping, center=center)
-        self._preconditioner_file = None
-        return self._preconditioner
-
-    def _preconditioner_dim(self) -> int:
-        """The K the saved preconditioner was fitted at: the manifest records its file's shape as `(T, K)`."""
-        info = self._preconditioner_file.info
-        shape = info.shape
-        if (
-            shape is None
-            or len(shape) != 2
-            or shape[0] != self.num_timesteps
-            or not shape[1]
-            or self.sketch_dim % shape[1]
-        ):
-            raise IndexCorruptError(
-                f"The manifest records {info.name} with shape {shape}; expected (T={self.num_timesteps}, a divisor of "
-                f"K={self.sketch_dim})."
-            )
-        return int(shape[1])
-
-    def _apply_preconditioner(self, folded: torch.Tensor, precondition: Any) -> torch.Tensor:
-        if precondition is not True:
-            raise ConfigError(f"`precondition` must be True or False, but is {precondition!r}.")
-        pre = self.preconditioner
-        if pre is None:
-            raise ConfigError(
-                "`precondition=True` needs a fitted preconditioner: call `index.fit_preconditioner(damping=...)` "
-                "first (this index has none saved)."
-            )
-        if pre.sketch_dim != folded.shape[-1]:
-            raise ConfigError(
-                f"The preconditioner was fitted at sketch_dim={pre.sketch_dim}, but this search runs at "
-                f"{folded.shape[-1]}; pass `sketch_dim={pre.sketch_dim}` or refit with "
-                f"`fit_preconditioner(..., sketch_dim={folded.shape[-1]})`."
-            )
-        return pre.apply(folded)
+    def _preconditioned(self, precondition: Any):
+        return lambda folded: self._pre.apply(
+            folded, precondition, num_timesteps=self.num_timesteps, sketch_dim=self.sketch_dim
+        )
 
     def get_sketches(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         r"""
@@ -889,20 +620,10 @@ class GradientIndex(ProgressBarMixin):
         Raises:
             [`ConfigError`]: An id is not in the index.
         """
-        if isinstance(sample_ids, torch.Tensor):
-            sample_ids = sample_ids.cpu().numpy()
-        wanted = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-        if self._sorted_ids is None:
-            order = np.argsort(self._ids, kind="stable")
-            self._sorted_ids = (self._ids[order], order)
-        sorted_ids, order = self._sorted_ids
-        slots = np.searchsorted(sorted_ids, wanted)
-        slots = np.minimum(slots, len(sorted_ids) - 1) if len(sorted_ids) else slots
-        if not len(sorted_ids) or np.any(sorted_ids[slots] != wanted):
-            missing = wanted[~np.isin(wanted, self._ids)]
-            raise ConfigError(f"The sample ids {missing[:10].tolist()} are not in the index.")
-        rows = self._exact_search().gather(order[slots])
-        return rows.reshape(len(wanted), self.num_timesteps, self.sketch_dim)
+        if self._positions is None:
+            self._positions = IdPositions(self._ids)
+        positions = self._positions(sample_ids)
+        return self._exact_search().gather(positions).reshape(len(positions), self.num_timesteps, self.sketch_dim)
 
     # ------------------------------------------------------------------------------------------------ dataset
 
@@ -925,11 +646,9 @@ class GradientIndex(ProgressBarMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_rows: int | None = None) -> None:
         r"""
-        Save the index to a folder (DESIGN §4): shards, noise, HNSW graph (when built or loaded), dataset card, and the
-        manifest last. Every file is written atomically.
-
-        Saving again to the same folder only adds shards for rows added since (old shards stay byte-identical) and
-        rewrites the graph, card and manifest.
+        Save the index to a folder (DESIGN §4) with [`~folder.write_index_folder`]: shards, noise, HNSW graph and
+        FAISS index (when built or loaded), dataset card, and the manifest last, every file atomically. Saving again
+        to the same folder only adds shards for rows added since (old shards stay byte-identical).
 
         Args:
             save_directory (`str` or `os.PathLike`): The folder (created if needed).
@@ -958,11 +677,9 @@ class GradientIndex(ProgressBarMixin):
         load_hnsw: bool = False,
     ) -> GradientIndex:
         r"""
-        Load an index from a local folder or a Hub repository (a dataset repo by default).
-
-        Every shard's size and sha256 are verified against the manifest before it is memory-mapped. A Hub pull
-        fetches only the manifest, shards, noise and card: the HNSW graph is downloaded on the first approximate
-        search (or now, with `load_hnsw=True`). Files come from the Hub cache when present.
+        Load an index from a local folder or a Hub repository (a dataset repo by default; [`~hub.HubLocation.locate`],
+        [`~folder.read_index_folder`]). Shards are verified (size, sha256) before they are memory-mapped; a Hub pull
+        skips the HNSW graph until the first approximate search (or `load_hnsw=True`) and uses the Hub cache.
 
         Args:
             repo_id_or_path (`str` or `os.PathLike`): A folder written by [`save_pretrained`], or a repo id.
@@ -975,33 +692,14 @@ class GradientIndex(ProgressBarMixin):
             force_download (`bool`, *optional*, defaults to `False`): Download again (repairs a damaged cache).
             load_hnsw (`bool`, *optional*, defaults to `False`): Fetch and load the HNSW graph now.
 
-        Returns:
-            [`GradientIndex`]
-
         Raises:
-            [`IndexNotFoundError`]: No index at the path or repo.
-            [`IndexCorruptError`]: A file fails its checks.
+            [`IndexNotFoundError`]: No index at the path or repo. [`IndexCorruptError`]: A file fails its checks.
             [`HubAuthenticationError`]: The Hub refused the token.
-
-        Examples:
-        ```py
-        >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", revision="main")
-        >>> index = GradientIndex.from_pretrained("org/my-lora-dmin-index", local_files_only=True)  # from the cache
-        ```
         """
-        path = Path(os.path.expanduser(os.fspath(repo_id_or_path)))
-        origin = None
-        if path.is_dir():
-            if revision is not None:
-                logger.warning(f"Ignoring `revision={revision!r}`: {str(path)!r} is a local folder.")
-            folder = path
-        else:
-            location = HubLocation(
-                os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
-            )
-            folder = Path(location.download_index(force_download=force_download, include_hnsw=load_hnsw))
-            # files fetched later (the graph) come from the commit the manifest came from
-            origin = location.at(folder.name) if _COMMIT_HASH.fullmatch(folder.name) else location
+        location = HubLocation(
+            os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
+        )
+        folder, origin = location.locate(force_download=force_download, include_hnsw=load_hnsw)
         index = cls._from_folder(folder, origin=origin)
         if load_hnsw and index._graph.file is not None:
             index._graph.get(
@@ -1011,28 +709,16 @@ class GradientIndex(ProgressBarMixin):
 
     @classmethod
     def _from_folder(cls, folder: Path, *, origin: HubLocation | None = None) -> GradientIndex:
-        manifest = read_manifest(folder)
+        loaded = read_index_folder(folder, origin=origin)
+        manifest = loaded.manifest
         index = cls(manifest.config, spec=manifest.spec, metadata=manifest.metadata)
-        blocks = [
-            Block(shard.sketches, shard.ids, StoredFile(shard.info, folder, origin))
-            for shard in iter_shards(folder, manifest)
-        ]
-        ids = np.concatenate([b.ids for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
-        if len(np.unique(ids)) != len(ids):
-            raise IndexCorruptError(
-                f"The shards of {folder} hold duplicate sample ids; the index is damaged. Rebuild it, or re-download "
-                "it with `force_download=True`."
-            )
-        index._blocks, index._ids = blocks, ids
-        if manifest.noise is not None:
-            index._noise_file = StoredFile(manifest.noise, folder, origin)
-            index._noise_file.verify("noise file")
-        if manifest.hnsw is not None:
-            index._graph.use_file(StoredFile(manifest.hnsw, folder, origin))
-        if manifest.faiss is not None:
-            index._ivf.use_file(StoredFile(manifest.faiss, folder, origin))
-        if manifest.preconditioner is not None:  # read (and downloaded from the Hub) on first use
-            index._preconditioner_file = StoredFile(manifest.preconditioner, folder, origin)
+        index._blocks, index._ids, index._noise_file = loaded.blocks, loaded.ids, loaded.noise
+        if loaded.graph is not None:
+            index._graph.use_file(loaded.graph)
+        if loaded.faiss is not None:
+            index._ivf.use_file(loaded.faiss)
+        if loaded.preconditioner is not None:
+            index._pre.use_file(loaded.preconditioner)
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
         return index
@@ -1052,7 +738,7 @@ class GradientIndex(ProgressBarMixin):
     ) -> Any:
         r"""
         Upload the index to a Hub repository (a dataset repo by default, created if needed) in one commit, with a
-        generated dataset card (what the index is, how it was built, how to use it, and a privacy note).
+        generated dataset card ([`~hub.HubLocation.upload`]).
 
         Args:
             repo_id (`str`): The repo, e.g. `"org/my-lora-dmin-index"` (or just a name, in your namespace).
@@ -1067,25 +753,14 @@ class GradientIndex(ProgressBarMixin):
 
         Returns:
             `huggingface_hub.CommitInfo`: The commit (a `str` with its URL).
-
-        Examples:
-        ```py
-        >>> index.push_to_hub("my-org/pokemon-lora-dmin-index", private=True)
-        ```
         """
-        with tempfile.TemporaryDirectory(prefix="dmin-push-") as tmp:
-            self._written(Path(tmp), link=True, repo_id=repo_id, max_shard_rows=max_shard_rows)
-            return upload_index_folder(
-                tmp,
-                repo_id,
-                repo_type=repo_type,
-                private=private,
-                token=token,
-                commit_message=commit_message,
-                revision=revision,
-                create_pr=create_pr,
-                endpoint=endpoint,
-            )
+        location = HubLocation(repo_id, repo_type, revision, token, endpoint=endpoint)
+        return location.upload(
+            lambda folder: self._written(folder, link=True, repo_id=repo_id, max_shard_rows=max_shard_rows),
+            private=private,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
 
     # ------------------------------------------------------------------------------------------------ internals
 
@@ -1099,17 +774,10 @@ class GradientIndex(ProgressBarMixin):
             blocks=self._blocks,
             noise=self._noise,
             noise_file=self._noise_file,
-            graph=self._graph.graph,
-            graph_file=self._graph.file,
-            graph_dirty=self._graph.dirty,
-            graph_calibration=self._graph.calibration,
-            faiss=self._ivf.ivf,
-            faiss_file=self._ivf.file,
-            faiss_dirty=self._ivf.dirty,
-            faiss_calibration=self._ivf.calibration,
+            **self._graph.folder_args(),
+            **self._ivf.folder_args(),
+            **self._pre.folder_args(),
             source_folder=self._source_folder,
-            preconditioner=self._preconditioner if self._preconditioner_file is None else None,
-            preconditioner_file=self._preconditioner_file,
             link=link,
             repo_id=repo_id,
             max_shard_rows=max_shard_rows,
@@ -1126,8 +794,7 @@ class GradientIndex(ProgressBarMixin):
             self._noise_file = written.noise
         self._graph.saved(written.graph)
         self._ivf.saved(written.faiss)
-        if written.preconditioner is not None:
-            self._preconditioner_file = written.preconditioner
+        self._pre.saved(written.preconditioner)
         return written.manifest
 
     def _exact_search(self) -> ExactSearch:
@@ -1138,14 +805,6 @@ class GradientIndex(ProgressBarMixin):
     def _check_nonempty(self) -> None:
         if not len(self):
             raise ConfigError("The index holds no rows; add sketches with `index.add(...)` first.")
-
-    def _warn_unspecified(self) -> None:
-        if not self._warned_unspecified:
-            logger.warning(
-                "This index was created from a config only (its spec is unspecified): queries are checked against "
-                "the config, not against the model, adapter or parameters. Build indices with `spec=sketcher.spec`."
-            )
-            self._warned_unspecified = True
 
     def _progress_enabled(self) -> bool:
         return not getattr(self, "_progress_bar_config", {}).get("disable", False)

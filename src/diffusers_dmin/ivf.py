@@ -49,6 +49,15 @@ class IndexIVF:
             return f"IVF-{self.file.info.codec}, saved ({self.file.info.num_rows} rows)"
         return "none"
 
+    def folder_args(self) -> dict[str, Any]:
+        """The FAISS index's arguments of [`~folder.write_index_folder`]."""
+        return {
+            "faiss": self.ivf,
+            "faiss_file": self.file,
+            "faiss_dirty": self.dirty,
+            "faiss_calibration": self.calibration,
+        }
+
     def use_file(self, file: StoredFile) -> None:
         """A loaded index: its manifest lists this FAISS file (loaded on first use)."""
         info: FaissInfo = file.info

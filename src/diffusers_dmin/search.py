@@ -490,6 +490,27 @@ class ExactSearch(SearchBackend):
                 yield s, batch.reshape(e - s, -1).contiguous()
 
 
+class IdPositions:
+    """Row positions of sample ids: `ids` sorted once, then looked up by binary search."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted = ids[self.order]
+
+    def __call__(self, sample_ids: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """The positions of `sample_ids` (any integer array-like); [`ConfigError`] names the ids that are absent."""
+        if isinstance(sample_ids, torch.Tensor):
+            sample_ids = sample_ids.cpu().numpy()
+        wanted = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        slots = np.searchsorted(self.sorted, wanted)
+        slots = np.minimum(slots, len(self.sorted) - 1) if len(self.sorted) else slots
+        if not len(self.sorted) or np.any(self.sorted[slots] != wanted):
+            missing = wanted[~np.isin(wanted, self.ids)]
+            raise ConfigError(f"The sample ids {missing[:10].tolist()} are not in the index.")
+        return self.order[slots]
+
+
 def _check_top_k(top_k: int, num_rows: int) -> int:
     check_int(top_k, "top_k")
     if num_rows < 1:

@@ -371,6 +371,17 @@ class IndexMetadata:
             )
         return cls(**kwargs)
 
+    @classmethod
+    def coerce(cls, metadata: IndexMetadata | Mapping[str, Any] | None) -> IndexMetadata:
+        """`metadata` as an [`IndexMetadata`] (`None`: empty; a dict: [`from_kwargs`])."""
+        if metadata is None:
+            return cls()
+        if isinstance(metadata, Mapping):
+            return cls.from_kwargs(**metadata)
+        if not isinstance(metadata, IndexMetadata):
+            raise ConfigError(f"`metadata` must be an IndexMetadata or a dict, but is {type(metadata).__name__}.")
+        return metadata
+
     def to_dict(self) -> dict[str, Any]:
         """Grouped JSON form: `{"base_model": {...}, "adapter": {...}, "dataset": {...}, "extra": {...}}`."""
         data: dict[str, Any] = {}
@@ -903,6 +914,33 @@ def verify_file(folder: str | os.PathLike, name: str, sha256: str, num_bytes: in
 
 
 # --------------------------------------------------------------------------------------------------- arrays
+
+
+def rows_config(config: DMinConfig | None, spec: SketchSpec | None) -> DMinConfig:
+    """The [`DMinConfig`] of an index's rows given `config=` and/or `spec=` (as `GradientIndex(...)` takes them):
+    `spec.config` when a spec is given (`config`, if also given, must equal it). Raises [`ConfigError`]."""
+    if spec is not None:
+        if not isinstance(spec, SketchSpec):
+            raise ConfigError(f"`spec` must be a SketchSpec (e.g. `sketcher.spec`), but is {type(spec).__name__}.")
+        if config is not None and config != spec.config:
+            differences = spec.config.differences(config, ignore=())
+            raise ConfigError(
+                f"`config` differs from `spec.config` in {sorted(differences)}; pass only `spec=`, which carries "
+                "its config."
+            )
+        if len(spec.timesteps) != spec.config.num_timesteps:
+            raise ConfigError(
+                f"`spec` lists {len(spec.timesteps)} timesteps but its config has num_timesteps="
+                f"{spec.config.num_timesteps}."
+            )
+        config = spec.config
+    if config is None:
+        raise ConfigError(
+            "A GradientIndex needs `spec=` (e.g. `sketcher.spec`) or `config=` (a DMinConfig) describing its rows."
+        )
+    if not isinstance(config, DMinConfig):
+        raise ConfigError(f"`config` must be a DMinConfig, but is {type(config).__name__}.")
+    return config
 
 
 def to_storage_array(sketches: Any, dtype: str, *, name: str = "sketches") -> np.ndarray:
