@@ -247,87 +247,10 @@ def _parse_resolution(value: str | None) -> tuple[int, int] | None:
     return (sizes[0], sizes[-1])
 
 
-def _format_bytes(num: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num < 1024 or unit == "GiB":
-            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
-        num /= 1024
-    return f"{num:.1f} TiB"
-
-
 def _summary(manifest: Any, where: str) -> list[str]:
-    config, spec, meta = manifest.config, manifest.spec, manifest.metadata
-    size = sum(shard.num_bytes for shard in manifest.shards)
-    lines = [
-        f"DMin index: {where}",
-        f"  rows:        {manifest.num_rows:,} in {len(manifest.shards)} shard(s), {_format_bytes(size)} ({config.dtype})",
-    ]
-    timesteps = list(spec.timesteps) if spec is not None else "?"
-    spacing = config.timestep_spacing if isinstance(config.timestep_spacing, str) else "explicit"
-    lines.append(
-        f"  sketch:      T={config.num_timesteps} timesteps {timesteps} ({spacing}), K={config.sketch_dim}, "
-        f"seed {config.seed}, normalize {config.normalize}"
-    )
-    if spec is not None:
-        params = config.params if isinstance(config.params, str) else ",".join(config.params)
-        lines.append(
-            f"  model:       {spec.family}, target {spec.target}, params {params}: {len(spec.param_names)} tensors, "
-            f"D={spec.input_dim:,}, fingerprint {spec.param_fingerprint}, latents {tuple(spec.latent_shape)}"
-        )
-    else:
-        lines.append("  model:       unspecified (built from a config only)")
+    from .describe import plain_lines
 
-    def ref(ident: str | None, revision: str | None) -> str:
-        return "-" if ident is None else ident + (f" @ {revision}" if revision else "")
-
-    lines.append(f"  base model:  {ref(meta.base_model_id, meta.base_model_revision)}")
-    lines.append(f"  adapter:     {ref(meta.adapter_id, meta.adapter_revision)}")
-    dataset = ref(meta.dataset_id, meta.dataset_revision)
-    details = [
-        f"{key} {value}"
-        for key, value in (
-            ("split", meta.dataset_split),
-            ("fingerprint", meta.dataset_fingerprint),
-            ("ids from column", meta.id_column),
-        )
-        if value is not None
-    ]
-    lines.append(f"  dataset:     {dataset}" + (f" ({', '.join(details)})" if details else ""))
-    if meta.id_column is None:
-        lines.append("  ids:         row positions in the dataset")
-    skipped = meta.extra.get("skipped") or []
-    if skipped:
-        first = ", ".join(f"{r['id']} ({r.get('reason', '')})" for r in skipped[:3])
-        lines.append(f"  skipped:     {len(skipped)} row(s): {first}{', ...' if len(skipped) > 3 else ''}")
-    hnsw = manifest.hnsw
-    lines.append(
-        "  hnsw:        none"
-        if hnsw is None
-        else f"  hnsw:        {hnsw.num_rows:,} rows at K={hnsw.sketch_dim}, M={hnsw.M}, "
-        f"ef_construction={hnsw.ef_construction}, ef={hnsw.ef}" + _calibrated(hnsw.calibration)
-    )
-    faiss = manifest.faiss
-    lines.append(
-        "  faiss:       none"
-        if faiss is None
-        else f"  faiss:       IVF-{faiss.codec}, {faiss.num_rows:,} rows at K={faiss.sketch_dim}, nlist={faiss.nlist}"
-        + (f", pq_m={faiss.pq_m}" if faiss.codec == "pq" else "")
-        + f", nprobe={faiss.nprobe}, {faiss.num_candidates} re-scored candidates"
-        + _calibrated(faiss.calibration)
-    )
-    lines.append(f"  noise:       {'saved' if manifest.noise is not None else 'not saved'}")
-    lines.append(f"  written by:  diffusers_dmin {manifest.library_version or '?'} (format {manifest.format_version})")
-    return lines
-
-
-def _calibrated(calibration) -> str:
-    if calibration is None:
-        return ""
-    how = "real queries" if calibration.noise is None else f"noisy copies (noise {calibration.noise:g}) of index rows"
-    return (
-        f" (calibrated: recall@{calibration.top_k} {calibration.recall:.3f}, target {calibration.target:g}"
-        f"{'' if calibration.reached else ' NOT reached'}, {calibration.num_queries} {how})"
-    )
+    return [f"DMin index: {where}", *plain_lines(manifest)]
 
 
 def _is_local(path: str) -> bool:
@@ -655,7 +578,12 @@ class InfoCommand(BaseDMinCommand):
                 folder = Path(os.path.expanduser(args.index))
             else:
                 location = hub.HubLocation(
-                    args.index, args.repo_type, args.revision, args.token, None, args.endpoint, cache_only
+                    repo_id=args.index,
+                    repo_type=args.repo_type,
+                    revision=args.revision,
+                    token=args.token,
+                    endpoint=args.endpoint,
+                    local_files_only=cache_only,
                 )
                 path = location.download_file(MANIFEST_NAME)
                 folder = Path(path).parent

@@ -44,6 +44,7 @@ from .constants import (
     README_NAME,
     SHARDS_DIR,
 )
+from .describe import Style, describe
 from .errors import HubAuthenticationError, IndexNotFoundError, check_choice
 from .logging import get_logger
 from .storage import Manifest
@@ -446,6 +447,49 @@ def _public_ref(ident: str) -> str:
     return f"local {_code(name)} (path not published)"
 
 
+CARD = Style(
+    text=lambda value, limit=200: _text(value, limit),
+    code=_code,
+    ref=_public_ref,
+    missing="not recorded",
+    calibration=", calibrated to recall@{top_k} {recall:.3f} (target {target})",
+    dataset_details=("split",),
+    details_join=(", ", ", ", ""),
+    facts={
+        "rows": ("Training samples (rows)", "{rows:,}"),
+        "timesteps": ("Timesteps T", "{timesteps}"),
+        "timesteps/config-only": ("Timesteps T", "{T} \\({spacing}\\)"),
+        "sketch_dim": ("Sketch dimension K", "{K:,} (searchable at any divisor of K)"),
+        "dtype": ("Storage dtype", "{dtype} (scores accumulate in float32)"),
+        "seed": ("Sketch seed", "{seed}"),
+        "normalize": ("Normalisation", "{normalize}"),
+        "model": ("Denoiser family / target", "{family} / {target}"),
+        "model/none": (
+            "Model identity",
+            "not recorded (index built from a config only: queries are checked against the config alone)",
+        ),
+        "parameters": ("Sketched parameters", "{tensors:,} tensors, D = {dim:,}"),
+        "fingerprint": ("Parameter fingerprint", "{fingerprint}"),
+        "base_model": ("Base model", "{ref}"),
+        "adapter": ("Adapter", "{ref}"),
+        "dataset": ("Training dataset", "{ref}{details}"),
+        "ids": ("Sample id", "column {column}"),
+        "ids/rows": ("Sample id", "row position in the dataset"),
+        "hnsw": ("HNSW graph", f"`{HNSW_NAME}`: " + "M={M}, ef_construction={ef_construction}, ef={ef}, K={K}, {rows:,} rows"),
+        "hnsw/none": ("HNSW graph", "not included (built on first approximate search)"),
+        "faiss": (
+            "FAISS index",
+            f"`{FAISS_NAME}`: "
+            + "IVF-{codec}, nlist={nlist}, coarse K={K}, nprobe={nprobe}, {candidates} re-scored candidates"
+            + "{calibrated}, {rows:,} rows",
+        ),
+        "preconditioner": ("Query preconditioner", "{name}"),
+    },
+)
+"""The dataset card's wording of the manifest facts ([`describe.describe`]): Markdown, every manifest string escaped
+for Markdown and HTML, local paths shown by their last part only."""
+
+
 def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     r"""
     The `README.md` dataset card of an index: what it is, how it was built, how to use it, and the privacy note.
@@ -458,7 +502,7 @@ def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
         manifest (`Manifest`): The index manifest.
         repo_id (`str`, *optional*): Used in the usage snippet; a placeholder when unknown or not a valid repo id.
     """
-    config, spec, meta = manifest.config, manifest.spec, manifest.metadata
+    config, meta = manifest.config, manifest.metadata
     repo = repo_id if repo_id and _HUB_ID.fullmatch(repo_id) else "path/or/org/my-dmin-index"
     subject = ""
     if meta.dataset_id:
@@ -466,69 +510,7 @@ def dataset_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     trained = meta.adapter_id or meta.base_model_id
     if trained:
         subject += f" for {_public_ref(trained)}"
-    timesteps = (
-        list(spec.timesteps) if spec is not None else f"{config.num_timesteps} ({_text(config.timestep_spacing)})"
-    )
-
-    def _ref(ident: str | None, revision: str | None) -> str:
-        if not ident:
-            return "not recorded"
-        return _public_ref(ident) + (f" @ {_code(revision)}" if revision else "")
-
-    rows = [
-        ("Training samples (rows)", f"{manifest.num_rows:,}"),
-        ("Timesteps T", _text(timesteps, limit=1000)),
-        ("Sketch dimension K", f"{config.sketch_dim:,} (searchable at any divisor of K)"),
-        ("Storage dtype", f"{_code(config.dtype)} (scores accumulate in float32)"),
-        ("Sketch seed", str(config.seed)),
-        ("Normalisation", _code(config.normalize)),
-        ("Base model", _ref(meta.base_model_id, meta.base_model_revision)),
-        ("Adapter", _ref(meta.adapter_id, meta.adapter_revision)),
-    ]
-    if meta.dataset_id:
-        dataset = _ref(meta.dataset_id, meta.dataset_revision)
-        if meta.dataset_split:
-            dataset += f", split {_code(meta.dataset_split)}"
-        rows.append(("Training dataset", dataset))
-    else:
-        rows.append(("Training dataset", "not recorded"))
-    rows.append(("Sample id", f"column {_code(meta.id_column)}" if meta.id_column else "row position in the dataset"))
-    if spec is not None:
-        rows += [
-            ("Denoiser family / target", f"{_code(spec.family)} / {_code(spec.target)}"),
-            ("Sketched parameters", f"{len(spec.param_names):,} tensors, D = {spec.input_dim:,}"),
-            ("Parameter fingerprint", _code(spec.param_fingerprint)),
-        ]
-    else:
-        rows.append(
-            (
-                "Model identity",
-                "not recorded (index built from a config only: queries are checked against the config alone)",
-            )
-        )
-    if manifest.hnsw is not None:
-        h = manifest.hnsw
-        rows.append(
-            (
-                "HNSW graph",
-                f"`{HNSW_NAME}`: M={h.M}, ef_construction={h.ef_construction}, ef={h.ef}, K={h.sketch_dim}, {h.num_rows:,} rows",
-            )
-        )
-    else:
-        rows.append(("HNSW graph", "not included (built on first approximate search)"))
-    if manifest.faiss is not None:
-        f = manifest.faiss
-        calibrated = ""
-        if f.calibration is not None:
-            c = f.calibration
-            calibrated = f", calibrated to recall@{c.top_k} {c.recall:.3f} (target {c.target})"
-        rows.append(
-            (
-                "FAISS index",
-                f"`{FAISS_NAME}`: IVF-{f.codec}, nlist={f.nlist}, coarse K={f.sketch_dim}, nprobe={f.nprobe}, "
-                f"{f.num_candidates} re-scored candidates{calibrated}, {f.num_rows:,} rows",
-            )
-        )
+    rows = describe(manifest, CARD)
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True).replace("`", "\\u0060")
     size_category = _size_category(manifest.num_rows)
