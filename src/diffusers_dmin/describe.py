@@ -112,7 +112,7 @@ def describe(manifest: Manifest, style: Style) -> list[tuple[str, str]]:
     details = [f"{name} {style.code(known[name])}" for name in style.dataset_details if known[name] is not None]
     opening, separator, closing = style.details_join
     emit(
-        "dataset",
+        "dataset" if meta.dataset_id else "dataset/none",
         ref=ref(meta.dataset_id, meta.dataset_revision),
         details=opening + separator.join(details) + closing if details else "",
     )
@@ -172,9 +172,7 @@ PLAIN = Style(
     code=str,
     ref=str,
     missing="-",
-    calibration=(
-        " (calibrated: recall@{top_k} {recall:.3f}, target {target:g}{not_reached}, {queries} {how})"
-    ),
+    calibration=" (calibrated: recall@{top_k} {recall:.3f}, target {target:g}{not_reached}, {queries} {how})",
     dataset_details=("split", "fingerprint", "ids from column"),
     details_join=(" (", ", ", ")"),
     facts={
@@ -192,6 +190,7 @@ PLAIN = Style(
         "base_model": ("base model", "{ref}"),
         "adapter": ("adapter", "{ref}"),
         "dataset": ("dataset", "{ref}{details}"),
+        "dataset/none": ("dataset", "{ref}{details}"),
         "ids/rows": ("ids", "row positions in the dataset"),
         "skipped": ("skipped", "{count} row(s): {first}{more}"),
         "noise": ("noise", "saved"),
@@ -213,4 +212,4 @@ PLAIN = Style(
 
 def plain_lines(manifest: Manifest) -> list[str]:
     """The facts of `manifest` as indented `label: value` lines (the body of `dmin info`)."""
-    return [f"  {label + ':':<13}{value}" for label, value in describe(manifest, PLAIN)]
+    return [f"  {label + ':':<12} {value}" for label, value in describe(manifest, PLAIN)]

@@ -10,6 +10,7 @@ manifest, [`HubAuthenticationError`] for a refused token.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import json
 import os
@@ -190,9 +191,7 @@ class HubLocation:
 
     def at(self, revision: str | None) -> HubLocation:
         """The same repo at another revision (e.g. the commit a download resolved)."""
-        return HubLocation(
-            self.repo_id, self.repo_type, revision, self.token, self.cache_dir, self.endpoint, self.local_files_only
-        )
+        return dataclasses.replace(self, revision=revision)
 
     def locate(self, *, force_download: bool = False, include_hnsw: bool = False) -> tuple[Path, HubLocation | None]:
         """The folder of the index: `repo_id` itself when it names a local folder (`revision` is then ignored, with a
@@ -473,9 +472,13 @@ CARD = Style(
         "base_model": ("Base model", "{ref}"),
         "adapter": ("Adapter", "{ref}"),
         "dataset": ("Training dataset", "{ref}{details}"),
+        "dataset/none": ("Training dataset", "not recorded"),
         "ids": ("Sample id", "column {column}"),
         "ids/rows": ("Sample id", "row position in the dataset"),
-        "hnsw": ("HNSW graph", f"`{HNSW_NAME}`: " + "M={M}, ef_construction={ef_construction}, ef={ef}, K={K}, {rows:,} rows"),
+        "hnsw": (
+            "HNSW graph",
+            f"`{HNSW_NAME}`: " + "M={M}, ef_construction={ef_construction}, ef={ef}, K={K}, {rows:,} rows",
+        ),
         "hnsw/none": ("HNSW graph", "not included (built on first approximate search)"),
         "faiss": (
             "FAISS index",
