@@ -45,3 +45,11 @@ def test_a_preconditioner_is_a_fact_of_both_and_escaping_follows_the_style(tmp_p
     assert plain["dataset"] == "evil<script> (split a|b)"  # a terminal renders no markup: shown as written
     assert "<script>" not in card["Training dataset"] and "\\|" in card["Training dataset"]
     assert "written by" not in card and "noise" not in card  # a style leaves out what it does not list
+
+
+def test_dmin_info_shows_control_characters_of_a_crafted_manifest_as_escapes(tmp_path):
+    manifest = _manifest(tmp_path, base_model_id="org/m\x1b[2J\x1b]0;owned\x07", adapter_id="a\rb\nc")
+    plain = dict(describe(manifest, PLAIN))
+    assert plain["base model"] == "org/m\\x1b[2J\\x1b]0;owned\\x07"
+    assert plain["adapter"] == "a\\rb\\nc"
+    assert all(line.isprintable() for line in plain_lines(manifest))

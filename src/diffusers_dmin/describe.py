@@ -164,13 +164,18 @@ def describe(manifest: Manifest, style: Style) -> list[tuple[str, str]]:
 
 
 def _plain_text(value: Any, limit: int | None = None) -> str:
-    return str(value)
+    """`value` as written, except control characters (ESC, CR, newlines, ...): a crafted manifest must not move the
+    cursor, recolour or rewrite the user's terminal, so they are shown as escapes (`\\x1b`)."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 PLAIN = Style(
     text=_plain_text,
-    code=str,
-    ref=str,
+    code=_plain_text,
+    ref=_plain_text,
     missing="-",
     calibration=" (calibrated: recall@{top_k} {recall:.3f}, target {target:g}{not_reached}, {queries} {how})",
     dataset_details=("split", "fingerprint", "ids from column"),
