@@ -137,7 +137,7 @@ def overhead(rows: int, rounds: int, scratch: Path) -> dict:
                     for im in images[start : start + BATCH]
                 ]
             )
-            x0, cond = sketcher._inputs(pixels, prompts[start : start + BATCH], None)
+            x0, cond, _ = sketcher._inputs(pixels, prompts[start : start + BATCH], None)
             size = sketcher._pairs_per_batch() if engine == "vmap" else 1
             with torch.enable_grad(), sketcher._eval_mode():
                 for pairs in sketcher._pair_batches(x0, cond, size):
