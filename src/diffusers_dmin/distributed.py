@@ -104,7 +104,8 @@ class DistributedSearch(ProgressBarMixin):
 
     The process group is the one given, else the default one if already initialised (e.g. by `accelerate`), else
     one created from the environment that `accelerate launch` and `torchrun` set (`WORLD_SIZE`, `RANK`,
-    `MASTER_ADDR`, `MASTER_PORT`) and destroyed by [`close`]. Without any, the search runs in this process alone.
+    `MASTER_ADDR`, `MASTER_PORT`) and destroyed by [`close`] (its rendezvous store stays for the life of the process,
+    and a later `DistributedSearch` creates its group on it). Without any, the search runs in this process alone.
     Rows are scored on the CPU in every process (the arithmetic of single-process search); only the top-k lists and
     the queries travel between processes.
 
@@ -547,5 +548,47 @@ def _process_group(group: Any, backend: str | None, timeout: timedelta) -> tuple
         )
     if not dist.is_available():
         raise ConfigError("This torch build has no torch.distributed; install a torch build with it.")
-    dist.init_process_group(backend or "gloo", timeout=timeout)
+    try:
+        rank = int(os.environ["RANK"])
+    except ValueError:
+        raise ConfigError(f"The environment variable RANK={os.environ['RANK']!r} is not an integer.")
+    _init_default_group(backend or "gloo", rank, world_size, timeout)
     return None, dist.get_rank(), dist.get_world_size(), True
+
+
+# The rendezvous store (TCPStore at MASTER_ADDR:MASTER_PORT, served by rank 0) of the groups created here, per
+# (address, port, rank, world size): [store, groups created on it]. It lives as long as the process, and each group
+# gets its own key prefix on it. A fresh store per group (what `init_process_group()` from the environment does)
+# raced when the group was created again in the same processes (a `DistributedSearch` after `close()`, or after an
+# open that failed on some process): a process could reach rank 0's previous store server, at the same port, before
+# rank 0 had closed it, and then died of a raw `DistNetworkError` ("Failed to recv ... Connection was likely
+# closed") or connected to the previous group's stale addresses, while rank 0 timed out waiting for it.
+_STORES: dict[tuple[str, str, int, int], list[Any]] = {}
+
+
+def _init_default_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
+    """Create the default process group from the environment on this module's rendezvous store; a failure to
+    connect (a process that did not come, or died) raises [`DistributedSearchError`]."""
+    import torch.distributed as dist
+
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    key = (address, port, rank, world_size)
+    try:
+        if key not in _STORES:
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+            _STORES[key] = [store, 0]
+        entry = _STORES[key]
+        entry[0].set_timeout(timeout)
+        entry[1] += 1  # every process creates its groups in the same order, so the prefixes agree
+        # (a store of torchelastic's agent outlives restarted workers: their keys differ by the restart count)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"diffusers_dmin/{restart}/group{entry[1]}", entry[0])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    except RuntimeError as err:  # torch.distributed.DistError (store), or gloo's RuntimeError (connecting)
+        reason = f"{type(err).__name__}: {str(err).rstrip('.')}"
+        raise DistributedSearchError(
+            f"Process {rank} of {world_size} could not connect to the other processes (rendezvous at "
+            f"{address}:{port}) within the timeout ({timeout.total_seconds():g} s): {reason}. Another process of the "
+            "search failed (see its error), stopped, or did not start. Start every process with the same "
+            "MASTER_ADDR, MASTER_PORT and WORLD_SIZE."
+        ) from err
