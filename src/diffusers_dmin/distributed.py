@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -246,19 +247,23 @@ class DistributedSearch(ProgressBarMixin):
             send_counts = torch.from_numpy(np.bincount(owner, minlength=self.world_size).astype(np.int64))
             recv_counts = torch.empty(self.world_size, dtype=torch.int64, device=self._device)
             self._wait(
-                dist.all_to_all_single(recv_counts, send_counts.to(self._device), group=self._group, async_op=True),
+                lambda: dist.all_to_all_single(
+                    recv_counts, send_counts.to(self._device), group=self._group, async_op=True
+                ),
                 "checking sample ids",
             )
             recv = torch.empty(int(recv_counts.sum()), dtype=torch.int64, device=self._device)
-            work = dist.all_to_all_single(
-                recv,
-                send,
-                output_split_sizes=recv_counts.tolist(),
-                input_split_sizes=send_counts.tolist(),
-                group=self._group,
-                async_op=True,
+            self._wait(
+                lambda: dist.all_to_all_single(
+                    recv,
+                    send,
+                    output_split_sizes=recv_counts.tolist(),
+                    input_split_sizes=send_counts.tolist(),
+                    group=self._group,
+                    async_op=True,
+                ),
+                "checking sample ids",
             )
-            self._wait(work, "checking sample ids")
             received = recv.cpu().numpy()
         unique, counts = np.unique(received, return_counts=True)
         if (counts > 1).any():
@@ -464,9 +469,12 @@ class DistributedSearch(ProgressBarMixin):
 
     # ------------------------------------------------------------------------------------------------ collectives
 
-    def _wait(self, work: Any, what: str) -> None:
+    def _wait(self, start: Callable[[], Any], what: str) -> None:
+        """Start a collective (`start()` returns its work) and wait for it: any error of starting or waiting, e.g.
+        torch.distributed's `DistError` of a connection that a stopped process closed, raises
+        [`DistributedSearchError`]."""
         try:
-            work.wait(timeout=self._timeout)
+            start().wait(timeout=self._timeout)
         except Exception as err:
             raise DistributedSearchError(
                 f"Process {self.rank} of {self.world_size} stopped waiting while {what}: {err}. Another process of the "
@@ -482,7 +490,7 @@ class DistributedSearch(ProgressBarMixin):
 
         local = tensor.contiguous().to(self._device)
         out = [torch.empty_like(local) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(out, local, group=self._group, async_op=True), what)
+        self._wait(lambda: dist.all_gather(out, local, group=self._group, async_op=True), what)
         return [t.cpu() for t in out]
 
     def _broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -492,7 +500,7 @@ class DistributedSearch(ProgressBarMixin):
 
         local = tensor.contiguous().to(self._device)
         source = 0 if self._group is None else dist.get_global_rank(self._group, 0)
-        self._wait(dist.broadcast(local, source, group=self._group, async_op=True), what)
+        self._wait(lambda: dist.broadcast(local, source, group=self._group, async_op=True), what)
         return local.cpu()
 
     def _agree(self, what: str, error: BaseException | None) -> None:
