@@ -333,26 +333,12 @@ def run_digits(args) -> dict:
         log(f"waiting for the digits reference model {reference_path}")
         time.sleep(30)
     time.sleep(2)
-    masks = ctx.lds_masks(32)
-    have = [model_path(ctx, mask).exists() for mask in masks] + [False]
-    masks = masks[: have.index(False)]
-    if len(masks) < 4:
-        raise SystemExit(f"only {len(masks)} LDS retrains in {args.digits_cache}; wait for more")
-    log(f"digits: LDS over the {len(masks)} retrains available in {args.digits_cache}")
     queries, labels, confidence = ctx.queries(128)
     confident = confidence >= 0.8
-    truth_path = WORK_CACHE / f"digits-truth-{ctx._key(np.arange(len(masks)))}.npz"
-    if truth_path.exists():
-        with np.load(truth_path) as stored:
-            actual = stored["actual"]
-    else:
-        actual = ctx.subset_losses(masks, queries)
-        truth_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(truth_path, actual=actual)
-    records: dict = {}
+    found: dict = {}
     seconds: dict = {}
     passes = args.digits_passes or list(PASSES)
-    for seed in args.seeds:
+    for seed in args.seeds:  # sketches and scores first: the retrains may still be arriving
         for name in passes:
             config = DMinConfig(seed=seed, **PASSES[name])
             sketcher = GradientSketcher.from_pipeline(ctx.reference, config)
@@ -366,13 +352,29 @@ def run_digits(args) -> dict:
                 return {"train": train, "queries": sketcher(images=queries)}
 
             sk = cached_sketches(WORK_CACHE / f"digits-{tag}-seed{seed}.safetensors", compute)
-            for (transform, alpha), scores in all_scores(sk["train"], sk["queries"], sketcher.spec).items():
-                rec = records.setdefault(name, {}).setdefault(transform, {}).setdefault(alpha, {})
-                rec = rec.setdefault(str(seed), {})
-                rec["lds"] = lds(subset_predictions(scores, masks), actual)
-                det = detection_table(top_k(scores, 10), ctx.labels, labels, (10,), groups=list(range(10)))
-                rec["det10"] = [v if c else None for v, c in zip(det["k=10"]["per_query"], confident)]
-            log(f"digits: seed {seed}, pass {name} scored")
+            found[(seed, name)] = all_scores(sk["train"], sk["queries"], sketcher.spec)
+            log(f"digits: seed {seed}, pass {name} sketched and scored")
+    masks = ctx.lds_masks(32)
+    have = [model_path(ctx, mask).exists() for mask in masks] + [False]
+    masks = masks[: have.index(False)]
+    if len(masks) < 4:
+        raise SystemExit(f"only {len(masks)} LDS retrains in {args.digits_cache}; wait for more")
+    log(f"digits: LDS over the {len(masks)} retrains available in {args.digits_cache}")
+    actual = np.empty((len(queries), len(masks)))
+    for m, mask in enumerate(masks):  # each retrain's probe losses cached on their own, so later runs add columns
+        path = WORK_CACHE / f"digits-loss-q128-{model_path(ctx, mask).stem}.npy"  # queries: fixed by the recipe
+        if not path.exists():
+            np.save(path, ctx.query_losses(ctx.model(np.flatnonzero(mask == 0)), queries))
+        actual[:, m] = np.load(path)
+    log("digits: ground truth done")
+    records: dict = {}
+    for (seed, name), per_transform in found.items():
+        for (transform, alpha), scores in per_transform.items():
+            rec = records.setdefault(name, {}).setdefault(transform, {}).setdefault(alpha, {})
+            rec = rec.setdefault(str(seed), {})
+            rec["lds"] = lds(subset_predictions(scores, masks), actual)
+            det = detection_table(top_k(scores, 10), ctx.labels, labels, (10,), groups=list(range(10)))
+            rec["det10"] = [v if c else None for v, c in zip(det["k=10"]["per_query"], confident)]
     return {
         "model": "digits",
         "recipe": ctx.recipe.to_dict(),
