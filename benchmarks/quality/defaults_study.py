@@ -354,6 +354,8 @@ def run_digits(args) -> dict:
             sk = cached_sketches(WORK_CACHE / f"digits-{tag}-seed{seed}.safetensors", compute)
             found[(seed, name)] = all_scores(sk["train"], sk["queries"], sketcher.spec)
             log(f"digits: seed {seed}, pass {name} sketched and scored")
+    if args.sketch_only:
+        raise SystemExit("digits sketches cached (--sketch-only)")
     masks = ctx.lds_masks(32)
     have = [model_path(ctx, mask).exists() for mask in masks] + [False]
     masks = masks[: have.index(False)]
@@ -581,6 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wait-minutes", type=float, default=10.0, help="wait this long for a shared fine-tune")
     parser.add_argument("--digits-cache", type=Path, default=Path("/work/cache/digits"))
     parser.add_argument("--digits-passes", nargs="*", default=None, choices=list(PASSES))
+    parser.add_argument("--sketch-only", action="store_true", help="digits: only fill the sketch cache, then stop")
     parser.add_argument("--verify", action="store_true", help="check the dual form against the library's path")
     parser.add_argument("--verify-passes", nargs="*", default=["loss"], choices=list(PASSES))
     parser.add_argument("--decide", action="store_true", help="apply the rule to the JSONs and write the tables")
