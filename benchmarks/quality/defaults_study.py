@@ -531,29 +531,62 @@ def fmt_delta(entry: dict | None, label: str) -> str:
     return f"{d['delta']:+.3f} ± {d['sem']:.3f}"
 
 
+PASS_LABELS = {
+    "loss": "`DMinConfig()`",
+    "output_norm": '`output_function="output_norm"`',
+    "loss, normalize=none": '`normalize="none"`',
+    "output_norm, normalize=none": '`output_norm` + `normalize="none"`',
+}
+TRANSFORM_LABELS = {"none": "-", "precond": "preconditioned", "precond+center": "preconditioned, centred"}
+
+
+def row_label(key: str) -> str:
+    name, transform = key.split(" | ")
+    return f"{PASS_LABELS[name]} | {TRANSFORM_LABELS[transform]}"
+
+
+def verdict_text(verdict: dict | None) -> str:
+    if verdict is None:
+        return "default"
+    if verdict["fails"]:
+        return "fails: " + ", ".join(verdict["fails"])
+    if not verdict["wins"]:
+        return "passes the LoRA criteria; digits not run"
+    return "**wins**" + ("" if verdict["may_be_default"] else " (normalize=none: option only)")
+
+
 def decision_markdown(sd: dict, digits: dict | None, decision: dict) -> str:
     table, verdicts = decision["table"], decision["verdicts"]
     labels = ["LDS generated", "LDS validation", "top-5", "digits LDS", "digits det@10"]
-    header = ["candidate (pass \\| query transform)", "damping", *labels, "verdict"]
+    header = ["estimator", "query transform", "damping", *labels, "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, entry in table.items():
-        verdict = verdicts.get(key)
-        if verdict is None:
-            text = "default"
-        elif verdict["wins"]:
-            text = "**wins**" + ("" if verdict["may_be_default"] else " (normalize=none: option only)")
-        else:
-            text = "fails: " + ", ".join(verdict["fails"])
+        cells = " | ".join(fmt_cell(entry, x) for x in labels)
         lines.append(
-            f"| {key} | {entry.get('damping', '-')} | "
-            + " | ".join(fmt_cell(entry, x) for x in labels)
-            + f" | {text} |"
+            f"| {row_label(key)} | {entry.get('damping', '-')} | {cells} | {verdict_text(verdicts.get(key))} |"
         )
-    delta_lines = ["| candidate | " + " | ".join(f"Δ {x}" for x in labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    delta_lines = [
+        "| estimator | query transform | " + " | ".join(f"Δ {x}" for x in labels) + " |",
+        "|" + "---|" * (len(labels) + 2),
+    ]
     for key, entry in table.items():
         if key == " | ".join(DEFAULT):
             continue
-        delta_lines.append(f"| {key} | " + " | ".join(fmt_delta(entry, x) for x in labels) + " |")
+        delta_lines.append(f"| {row_label(key)} | " + " | ".join(fmt_delta(entry, x) for x in labels) + " |")
+    tune, _ = halves(sd["queries_per_kind"])
+    grid_lines = []
+    for name, transforms in sd["records"].items():
+        for transform, per_alpha in transforms.items():
+            if transform == "none":
+                continue
+            values = []
+            for alpha, per_seed in per_alpha.items():
+                gen = np.nanmean(seed_mean(per_seed, "lds_generated")[tune])
+                val = np.nanmean(seed_mean(per_seed, "lds_validation")[tune])
+                values.append(f"{alpha}: {gen:.3f} / {val:.3f}")
+            own = (decision.get("digits_own_choice") or {}).get(f"{name} | {transform}")
+            own_text = f"; the digits' own tuning-half choice would be {own}" if own else ""
+            grid_lines.append(f"- {row_label(f'{name} | {transform}')}: " + ", ".join(values) + own_text)
     spread = (
         f"LoRA set: {sd['num_subsets']} random-half fine-tunes, 16 held-out queries per kind (tuning half in brackets), "
         f"sketch/noise seeds {sd['seeds']}; mean ± sd over seeds of the held-out mean. Ground truth: {sd['truth_source']}."
@@ -571,6 +604,8 @@ def decision_markdown(sd: dict, digits: dict | None, decision: dict) -> str:
         + "\n\nPaired held-out differences to the default (mean ± sem over held-out queries, per-query values averaged "
         "over seeds first; the rule needs Δ > 2 sem for LDS and Δ ≥ −1 sem for detection):\n\n"
         + "\n".join(delta_lines)
+        + "\n\nDamping grid on the LoRA set's tuning half (LDS generated / validation, mean over seeds):\n\n"
+        + "\n".join(grid_lines)
         + "\n"
     )
 
