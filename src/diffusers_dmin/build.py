@@ -50,6 +50,10 @@ crash-safe replacement: extending an index whose manifest lists `hnsw.bin` (a ma
 so a crash never leaves a manifest naming a replaced graph). A crash before the final
 write leaves no new manifest (the old one, if any, still lists only the old shards): the next run finds every shard
 and finishes again. Without `finish` (calling [`build_index`] alone) the manifest is written here, without a card.
+One difference in bytes from the double write: extending an index whose manifest lists a FAISS index or a query
+preconditioner. A build drops both from its manifest (the new rows are not in them), and the save now replaces that
+manifest directly, so it deletes their files like any file the old manifest listed and the new one does not; before,
+the intermediate manifest had already forgotten them and the files stayed behind, unlisted.
 
 **Layering.** This module writes shards and the noise through [`storage`] and never imports [`GradientIndex`]: the
 facade's entry point is the mixin [`IndexBuildMixin`], which reaches the index through `cls`. Reading the training
