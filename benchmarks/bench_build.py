@@ -66,7 +66,14 @@ def worker(args: argparse.Namespace) -> None:
     state.wait_for_everyone()
     start = time.perf_counter()
     index = GradientIndex.build(
-        pipe, dataset, config, args.output_dir, batch_size=BATCH, max_shard_rows=SHARD_ROWS, resume=False, progress=False
+        pipe,
+        dataset,
+        config,
+        args.output_dir,
+        batch_size=BATCH,
+        max_shard_rows=SHARD_ROWS,
+        resume=False,
+        progress=False,
     )
     seconds = time.perf_counter() - start
     if state.is_main_process:
