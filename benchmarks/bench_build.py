@@ -66,7 +66,14 @@ def worker(args: argparse.Namespace) -> None:
     state.wait_for_everyone()
     start = time.perf_counter()
     index = GradientIndex.build(
-        pipe, dataset, config, args.output_dir, batch_size=BATCH, shard_rows=SHARD_ROWS, resume=False, progress=False
+        pipe,
+        dataset,
+        config,
+        args.output_dir,
+        batch_size=BATCH,
+        max_shard_rows=SHARD_ROWS,
+        resume=False,
+        progress=False,
     )
     seconds = time.perf_counter() - start
     if state.is_main_process:
@@ -153,7 +160,7 @@ def overhead(rows: int, rounds: int, scratch: Path) -> dict:
             config,
             scratch / "overhead-idx",
             batch_size=BATCH,
-            shard_rows=SHARD_ROWS,
+            max_shard_rows=SHARD_ROWS,
             resume=False,
             progress=False,
         )
@@ -195,7 +202,7 @@ def memory(rows: int, scratch: Path) -> dict:
         "GradientIndex.build(pipe, dataset.select(range(16)), config, {warm!r}, batch_size=BATCH, progress=False)\n"
     )
     run = (
-        "GradientIndex.build(pipe, dataset, config, {out!r}, batch_size=BATCH, shard_rows=SHARD_ROWS, resume=False, "
+        "GradientIndex.build(pipe, dataset, config, {out!r}, batch_size=BATCH, max_shard_rows=SHARD_ROWS, resume=False, "
         "progress=False)\n"
     )
     result = {}

@@ -423,6 +423,32 @@ def test_default_shard_rows_is_a_multiple_of_the_batch_size():
     assert default_shard_rows(8, DMinConfig(sketch_dim=2**24, num_timesteps=20)) == 8  # at least one batch
 
 
+def test_shard_rows_is_a_deprecated_alias_of_max_shard_rows(ddpm, digits, tmp_path):
+    rows = digits.select(range(12))
+    options = dict(prompt_column=None, id_column="id", batch_size=4, progress=False)
+    new = GradientIndex.build(ddpm, rows, CONFIG, tmp_path / "new", max_shard_rows=4, **options)
+    with pytest.warns(FutureWarning, match="`shard_rows` is deprecated.*`max_shard_rows`"):
+        old = GradientIndex.build(ddpm, rows, CONFIG, tmp_path / "old", shard_rows=4, **options)
+    names = [s.name for s in read_manifest(tmp_path / "new").shards]
+    assert names == [f"shards/sketches-from-{i:012d}.safetensors" for i in (0, 4, 8)]
+    assert [s.name for s in read_manifest(tmp_path / "old").shards] == names
+    assert np.array_equal(old.get_sketches(old.ids).numpy(), new.get_sketches(new.ids).numpy())
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="disagree"):
+        GradientIndex.build(ddpm, rows, CONFIG, tmp_path / "both", shard_rows=4, max_shard_rows=8, **options)
+
+
+def test_a_build_writes_the_manifest_once(ddpm, digits, tmp_path, monkeypatch):
+    from diffusers_dmin import storage
+
+    written = []
+    serialise = storage._manifest_bytes
+    monkeypatch.setattr(storage, "_manifest_bytes", lambda manifest: written.append(1) or serialise(manifest))
+    options = dict(prompt_column=None, id_column="id", batch_size=4, max_shard_rows=4, progress=False, hnsw=True)
+    index = GradientIndex.build(ddpm, digits.select(range(12)), CONFIG, tmp_path / "idx", **options)
+    assert len(written) == 1  # the card and the graph are written with it, by the save that finishes the build
+    assert len(index) == 12 and read_manifest(tmp_path / "idx").hnsw.num_rows == 12
+
+
 def test_a_launched_process_that_believes_it_runs_alone_is_stopped(ddpm, digits, tmp_path, monkeypatch):
     from accelerate import PartialState
 

@@ -442,3 +442,12 @@ def test_no_third_party_noise_on_a_tiny_sd_build_from_an_image_folder(artifacts,
     assert "Gradient sketches" in out.stderr  # bars are on
     assert "torchvision" not in out.stderr and "Downloading data" not in out.stderr, out.stderr
     assert "Generating train split" not in out.stderr
+
+
+def test_shard_rows_flag_is_a_deprecated_alias():
+    from diffusers_dmin.cli import build_parser
+
+    base = ["build", "./pipe", "--dataset", "./data", "--output-dir", "./idx"]
+    assert build_parser().parse_args([*base, "--max-shard-rows", "16"]).max_shard_rows == 16
+    with pytest.warns(FutureWarning, match="`--shard-rows` is deprecated.*`--max-shard-rows`"):
+        assert build_parser().parse_args([*base, "--shard-rows", "8"]).max_shard_rows == 8

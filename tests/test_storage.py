@@ -235,3 +235,25 @@ def test_describe_shard_rebuilds_the_record_of_an_existing_file(tmp_path):
     assert describe_shard(tmp_path, info.name) == info
     with pytest.raises(IndexCorruptError, match="No shard"):
         describe_shard(tmp_path, "shards/missing.safetensors")
+
+
+def test_shard_name_has_a_form_for_saves_and_one_for_builds():
+    from diffusers_dmin.storage import saved_shard_number
+
+    assert shard_name(3) == "shards/sketches-00003.safetensors"
+    assert shard_name(first_id=12) == "shards/sketches-from-000000000012.safetensors"
+    assert shard_name(first_id=12, duplicate=2) == "shards/sketches-from-000000000012-2.safetensors"
+    assert [saved_shard_number(shard_name(n)) for n in (0, 7, 123456)] == [0, 7, 123456]
+    for other in (shard_name(first_id=12), "shards/sketches-7.safetensors", "shards/sketches-r0-00001.safetensors"):
+        assert saved_shard_number(other) is None  # not a name a save writes: never renumbered or removed as ours
+    with pytest.raises(ValueError, match="exactly one"):
+        shard_name(1, first_id=2)
+
+
+def test_default_shard_rows_saves_fill_a_gib_and_builds_cap_their_units():
+    from diffusers_dmin.storage import default_shard_rows
+
+    assert default_shard_rows((10, 4096), "float16") == 2**30 // (10 * 4096 * 2)  # 13,107 rows of 80 kB
+    assert default_shard_rows((10, 4096), "float16", batch_size=64) == 1024  # a build's unit: at most 1,024 rows
+    assert default_shard_rows((10, 4096), "float16", batch_size=48) == 1008  # ... whole batches
+    assert default_shard_rows((20, 2**24), "float32") == 1  # a save writes at least one row per shard

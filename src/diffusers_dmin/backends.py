@@ -1,6 +1,7 @@
 """Search dispatch of an index: picks the backend (exact rows, HNSW graph or FAISS IVF index) for a call, applies the
 per-call settings (`k`, `ef`, `nprobe`, re-scoring) and calibrates the approximate backends; plus the comparison of a
-query's spec with the index's. [`GradientIndex`] keeps the state (rows, graph, IVF index) and calls these.
+query's spec with the index's. [`GradientIndex`] keeps the state (rows, graph, IVF index) and calls these; the public
+methods that build, calibrate and describe the approximate backends are [`ApproximateSearchMixin`]'s.
 
 Sits above [`search`] (the backends themselves), [`graph`] and [`ivf`] (their lifecycles).
 """
@@ -8,7 +9,7 @@ Sits above [`search`] (the backends themselves), [`graph`] and [`ivf`] (their li
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,12 +20,20 @@ from .errors import ConfigError, IndexMismatchError, check_int
 from .graph import IndexGraph
 from .ivf import IndexIVF
 from .logging import get_logger
-from .search import QUERY_FIX, ExactSearch, approximate_search, expand_queries, prepare_queries, single_threaded_torch
+from .search import (
+    QUERY_FIX,
+    ExactSearch,
+    approximate_search,
+    check_search_dim,
+    expand_queries,
+    prepare_queries,
+    single_threaded_torch,
+)
 
 
 logger = get_logger(__name__)
 
-__all__ = ["check_backend", "check_query_spec", "calibrate_backend", "search_backend"]
+__all__ = ["ApproximateSearchMixin", "check_backend", "check_query_spec", "calibrate_backend", "search_backend"]
 
 _BACKENDS = ("exact", "hnsw", "faiss")
 
@@ -182,3 +191,165 @@ def calibrate_backend(
     if backend == "faiss":
         return ivf.calibrate(rows, flat, max_candidates=max_candidates, **options)
     return graph.calibrate(rows, flat, progress=progress, **options)
+
+
+# ---------------------------------------------------------------------------------------------- the facade's methods
+
+
+class ApproximateSearchMixin:
+    """The approximate backends of [`GradientIndex`]: build the HNSW graph or the FAISS IVF index over the rows,
+    calibrate either to a recall target, and read their parameters. The class keeps the state these methods act on:
+    `_graph` ([`~graph.IndexGraph`]) and `_ivf` ([`~ivf.IndexIVF`]), and provides `sketch_dim`, `_exact_search()` (the
+    rows), `_check_nonempty()` and `_progress_enabled()`."""
+
+    _graph: IndexGraph
+    _ivf: IndexIVF
+
+    @property
+    def hnsw_params(self) -> dict[str, int]:
+        """`M`, `ef_construction` and `ef` of the HNSW graph (the paper's 16, 200, 100 unless built otherwise)."""
+        return dict(self._graph.params)
+
+    @property
+    def faiss_params(self) -> dict[str, Any] | None:
+        """`codec`, `sketch_dim`, `nlist`, `pq_m`, `nprobe` and `num_candidates` of the FAISS index (None: none)."""
+        return self._ivf.params
+
+    def calibration(self, backend: Literal["hnsw", "faiss"]) -> RecallCalibration | None:
+        """The recall calibration stored for `backend` (see [`calibrate`]), or None."""
+        return self._graph.calibration if check_backend(backend) == "hnsw" else self._ivf.calibration
+
+    def build_hnsw(
+        self,
+        *,
+        M: int | None = None,
+        ef_construction: int | None = None,
+        ef: int | None = None,
+        sketch_dim: int | None = None,
+        num_threads: int = -1,
+        seed: int = 0,
+    ) -> None:
+        r"""
+        Build the HNSW graph (hnswlib, inner product; [`~graph.IndexGraph`]) over all rows, replacing any existing
+        one. `search(exact=False)` builds one with the defaults on first use; saves write it as `hnsw.bin`.
+
+        Args:
+            M (`int`, *optional*, defaults to 16): Graph degree.
+            ef_construction (`int`, *optional*, defaults to 200): Candidate list size while building.
+            ef (`int`, *optional*, defaults to 100): Candidate list size while searching.
+            sketch_dim (`int`, *optional*): Build the graph on rows folded to this divisor of K (smaller graph and
+                faster build; searches then re-score the candidates exactly at full K by default).
+            num_threads (`int`, *optional*, defaults to -1): Build threads (-1: all cores; 1 is reproducible).
+            seed (`int`, *optional*, defaults to 0): hnswlib's random seed.
+        """
+        self._check_nonempty()
+        k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
+        self._graph.build(
+            self._exact_search(),
+            k,
+            M=M,
+            ef_construction=ef_construction,
+            ef=ef,
+            num_threads=num_threads,
+            seed=seed,
+            progress=self._progress_enabled(),
+        )
+
+    def build_faiss(
+        self,
+        *,
+        codec: Literal["pq", "sq8", "sq4"] = "pq",
+        sketch_dim: int | None = None,
+        nlist: int | None = None,
+        pq_m: int | None = None,
+        nprobe: int | None = None,
+        num_candidates: int | None = None,
+        num_train: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        r"""
+        Build a FAISS IVF index (optional extra: `pip install "diffusers-dmin[faiss]"`) over all rows, replacing any
+        existing one ([`~faiss_backend.FaissIVFSearch`]); saved as `faiss_ivf.safetensors` (arrays we write and
+        validate; FAISS never parses a file). [`calibrate`] sets `nprobe` and the candidate count for a recall target.
+
+        Args:
+            codec (`str`, *optional*, defaults to `"pq"`): `"pq"` (`pq_m` bytes per row), `"sq8"` (one byte per
+                coarse dimension) or `"sq4"`.
+            sketch_dim (`int`, *optional*): Coarse buckets per timestep (a divisor of K); defaults to the largest
+                with T x sketch_dim <= 1,024 (at most 32,768, the dimension limit of engines such as Milvus).
+            nlist (`int`, *optional*): Inverted lists; defaults to a power of two near sqrt(rows).
+            pq_m (`int`, *optional*): PQ sub-quantizers (divides T x sketch_dim); defaults to 16-dim sub-vectors.
+            nprobe (`int`, *optional*, defaults to 16), num_candidates (`int`, *optional*, defaults to 100): Lists
+                probed and candidates re-scored per query.
+            num_train (`int`, *optional*): Training rows (seeded sample); defaults to 64 per list.
+            seed (`int`, *optional*, defaults to 0): Seed of the training sample and k-means.
+            device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"` or `"auto"` (GPU when torch sees one
+                and faiss has GPU support).
+        """
+        self._check_nonempty()
+        if sketch_dim is not None:
+            sketch_dim = check_search_dim(sketch_dim, self.sketch_dim)
+        options = {"nprobe": nprobe, "num_candidates": num_candidates}
+        self._ivf.build(
+            self._exact_search(),
+            progress=self._progress_enabled(),
+            device=device,
+            codec=codec,
+            sketch_dim=sketch_dim,
+            nlist=nlist,
+            pq_m=pq_m,
+            num_train=num_train,
+            seed=seed,
+            **{key: value for key, value in options.items() if value is not None},
+        )
+
+    def calibrate(
+        self,
+        *,
+        backend: Literal["hnsw", "faiss"] = "faiss",
+        target: float = 0.95,
+        top_k: int = 10,
+        queries: torch.Tensor | np.ndarray | None = None,
+        num_queries: int = 200,
+        noise: float = 0.25,
+        seed: int = 0,
+        confidence: float | None = 0.95,
+        max_candidates: int = 1024,
+    ) -> RecallCalibration:
+        r"""
+        Calibrate the approximate search to a recall target: the smallest `ef` (HNSW) or `nprobe` and candidate
+        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its lower
+        confidence bound). Applied now, stored in the manifest by the next save or push; the backend is built first
+        when the index has none ([`~backends.calibrate_backend`]).
+
+        Args:
+            backend (`str`, *optional*, defaults to `"faiss"`): `"faiss"` or `"hnsw"`.
+            target (`float`, *optional*, defaults to 0.95): Requested recall@`top_k`.
+            top_k (`int`, *optional*, defaults to 10): The k of recall@k.
+            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches; by default
+                `num_queries` rows are sampled (seeded by `seed`) and queried as copies with relative noise `noise`.
+            confidence (`float`, *optional*, defaults to 0.95): See
+                [`~diffusers_dmin.calibration.calibrate_recall`]; `None` compares the mean recall itself.
+            max_candidates (`int`, *optional*, defaults to 1024): FAISS only: most candidates re-scored per query.
+
+        Returns:
+            [`~diffusers_dmin.calibration.RecallCalibration`]: `reached=False` when even the widest search misses.
+        """
+        check_backend(backend)
+        self._check_nonempty()
+        return calibrate_backend(
+            self._exact_search(),
+            self._graph,
+            self._ivf,
+            backend=backend,
+            target=target,
+            top_k=top_k,
+            queries=queries,
+            num_queries=num_queries,
+            noise=noise,
+            seed=seed,
+            confidence=confidence,
+            max_candidates=max_candidates,
+            progress=self._progress_enabled(),
+        )

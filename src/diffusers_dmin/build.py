@@ -1,13 +1,14 @@
 """Building a [`GradientIndex`] over a whole training set: data loading, shards, processes, resume, incremental add.
 
-[`GradientIndex.build`] forwards here ([`build_index`]). A build streams the dataset through a torch `DataLoader`
+[`GradientIndex.build`] is defined here ([`IndexBuildMixin`]) and forwards to [`build_index`]. A build streams the dataset through a torch `DataLoader`
 (images decoded, resized, center-cropped and converted to the model's channels in the loader, optionally in worker
 processes that overlap with the gradient work), sketches each batch with a [`GradientSketcher`], and writes the
-sketches in shards of `shard_rows` rows. It never holds more than one shard of sketches in memory.
+sketches in shards of `max_shard_rows` rows. It never holds more than one shard of sketches in memory.
 
 **Work units.** The rows still to compute (dataset order, minus the ids found in the folder's shards) are cut into
-consecutive units of `shard_rows` rows; unit `u` is computed by process `u % num_processes` and written as one shard,
-`shards/sketches-from-<first id>.safetensors`, atomically (a shard file that exists is complete). Because the units
+consecutive units of `max_shard_rows` rows ([`~storage.default_shard_rows`] by default); unit `u` is computed by
+process `u % num_processes` and written as one shard, `shards/sketches-from-<first id>.safetensors`
+([`~storage.shard_name`]: a name every process and every resume computes alike), atomically (a shard file that exists is complete). Because the units
 that were finished are whole units, resuming cuts the remaining rows into exactly the units an uninterrupted build
 would have computed, so a resumed build equals an uninterrupted one shard for shard.
 
@@ -37,11 +38,26 @@ measurements.
 **Multi-process.** Under `accelerate launch` (or `torchrun`), every process runs the same call: checks are repeated
 identically in every process, the main process prepares the folder, all processes scan it between two barriers (so
 they agree on the units), each writes only its own shards, and after a barrier the main process writes the noise
-and the manifest (shards in dataset order), then runs the caller's `finish` step ([`GradientIndex.build`] passes one
-that loads the index, extends or builds the HNSW graph and writes the dataset card through [`folder`]).
+and hands the manifest of the rows (shards in dataset order) to the caller's `finish` step.
 
-**Layering.** This module writes shards and the manifest through [`storage`] and never imports [`GradientIndex`];
-reading the training data is [`training_data`].
+**Finishing, and one manifest write.** [`GradientIndex.build`]'s `finish` reads the folder by that manifest (not
+written yet; [`~folder.read_index_folder`]`(manifest=...)`), loads and extends a saved HNSW graph or builds one when
+asked, and saves through [`~folder.write_index_folder`]: the dataset card, the graph when it changed, and the manifest
+last, written once. (Until this was split, the build wrote the manifest and the facade wrote it again; the final bytes
+are the same, since the facade read its values back from that file and the manifest handed over is read back from its
+JSON in the same way.) One case still writes a manifest before the final one, inside `write_index_folder`'s
+crash-safe replacement: extending an index whose manifest lists `hnsw.bin` (a manifest without the graph goes first,
+so a crash never leaves a manifest naming a replaced graph). A crash before the final
+write leaves no new manifest (the old one, if any, still lists only the old shards): the next run finds every shard
+and finishes again. Without `finish` (calling [`build_index`] alone) the manifest is written here, without a card.
+One difference in bytes from the double write: extending an index whose manifest lists a FAISS index or a query
+preconditioner. A build drops both from its manifest (the new rows are not in them), and the save now replaces that
+manifest directly, so it deletes their files like any file the old manifest listed and the new one does not; before,
+the intermediate manifest had already forgotten them and the files stayed behind, unlisted.
+
+**Layering.** This module writes shards and the noise through [`storage`] and never imports [`GradientIndex`]: the
+facade's entry point is the mixin [`IndexBuildMixin`], which reaches the index through `cls`. Reading the training
+data is [`training_data`].
 
 **Incremental add.** Run the build again on the grown dataset with the same config, model and id column: only new
 ids are computed, new shards are appended after the old ones (old files are not touched) and a saved HNSW graph is
@@ -60,18 +76,17 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 
 from .config import DMinConfig, SketcherOptions, SketchSpec
 from .constants import (
-    BUILD_MAX_SHARD_BYTES,
-    BUILD_MAX_SHARD_ROWS,
     BUILD_STATE_NAME,
     HNSW_NAME,
     MANIFEST_NAME,
@@ -79,6 +94,7 @@ from .constants import (
     PARTIAL_DIR,
     PARTIAL_SUFFIX_TEMPLATE,
     README_NAME,
+    SHARD_GLOB,
     SHARD_SUFFIX,
     SHARDS_DIR,
     SKIPPED_SUFFIX,
@@ -100,10 +116,10 @@ from .storage import (
     Manifest,
     ShardInfo,
     atomic_write_bytes,
-    build_shard_name,
     describe_shard,
     read_manifest,
     read_shard_ids,
+    shard_name,
     to_storage_array,
     write_manifest,
     write_noise,
@@ -126,6 +142,7 @@ logger = get_logger(__name__)
 
 
 __all__ = [
+    "IndexBuildMixin",
     "build_index",
     "load_training_dataset",
     "decode_image",
@@ -141,6 +158,153 @@ _STATE_VERSION = 1
 _FLUSH_ROWS = 256
 _FLUSH_SECONDS = 30.0
 _ON_ERROR = ("raise", "skip")
+T = TypeVar("T", bound="IndexBuildMixin")
+
+
+# ---------------------------------------------------------------------------------------------- the facade's entry
+
+
+class IndexBuildMixin:
+    """[`GradientIndex.build`]: build an index over a dataset ([`build_index`]) and finish it through the class's own
+    API, so this module never imports [`GradientIndex`]. The class provides `_from_folder(folder, *, manifest,
+    load_hnsw)` (the hook of [`~hub_mixin.IndexHubMixin`]), `from_pretrained`, `save_pretrained`, `build_hnsw` and
+    `set_progress_bar_config`."""
+
+    @classmethod
+    def build(
+        cls: type[T],
+        pipeline: Any,
+        dataset: Any,
+        config: DMinConfig | None,
+        output_dir: str | os.PathLike,
+        *,
+        image_column: str = "image",
+        prompt_column: str | None = "text",
+        id_column: str | None = None,
+        batch_size: int = 8,
+        resume: bool = True,
+        on_error: Literal["raise", "skip"] = "raise",
+        max_shard_rows: int | None = None,
+        num_workers: int = 0,
+        image_root: str | os.PathLike | None = None,
+        hnsw: bool = False,
+        progress: bool = True,
+        accelerator: Any = None,
+        sketcher_kwargs: SketcherOptions | Mapping[str, Any] | None = None,
+        shard_rows: int | None = None,
+        **metadata: Any,
+    ) -> T:
+        r"""
+        Build the index of a training set in `output_dir` ([`~build.build_index`]; its module doc describes resume,
+        incremental add, multi-process builds, crash safety and bad rows): resumable (even after SIGKILL), incremental
+        (only new ids are computed, a saved HNSW graph is extended) and split across processes under `accelerate
+        launch` or `torchrun` (equal to a single-process build row for row). Sketches are written in shards as they
+        are computed, so memory does not grow with the dataset.
+
+        Args:
+            pipeline (`DiffusionPipeline`): A supported pipeline (with its LoRA loaded, if any).
+            dataset (`datasets.Dataset`): The training set. Image cells may be `datasets.Image` values, PIL images,
+                paths (relative ones resolved against `image_root`) or arrays; a video family takes one video per row
+                (frames, an `(F, H, W, C)` array, a GIF or a folder of frames; see [`~video.decode_video`]).
+            config (`DMinConfig`, *optional*): How the sketches are computed; `None` for the defaults.
+            output_dir (`str` or `os.PathLike`): The index folder (created if needed).
+            image_column (`str`, *optional*, defaults to `"image"`): The column of images (videos, for a video family).
+            prompt_column (`str`, *optional*, defaults to `"text"`): Captions; may be `None` for unconditional models.
+            id_column (`str`, *optional*): An integer column of unique sample ids (default: the row position).
+            batch_size (`int`, *optional*, defaults to 8): Rows per gradient batch.
+            resume (`bool`, *optional*, defaults to `True`): Continue or extend the index in `output_dir`; `False`
+                deletes its index files (only those) first. Another spec or id column raises [`IndexMismatchError`].
+            on_error (`str`, *optional*, defaults to `"raise"`): `"raise"` ([`DatasetError`] for an unreadable
+                image, [`NonFiniteGradientError`], naming the row id) or `"skip"` (left out, listed in
+                `index.metadata.extra["skipped"]` with the reason).
+            max_shard_rows (`int`, *optional*): Rows per shard (a shard is also a unit of work: what one process
+                computes and a resume redoes at worst); by default up to 1,024 rows and 256 MiB, rounded to a multiple
+                of `batch_size` ([`~storage.default_shard_rows`]).
+            num_workers (`int`, *optional*, defaults to 0): `DataLoader` worker processes reading images.
+            image_root (`str` or `os.PathLike`, *optional*): Folder relative image paths are resolved against.
+            hnsw (`bool`, *optional*, defaults to `False`): Also build the HNSW graph (a saved one is always extended).
+            progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
+            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): The distributed state
+                (default: `accelerate.PartialState()`).
+            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*): How the sketcher runs (`mode`,
+                `max_pairs_per_batch`, `num_threads`, ...).
+            shard_rows (`int`, *optional*): Deprecated alias of `max_shard_rows` (the name `save_pretrained` and
+                `push_to_hub` use); it still works and emits a `FutureWarning`.
+            **metadata: Provenance for the manifest and card ([`IndexMetadata`] fields: `dataset_id`, `adapter_id`,
+                `base_model_revision`, `extra`, ...); base model id, dataset split, fingerprint and `id_column` are
+                filled in.
+
+        Returns:
+            [`GradientIndex`]: The finished index, loaded from `output_dir` (in every process).
+
+        Raises:
+            [`DatasetError`]: A missing column (the message lists the columns), bad ids, or an unreadable image.
+            [`IndexMismatchError`]: `output_dir` holds an index or unfinished build with another spec or id column.
+            [`NonFiniteGradientError`]: A row's loss or gradient is NaN or infinite (its id is named).
+
+        Examples:
+        ```py
+        >>> from diffusers_dmin.data import load_digits
+        >>> from diffusers_dmin.testing import tiny_ddpm_pipeline
+        >>> index = GradientIndex.build(tiny_ddpm_pipeline(), load_digits(16, split="train[:32]"),
+        ...                             DMinConfig(num_timesteps=2, sketch_dim=64), "digits-index",
+        ...                             prompt_column=None, id_column="id")
+        ```
+        """
+        max_shard_rows = _deprecated_shard_rows(shard_rows, max_shard_rows)
+
+        def finish(folder: Path, manifest: Manifest) -> None:
+            # main process, folder still locked, `manifest` not written yet: load the rows by it (a saved graph is
+            # loaded and extended with the rows it does not hold yet), then save: card, graph, the manifest once
+            index = cls._from_folder(folder, manifest=manifest, load_hnsw=manifest.hnsw is not None)
+            if not progress:
+                index.set_progress_bar_config(disable=True)
+            if manifest.hnsw is None and hnsw:
+                index.build_hnsw()
+            index.save_pretrained(folder)
+
+        folder = build_index(
+            pipeline,
+            dataset,
+            config,
+            output_dir,
+            image_column=image_column,
+            prompt_column=prompt_column,
+            id_column=id_column,
+            batch_size=batch_size,
+            resume=resume,
+            on_error=on_error,
+            max_shard_rows=max_shard_rows,
+            num_workers=num_workers,
+            image_root=image_root,
+            hnsw=hnsw,
+            progress=progress,
+            accelerator=accelerator,
+            options=SketcherOptions.from_value(sketcher_kwargs),
+            finish=finish,
+            **metadata,
+        )
+        index = cls.from_pretrained(folder)
+        if not progress:
+            index.set_progress_bar_config(disable=True)
+        return index
+
+
+def _deprecated_shard_rows(shard_rows: int | None, max_shard_rows: int | None) -> int | None:
+    """`shard_rows=` is the old name of `max_shard_rows=`: it still works, with a `FutureWarning`."""
+    if shard_rows is None:
+        return max_shard_rows
+    warnings.warn(
+        "`shard_rows` is deprecated and will be removed in a future version; pass `max_shard_rows` instead (the name "
+        "`save_pretrained` and `push_to_hub` use).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if max_shard_rows is not None and max_shard_rows != shard_rows:
+        raise ConfigError(
+            f"`shard_rows={shard_rows!r}` and `max_shard_rows={max_shard_rows!r}` disagree; pass only `max_shard_rows`."
+        )
+    return shard_rows
 
 
 # ---------------------------------------------------------------------------------------------- public entry point
@@ -158,7 +322,7 @@ def build_index(
     batch_size: int = 8,
     resume: bool = True,
     on_error: Literal["raise", "skip"] = "raise",
-    shard_rows: int | None = None,
+    max_shard_rows: int | None = None,
     num_workers: int = 0,
     image_root: str | os.PathLike | None = None,
     hnsw: bool = False,
@@ -170,10 +334,11 @@ def build_index(
 ) -> Path:
     r"""
     Build (or resume, or extend) the index of `dataset` in `output_dir`; see [`GradientIndex.build`] for the
-    arguments. Writes the shards, the noise and the manifest; then `finish(folder, manifest)` runs in the main process
-    while the folder is still locked (the facade passes one that loads the index, extends or builds the HNSW graph and
-    writes the card); it is skipped when the folder already held every row and nothing was asked of it. Returns the
-    index folder, in every process, once every process is done.
+    arguments. Writes the shards and the noise; then `finish(folder, manifest)` runs in the main process while the
+    folder is still locked and writes the index with that manifest (the facade passes one that loads the rows by it,
+    extends or builds the HNSW graph, and saves the card, graph and manifest); without `finish` the manifest alone is
+    written. Nothing is written when the folder already held every row and nothing was asked of it. Returns the index
+    folder, in every process, once every process is done.
     """
     from .gradients import GradientSketcher
 
@@ -181,7 +346,7 @@ def build_index(
     config = DMinConfig() if config is None else config
     if not isinstance(config, DMinConfig):
         raise ConfigError(f"`config` must be a DMinConfig or None, but is {type(config).__name__}.")
-    _check_options(batch_size, shard_rows, num_workers, on_error, resume)
+    _check_options(batch_size, max_shard_rows, num_workers, on_error, resume)
     IndexMetadata.from_kwargs(**metadata)  # unknown names or bad values fail now, not after the build
     folder = Path(os.path.expanduser(os.fspath(output_dir)))
     state = _distributed_state(accelerator)
@@ -227,7 +392,7 @@ def build_index(
         scan = _scan(folder, spec, existing.manifest if existing is not None else None)
         state.wait_for_everyone()  # every process has scanned before anyone writes a new shard
         pending = table.pending_positions(scan.done_ids())
-        rows_per_unit = _shard_rows(shard_rows, batch_size, spec)
+        rows_per_unit = _shard_rows(max_shard_rows, batch_size, spec)
         units = [pending[i : i + rows_per_unit] for i in range(0, len(pending), rows_per_unit)]
         names = _unit_names(units, table.ids, scan.names())
         mine = [u for u in range(len(units)) if u % world == rank]
@@ -258,7 +423,7 @@ def build_index(
             raise BuildInterrupted(message, getattr(err, "signal_name", "SIGINT"), resumable=True) from err
         state.wait_for_everyone()
 
-        # 4. the main process writes noise and manifest, then the caller's `finish` (graph, card)
+        # 4. the main process writes the noise; the caller's `finish` writes graph, card and manifest
         if is_main:
             _finish(
                 folder,
@@ -285,16 +450,11 @@ def build_index(
 
 
 def default_shard_rows(batch_size: int, spec: SketchSpec | DMinConfig) -> int:
-    """Rows per shard when `shard_rows` is not given: at most 256 MiB of stored sketches and at most 1,024 rows,
-    rounded down to a multiple of `batch_size` (at least one batch)."""
+    """Rows per shard of a build when `max_shard_rows` is not given: [`~storage.default_shard_rows`] (the one policy,
+    which says why builds cap rows) for the rows of `spec` and this batch size: at most 256 MiB of stored sketches and
+    1,024 rows, rounded down to a multiple of `batch_size` (at least one batch)."""
     config = spec.config if isinstance(spec, SketchSpec) else spec
-    return storage_shard_rows(
-        (config.num_timesteps, config.sketch_dim),
-        config.dtype,
-        max_bytes=BUILD_MAX_SHARD_BYTES,
-        max_rows=BUILD_MAX_SHARD_ROWS,
-        multiple_of=batch_size,
-    )
+    return storage_shard_rows((config.num_timesteps, config.sketch_dim), config.dtype, batch_size=batch_size)
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -339,7 +499,7 @@ def _interrupted_message(err: BaseException, folder: Path, spec: SketchSpec, tot
     try:
         in_shards = sum(len(_shard_ids(folder, f"{SHARDS_DIR}/{p.name}", spec)) for p in _shard_files(folder))
         in_partial = 0
-        for path in sorted((folder / PARTIAL_DIR).glob("*.safetensors")) if (folder / PARTIAL_DIR).is_dir() else []:
+        for path in sorted((folder / PARTIAL_DIR).glob(SHARD_GLOB)) if (folder / PARTIAL_DIR).is_dir() else []:
             with safe_open(str(path), framework="np") as f:
                 in_partial += int(f.get_slice("ids").get_shape()[0])
         kept = (
@@ -360,23 +520,23 @@ def _interrupted_message(err: BaseException, folder: Path, spec: SketchSpec, tot
 
 def _shard_files(folder: Path) -> list[Path]:
     shards = folder / SHARDS_DIR
-    return sorted(shards.glob("*.safetensors")) if shards.is_dir() else []
+    return sorted(shards.glob(SHARD_GLOB)) if shards.is_dir() else []
 
 
 # ---------------------------------------------------------------------------------------------- checks and setup
 
 
-def _check_options(batch_size: Any, shard_rows: Any, num_workers: Any, on_error: Any, resume: Any) -> None:
+def _check_options(batch_size: Any, max_shard_rows: Any, num_workers: Any, on_error: Any, resume: Any) -> None:
     check_int(batch_size, "batch_size", hint="Example: `batch_size=8`.")
-    check_int(shard_rows, "shard_rows", optional=True, hint="Ideally a multiple of `batch_size`.")
+    check_int(max_shard_rows, "max_shard_rows", optional=True, hint="Ideally a multiple of `batch_size`.")
     check_int(num_workers, "num_workers", minimum=0)
     check_choice(on_error, "on_error", _ON_ERROR)
     if not isinstance(resume, bool):
         raise ConfigError(f"`resume` must be True or False, but is {resume!r}.")
 
 
-def _shard_rows(shard_rows: int | None, batch_size: int, spec: SketchSpec) -> int:
-    return int(shard_rows) if shard_rows is not None else default_shard_rows(batch_size, spec)
+def _shard_rows(max_shard_rows: int | None, batch_size: int, spec: SketchSpec) -> int:
+    return int(max_shard_rows) if max_shard_rows is not None else default_shard_rows(batch_size, spec)
 
 
 def _distributed_state(accelerator: Any):
@@ -740,7 +900,7 @@ def _read_existing(folder: Path) -> _Existing | None:
                 "with `resume=False` (CLI: `--overwrite`) to start over."
             ) from err
         return _Existing(None, spec, id_column, BUILD_STATE_NAME)
-    if any((folder / SHARDS_DIR).glob("*.safetensors")):
+    if any((folder / SHARDS_DIR).glob(SHARD_GLOB)):
         raise IndexCorruptError(
             f"{folder / SHARDS_DIR} holds shard files but {folder} has neither {MANIFEST_NAME} nor {BUILD_STATE_NAME}, "
             "so their origin is unknown. Pass `resume=False` (CLI: `--overwrite`) to delete them and start over, or "
@@ -780,7 +940,7 @@ def _remove_index_files(folder: Path) -> None:
         paths.append(folder / README_NAME)
     shards = folder / SHARDS_DIR
     if shards.is_dir():
-        paths += [*shards.glob("*.safetensors"), *shards.glob("*" + SKIPPED_SUFFIX), *shards.glob(".*" + TEMP_SUFFIX)]
+        paths += [*shards.glob(SHARD_GLOB), *shards.glob("*" + SKIPPED_SUFFIX), *shards.glob(".*" + TEMP_SUFFIX)]
     paths += list(folder.glob(".*" + TEMP_SUFFIX)) if folder.is_dir() else []
     paths += list((folder / PARTIAL_DIR).glob("*")) if (folder / PARTIAL_DIR).is_dir() else []
     removed = [p for p in paths if p.is_file()]
@@ -842,7 +1002,7 @@ def _scan(folder: Path, spec: SketchSpec, manifest: Manifest | None) -> _Scan:
     unlisted = {}
     shards = folder / SHARDS_DIR
     if shards.is_dir():
-        for path in sorted(shards.glob("*.safetensors")):
+        for path in sorted(shards.glob(SHARD_GLOB)):
             name = f"{SHARDS_DIR}/{path.name}"
             if name not in listed_names:
                 unlisted[name] = _shard_ids(folder, name, spec)
@@ -889,9 +1049,9 @@ def _unit_names(units: Sequence[np.ndarray], ids: np.ndarray, taken: set[str]) -
     names = []
     for positions in units:
         first_id = int(ids[positions[0]])
-        name, suffix = build_shard_name(first_id), 1
+        name, suffix = shard_name(first_id=first_id), 1
         while name in taken:
-            name, suffix = build_shard_name(first_id, suffix), suffix + 1
+            name, suffix = shard_name(first_id=first_id, duplicate=suffix), suffix + 1
         taken.add(name)
         names.append(name)
     return names
@@ -913,7 +1073,8 @@ def _finish(
     metadata: Mapping[str, Any],
     changed: bool,
 ) -> None:
-    """Main process, after every shard exists: noise and manifest in dataset order; then `finish` (card, graph)."""
+    """Main process, after every shard exists: the noise, and the manifest (shards in dataset order), which `finish`
+    writes with the card and the graph (or, without `finish`, which is written here)."""
     spec = sketcher.spec
     scan = _scan(folder, spec, old)
     missing = table.pending_positions(scan.done_ids())
@@ -946,9 +1107,10 @@ def _finish(
         hnsw=old.hnsw if old is not None else None,
         metadata=_metadata(old, pipeline, table, id_column, scan.skipped, metadata),
     )
-    write_manifest(folder, manifest)
-    if finish is not None:
-        finish(folder, manifest)  # the facade: the card, the graph when it changed, and the manifest again
+    if finish is None:
+        write_manifest(folder, manifest)
+    else:  # the facade: loads the rows by `manifest`, then saves the card, the graph when it changed, the manifest
+        finish(folder, manifest)
     for path in [folder / BUILD_STATE_NAME, *(folder / SHARDS_DIR).glob("*" + SKIPPED_SUFFIX)]:
         path.unlink(missing_ok=True)  # the manifest now records the spec and the skipped rows
     logger.info(f"Wrote {MANIFEST_NAME}: {manifest.num_rows} rows in {len(shards)} shards ({len(new)} new).")

@@ -44,6 +44,27 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name, nothing else
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores the value; when it was given by one of the `deprecated` option names, warns (FutureWarning) naming the
+    option to use instead (the first of `option_strings`)."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, deprecated: tuple[str, ...] = (), **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.deprecated = deprecated
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if option_string in self.deprecated:
+            import warnings
+
+            warnings.warn(
+                f"`{option_string}` is deprecated and will be removed in a future version; pass "
+                f"`{self.option_strings[0]}` instead.",
+                FutureWarning,
+                stacklevel=1,
+            )
+        setattr(namespace, self.dest, values)
+
+
 # ---------------------------------------------------------------------------------------------- base class
 
 
@@ -434,7 +455,16 @@ class BuildCommand(BaseDMinCommand):
         config.add_argument("--resolution", default=None, help="'512' or '512x768' (default: the model's size).")
         run = parser.add_argument_group("running")
         run.add_argument("--batch-size", type=int, default=8, help="Rows per gradient batch (default 8).")
-        run.add_argument("--shard-rows", type=int, default=None, help="Rows per shard (default: up to 1,024).")
+        run.add_argument(
+            "--max-shard-rows",
+            "--shard-rows",  # the old name: still works, with a FutureWarning
+            type=int,
+            default=None,
+            action=_DeprecatedAlias,
+            deprecated=("--shard-rows",),
+            help="Rows per shard, also a build's unit of work (default: up to 1,024 and 256 MiB). "
+            "--shard-rows is a deprecated alias.",
+        )
         run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0).")
         run.add_argument(
             "--on-error", default="raise", choices=["raise", "skip"], help="Unreadable rows: stop, or skip them."
@@ -506,7 +536,7 @@ class BuildCommand(BaseDMinCommand):
             batch_size=args.batch_size,
             resume=not args.overwrite,
             on_error=args.on_error,
-            shard_rows=args.shard_rows,
+            max_shard_rows=args.max_shard_rows,
             num_workers=args.num_workers,
             image_root=image_root,
             hnsw=args.hnsw,

@@ -9,9 +9,10 @@ A local index folder and a Hub repository hold the same files::
     faiss_ivf.safetensors                the FAISS IVF index as arrays we write and validate (optional)
     README.md                            the dataset card
 
-Shard names: saves number their shards (`sketches-00000`); builds name a shard after the first sample id of its unit
-of work (`sketches-from-000000000012`), which stays the same across resumes and processes. Readers accept any
-`shards/*.safetensors` name a manifest lists (older builds and other writers used others, e.g. `sketches-r0-00000`).
+Shard names (`storage.shard_name` chooses between the two forms): saves number their shards (`sketches-00000`); builds
+name a shard after the first sample id of its unit of work (`sketches-from-000000000012`), which stays the same across
+resumes and processes. Readers accept any `shards/*.safetensors` name a manifest lists (older builds and other writers
+used others, e.g. `sketches-r0-00000`).
 
 A build in progress also keeps (locally, never uploaded)::
 
@@ -31,8 +32,11 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "dmin_index.json"
 SHARDS_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
+SHARD_GLOB = "*" + SHARD_SUFFIX  # the shard files of SHARDS_DIR, whoever named them
 SHARD_NAME_TEMPLATE = SHARDS_DIR + "/sketches-{:05d}" + SHARD_SUFFIX  # saves: numbered
-BUILD_SHARD_STEM_TEMPLATE = SHARDS_DIR + "/sketches-from-{:012d}"  # builds: first id of the unit (+ "-n" if taken)
+SAVED_SHARD_PATTERN = r"sketches-(\d{5,})\.safetensors"  # the file names SHARD_NAME_TEMPLATE writes
+BUILD_SHARD_STEM_TEMPLATE = SHARDS_DIR + "/sketches-from-{:012d}"  # builds: first id of the unit...
+DUPLICATE_SUFFIX_TEMPLATE = "-{:d}"  # ... + this when a foreign file already has that name
 NOISE_NAME = "noise.safetensors"
 HNSW_NAME = "hnsw.bin"
 FAISS_NAME = "faiss_ivf.safetensors"
@@ -70,10 +74,10 @@ DEFAULT_FAISS_CANDIDATES = 100
 MAX_FAISS_COARSE_DIM = 32768
 MAX_FAISS_NLIST = 2**20
 
-# Shard sizes (see `storage.default_shard_rows`). A saved shard holds at most this many bytes of sketches by default
-# (many rows per file, few files per commit).
+# Shard sizes: the numbers of the one policy, `storage.default_shard_rows` (its doc says why builds differ). A saved
+# shard holds at most this many bytes of sketches by default (many rows per file, few files per commit).
 DEFAULT_MAX_SHARD_BYTES = 2**30
-# A build's shard is also its unit of work (what a crash can lose, what one process computes): smaller, and at most
-# this many rows.
+# A build's shard is also its unit of work (what one process computes, what a resume redoes at worst): smaller, and at
+# most this many rows.
 BUILD_MAX_SHARD_BYTES = 256 * 2**20
 BUILD_MAX_SHARD_ROWS = 1024

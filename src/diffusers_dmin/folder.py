@@ -3,15 +3,15 @@
 An index's files are described by [`StoredFile`] (a manifest entry plus the folder, and for a pulled index the Hub
 location, holding it); [`Block`] is a run of rows with the shard that stores them, if any. [`write_index_folder`]
 writes an index's state into a folder (for `save_pretrained`, and into a temp folder for `push_to_hub`) and returns
-what now backs it. Builds write their shards and manifest through [`storage`] directly (their own resumable
-protocol, see [`build`]) and then hand the folder to [`GradientIndex`], which saves through here.
+what now backs it. Builds write their shards and noise through [`storage`] directly (their own resumable protocol,
+see [`build`]) and hand the manifest of their rows, not written yet, to the facade, which reads the folder by it
+([`read_index_folder`]`(manifest=...)`) and saves through here: the manifest is written once, last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 from . import hub
 from .calibration import RecallCalibration
 from .config import DMinConfig, SketchSpec
-from .constants import FAISS_NAME, HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARDS_DIR
+from .constants import FAISS_NAME, HNSW_NAME, MANIFEST_NAME, NOISE_NAME, README_NAME, SHARD_GLOB, SHARDS_DIR
 from .errors import ConfigError, DMinError, IndexCorruptError, IndexMismatchError, IndexNotFoundError
 from .faiss_backend import FaissIVFSearch
 from .hnsw_file import validate_hnsw_file
@@ -41,6 +41,7 @@ from .storage import (
     iter_shards,
     read_manifest,
     remove_temp_files,
+    saved_shard_number,
     sha256_file,
     shard_name,
     stage_bytes,
@@ -67,9 +68,6 @@ __all__ = [
     "read_index_folder",
     "write_index_folder",
 ]
-
-_SHARD_NUMBER = re.compile(r"sketches-(\d+)\.safetensors$")
-_CANONICAL_SHARD = re.compile(r"sketches-\d{5,}\.safetensors")  # what saves write (builds use `sketches-from-<id>`)
 
 
 @dataclass(frozen=True)
@@ -152,11 +150,14 @@ class LoadedFolder:
     preconditioner: StoredFile | None = None
 
 
-def read_index_folder(folder: Path, *, origin: hub.HubLocation | None = None) -> LoadedFolder:
+def read_index_folder(
+    folder: Path, *, origin: hub.HubLocation | None = None, manifest: Manifest | None = None
+) -> LoadedFolder:
     """Read the index in `folder` (a local folder or a Hub snapshot pulled from `origin`): the manifest, every shard
     (size and sha256 verified before it is memory-mapped), and the noise file (verified). Duplicate ids across shards
-    raise [`IndexCorruptError`]."""
-    manifest = read_manifest(folder)
+    raise [`IndexCorruptError`]. `manifest` (a build's, not written yet) replaces the folder's; it is read back from
+    its JSON, so the index gets exactly the values a read of the written file would give."""
+    manifest = read_manifest(folder) if manifest is None else Manifest.from_json(manifest.to_json())
     blocks = [
         Block(shard.sketches, shard.ids, StoredFile(shard.info, folder, origin))
         for shard in iter_shards(folder, manifest)
@@ -263,8 +264,8 @@ def write_index_folder(
     unreadable = current is None and (folder / MANIFEST_NAME).exists()
     _remove_orphans(folder, set(listed) | mine, shards=not unreadable)
     used = [b.file.name for b in blocks if b.file is not None]
-    on_disk = [p.name for p in (folder / SHARDS_DIR).glob("*.safetensors")] if (folder / SHARDS_DIR).is_dir() else []
-    numbers = [int(m.group(1)) for name in used + on_disk + list(listed) if (m := _SHARD_NUMBER.search(name))]
+    on_disk = [p.name for p in (folder / SHARDS_DIR).glob(SHARD_GLOB)] if (folder / SHARDS_DIR).is_dir() else []
+    numbers = [n for name in used + on_disk + list(listed) if (n := saved_shard_number(name)) is not None]
     next_number = max(numbers, default=-1) + 1  # new shards never overwrite a file that is already there
     staged: dict[str, Path] = {}  # final name -> checked temp file, renamed in the commit phase
     written: list[str] = []  # shards this call added: removed again when it fails before the commit
@@ -560,8 +561,8 @@ def _remove_orphans(folder: Path, keep: set[str], *, shards: bool = True) -> Non
     directory = folder / SHARDS_DIR
     if not directory.is_dir():
         return
-    for path in directory.glob("sketches-*.safetensors"):
+    for path in directory.glob(SHARD_GLOB):
         name = f"{SHARDS_DIR}/{path.name}"
-        if _CANONICAL_SHARD.fullmatch(path.name) and name not in keep:
+        if saved_shard_number(name) is not None and name not in keep:
             path.unlink(missing_ok=True)
             logger.info(f"Removed {path}, a shard no manifest lists (left by an interrupted save).")

@@ -4,13 +4,17 @@ The facade keeps state (rows, ids, spec, metadata, noise, graph, attached datase
 each concern: [`backends`] (which backend a search or calibration runs on, query spec checks), [`search`] (query
 folding, exact search, candidate re-scoring), [`graph`], [`ivf`] and [`preconditioning`] (the lifecycles of the HNSW
 graph, the FAISS index and the query preconditioner), [`folder`] (reading and writing index folders, checking new
-rows), [`storage`] (shards and the manifest), [`hub`] (locating, pulling and pushing), [`build`] (building over a
-dataset, finished here).
+rows), [`storage`] (shards and the manifest), [`hub`] (locating, pulling and pushing).
+
+Mixins own the public methods of three concerns, with their documentation: [`~hub_mixin.IndexHubMixin`]
+(`save_pretrained`, `from_pretrained`, `push_to_hub`, through the two hooks `_from_folder` and `_written` defined
+here), [`~build.IndexBuildMixin`] (`build`, over a dataset, finished through the same hooks) and
+[`~backends.ApproximateSearchMixin`] (`build_hnsw`, `build_faiss`, `calibrate` and their parameters, on the graph and
+IVF state kept here).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,14 +22,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .backends import calibrate_backend, check_backend, check_query_spec, search_backend
-from .calibration import RecallCalibration
-from .config import DMinConfig, SketcherOptions, SketchSpec
-from .constants import DEFAULT_COMMIT_MESSAGE, DEFAULT_REPO_TYPE
+from .backends import ApproximateSearchMixin, check_query_spec, search_backend
+from .build import IndexBuildMixin
+from .config import DMinConfig, SketchSpec
 from .errors import ConfigError
 from .folder import StoredFile, new_block, read_index_folder, write_index_folder
 from .graph import IndexGraph
 from .hub import HubLocation
+from .hub_mixin import IndexHubMixin
 from .ivf import IndexIVF
 from .logging import ProgressBarMixin, get_logger
 from .outputs import InfluenceResult
@@ -41,7 +45,7 @@ logger = get_logger(__name__)
 __all__ = ["GradientIndex"]
 
 
-class GradientIndex(ProgressBarMixin):
+class GradientIndex(ProgressBarMixin, ApproximateSearchMixin, IndexHubMixin, IndexBuildMixin):
     r"""
     The compressed-gradient index of a training set: one `(T, K)` sketch per training sample, searchable by inner
     product (DMin). Rows live in memory until saved, and are memory-mapped from verified shards once loaded.
@@ -146,20 +150,6 @@ class GradientIndex(ProgressBarMixin):
             self._noise = read_noise(self._noise_file.folder, self._noise_file.info)
         return self._noise
 
-    @property
-    def hnsw_params(self) -> dict[str, int]:
-        """`M`, `ef_construction` and `ef` of the HNSW graph (the paper's 16, 200, 100 unless built otherwise)."""
-        return dict(self._graph.params)
-
-    @property
-    def faiss_params(self) -> dict[str, Any] | None:
-        """`codec`, `sketch_dim`, `nlist`, `pq_m`, `nprobe` and `num_candidates` of the FAISS index (None: none)."""
-        return self._ivf.params
-
-    def calibration(self, backend: Literal["hnsw", "faiss"]) -> RecallCalibration | None:
-        """The recall calibration stored for `backend` (see [`calibrate`]), or None."""
-        return self._graph.calibration if check_backend(backend) == "hnsw" else self._ivf.calibration
-
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -205,120 +195,6 @@ class GradientIndex(ProgressBarMixin):
         index.add(sketches, ids)
         return index
 
-    @classmethod
-    def build(
-        cls,
-        pipeline: Any,
-        dataset: Any,
-        config: DMinConfig | None,
-        output_dir: str | os.PathLike,
-        *,
-        image_column: str = "image",
-        prompt_column: str | None = "text",
-        id_column: str | None = None,
-        batch_size: int = 8,
-        resume: bool = True,
-        on_error: Literal["raise", "skip"] = "raise",
-        shard_rows: int | None = None,
-        num_workers: int = 0,
-        image_root: str | os.PathLike | None = None,
-        hnsw: bool = False,
-        progress: bool = True,
-        accelerator: Any = None,
-        sketcher_kwargs: SketcherOptions | Mapping[str, Any] | None = None,
-        **metadata: Any,
-    ) -> GradientIndex:
-        r"""
-        Build the index of a training set in `output_dir` ([`~build.build_index`]; its module doc describes resume,
-        incremental add, multi-process builds, crash safety and bad rows): resumable (even after SIGKILL), incremental
-        (only new ids are computed, a saved HNSW graph is extended) and split across processes under `accelerate
-        launch` or `torchrun` (equal to a single-process build row for row). Sketches are written in shards as they
-        are computed, so memory does not grow with the dataset.
-
-        Args:
-            pipeline (`DiffusionPipeline`): A supported pipeline (with its LoRA loaded, if any).
-            dataset (`datasets.Dataset`): The training set. Image cells may be `datasets.Image` values, PIL images,
-                paths (relative ones resolved against `image_root`) or arrays; a video family takes one video per row
-                (frames, an `(F, H, W, C)` array, a GIF or a folder of frames; see [`~video.decode_video`]).
-            config (`DMinConfig`, *optional*): How the sketches are computed; `None` for the defaults.
-            output_dir (`str` or `os.PathLike`): The index folder (created if needed).
-            image_column (`str`, *optional*, defaults to `"image"`): The column of images (videos, for a video family).
-            prompt_column (`str`, *optional*, defaults to `"text"`): Captions; may be `None` for unconditional models.
-            id_column (`str`, *optional*): An integer column of unique sample ids (default: the row position).
-            batch_size (`int`, *optional*, defaults to 8): Rows per gradient batch.
-            resume (`bool`, *optional*, defaults to `True`): Continue or extend the index in `output_dir`; `False`
-                deletes its index files (only those) first. Another spec or id column raises [`IndexMismatchError`].
-            on_error (`str`, *optional*, defaults to `"raise"`): `"raise"` ([`DatasetError`] for an unreadable
-                image, [`NonFiniteGradientError`], naming the row id) or `"skip"` (left out, listed in
-                `index.metadata.extra["skipped"]` with the reason).
-            shard_rows (`int`, *optional*): Rows per shard; by default up to 1,024 rows and 256 MiB, rounded to a
-                multiple of `batch_size`.
-            num_workers (`int`, *optional*, defaults to 0): `DataLoader` worker processes reading images.
-            image_root (`str` or `os.PathLike`, *optional*): Folder relative image paths are resolved against.
-            hnsw (`bool`, *optional*, defaults to `False`): Also build the HNSW graph (a saved one is always extended).
-            progress (`bool`, *optional*, defaults to `True`): Show a progress bar on the main process.
-            accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): The distributed state
-                (default: `accelerate.PartialState()`).
-            sketcher_kwargs ([`SketcherOptions`] or `dict`, *optional*): How the sketcher runs (`mode`,
-                `max_pairs_per_batch`, `num_threads`, ...).
-            **metadata: Provenance for the manifest and card ([`IndexMetadata`] fields: `dataset_id`, `adapter_id`,
-                `base_model_revision`, `extra`, ...); base model id, dataset split, fingerprint and `id_column` are
-                filled in.
-
-        Returns:
-            [`GradientIndex`]: The finished index, loaded from `output_dir` (in every process).
-
-        Raises:
-            [`DatasetError`]: A missing column (the message lists the columns), bad ids, or an unreadable image.
-            [`IndexMismatchError`]: `output_dir` holds an index or unfinished build with another spec or id column.
-            [`NonFiniteGradientError`]: A row's loss or gradient is NaN or infinite (its id is named).
-
-        Examples:
-        ```py
-        >>> from diffusers_dmin.data import load_digits
-        >>> from diffusers_dmin.testing import tiny_ddpm_pipeline
-        >>> index = GradientIndex.build(tiny_ddpm_pipeline(), load_digits(16, split="train[:32]"),
-        ...                             DMinConfig(num_timesteps=2, sketch_dim=64), "digits-index",
-        ...                             prompt_column=None, id_column="id")
-        ```
-        """
-        from .build import build_index  # build.py sits above index.py in the module map
-
-        def finish(folder: Path, manifest: Manifest) -> None:
-            # main process, folder still locked: loading a saved graph extends it with the rows it does not hold yet
-            index = cls.from_pretrained(folder, load_hnsw=manifest.hnsw is not None)
-            if not progress:
-                index.set_progress_bar_config(disable=True)
-            if manifest.hnsw is None and hnsw:
-                index.build_hnsw()
-            index.save_pretrained(folder)  # the card, the graph when it changed, and the manifest again
-
-        folder = build_index(
-            pipeline,
-            dataset,
-            config,
-            output_dir,
-            image_column=image_column,
-            prompt_column=prompt_column,
-            id_column=id_column,
-            batch_size=batch_size,
-            resume=resume,
-            on_error=on_error,
-            shard_rows=shard_rows,
-            num_workers=num_workers,
-            image_root=image_root,
-            hnsw=hnsw,
-            progress=progress,
-            accelerator=accelerator,
-            options=SketcherOptions.from_value(sketcher_kwargs),
-            finish=finish,
-            **metadata,
-        )
-        index = cls.from_pretrained(folder)
-        if not progress:
-            index.set_progress_bar_config(disable=True)
-        return index
-
     def add(
         self,
         sketches: torch.Tensor | np.ndarray,
@@ -345,141 +221,6 @@ class GradientIndex(ProgressBarMixin):
         self._positions = None
         self._graph.extend(self._exact_search(), progress=self._progress_enabled())
         self._ivf.extend(self._exact_search(), progress=self._progress_enabled())
-
-    def build_hnsw(
-        self,
-        *,
-        M: int | None = None,
-        ef_construction: int | None = None,
-        ef: int | None = None,
-        sketch_dim: int | None = None,
-        num_threads: int = -1,
-        seed: int = 0,
-    ) -> None:
-        r"""
-        Build the HNSW graph (hnswlib, inner product; [`~graph.IndexGraph`]) over all rows, replacing any existing
-        one. `search(exact=False)` builds one with the defaults on first use; saves write it as `hnsw.bin`.
-
-        Args:
-            M (`int`, *optional*, defaults to 16): Graph degree.
-            ef_construction (`int`, *optional*, defaults to 200): Candidate list size while building.
-            ef (`int`, *optional*, defaults to 100): Candidate list size while searching.
-            sketch_dim (`int`, *optional*): Build the graph on rows folded to this divisor of K (smaller graph and
-                faster build; searches then re-score the candidates exactly at full K by default).
-            num_threads (`int`, *optional*, defaults to -1): Build threads (-1: all cores; 1 is reproducible).
-            seed (`int`, *optional*, defaults to 0): hnswlib's random seed.
-        """
-        self._check_nonempty()
-        k = check_search_dim(sketch_dim, self.sketch_dim) if sketch_dim is not None else self.sketch_dim
-        self._graph.build(
-            self._exact_search(),
-            k,
-            M=M,
-            ef_construction=ef_construction,
-            ef=ef,
-            num_threads=num_threads,
-            seed=seed,
-            progress=self._progress_enabled(),
-        )
-
-    def build_faiss(
-        self,
-        *,
-        codec: Literal["pq", "sq8", "sq4"] = "pq",
-        sketch_dim: int | None = None,
-        nlist: int | None = None,
-        pq_m: int | None = None,
-        nprobe: int | None = None,
-        num_candidates: int | None = None,
-        num_train: int | None = None,
-        seed: int = 0,
-        device: str = "cpu",
-    ) -> None:
-        r"""
-        Build a FAISS IVF index (optional extra: `pip install "diffusers-dmin[faiss]"`) over all rows, replacing any
-        existing one ([`~faiss_backend.FaissIVFSearch`]); saved as `faiss_ivf.safetensors` (arrays we write and
-        validate; FAISS never parses a file). [`calibrate`] sets `nprobe` and the candidate count for a recall target.
-
-        Args:
-            codec (`str`, *optional*, defaults to `"pq"`): `"pq"` (`pq_m` bytes per row), `"sq8"` (one byte per
-                coarse dimension) or `"sq4"`.
-            sketch_dim (`int`, *optional*): Coarse buckets per timestep (a divisor of K); defaults to the largest
-                with T x sketch_dim <= 1,024 (at most 32,768, the dimension limit of engines such as Milvus).
-            nlist (`int`, *optional*): Inverted lists; defaults to a power of two near sqrt(rows).
-            pq_m (`int`, *optional*): PQ sub-quantizers (divides T x sketch_dim); defaults to 16-dim sub-vectors.
-            nprobe (`int`, *optional*, defaults to 16), num_candidates (`int`, *optional*, defaults to 100): Lists
-                probed and candidates re-scored per query.
-            num_train (`int`, *optional*): Training rows (seeded sample); defaults to 64 per list.
-            seed (`int`, *optional*, defaults to 0): Seed of the training sample and k-means.
-            device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"` or `"auto"` (GPU when torch sees one
-                and faiss has GPU support).
-        """
-        self._check_nonempty()
-        if sketch_dim is not None:
-            sketch_dim = check_search_dim(sketch_dim, self.sketch_dim)
-        options = {"nprobe": nprobe, "num_candidates": num_candidates}
-        self._ivf.build(
-            self._exact_search(),
-            progress=self._progress_enabled(),
-            device=device,
-            codec=codec,
-            sketch_dim=sketch_dim,
-            nlist=nlist,
-            pq_m=pq_m,
-            num_train=num_train,
-            seed=seed,
-            **{key: value for key, value in options.items() if value is not None},
-        )
-
-    def calibrate(
-        self,
-        *,
-        backend: Literal["hnsw", "faiss"] = "faiss",
-        target: float = 0.95,
-        top_k: int = 10,
-        queries: torch.Tensor | np.ndarray | None = None,
-        num_queries: int = 200,
-        noise: float = 0.25,
-        seed: int = 0,
-        confidence: float | None = 0.95,
-        max_candidates: int = 1024,
-    ) -> RecallCalibration:
-        r"""
-        Calibrate the approximate search to a recall target: the smallest `ef` (HNSW) or `nprobe` and candidate
-        count (FAISS) whose recall@`top_k` against exact search on held-out queries reaches `target` (its lower
-        confidence bound). Applied now, stored in the manifest by the next save or push; the backend is built first
-        when the index has none ([`~backends.calibrate_backend`]).
-
-        Args:
-            backend (`str`, *optional*, defaults to `"faiss"`): `"faiss"` or `"hnsw"`.
-            target (`float`, *optional*, defaults to 0.95): Requested recall@`top_k`.
-            top_k (`int`, *optional*, defaults to 10): The k of recall@k.
-            queries (`torch.Tensor` of shape `(n, T, K)`, *optional*): Real held-out query sketches; by default
-                `num_queries` rows are sampled (seeded by `seed`) and queried as copies with relative noise `noise`.
-            confidence (`float`, *optional*, defaults to 0.95): See
-                [`~diffusers_dmin.calibration.calibrate_recall`]; `None` compares the mean recall itself.
-            max_candidates (`int`, *optional*, defaults to 1024): FAISS only: most candidates re-scored per query.
-
-        Returns:
-            [`~diffusers_dmin.calibration.RecallCalibration`]: `reached=False` when even the widest search misses.
-        """
-        check_backend(backend)
-        self._check_nonempty()
-        return calibrate_backend(
-            self._exact_search(),
-            self._graph,
-            self._ivf,
-            backend=backend,
-            target=target,
-            top_k=top_k,
-            queries=queries,
-            num_queries=num_queries,
-            noise=noise,
-            seed=seed,
-            confidence=confidence,
-            max_candidates=max_candidates,
-            progress=self._progress_enabled(),
-        )
 
     # ------------------------------------------------------------------------------------------------ search
 
@@ -642,76 +383,21 @@ class GradientIndex(ProgressBarMixin):
         self._rows = None if dataset is None else TrainingRows(dataset, id_column or self._metadata.id_column)
         return self
 
-    # ------------------------------------------------------------------------------------------------ save / load
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_rows: int | None = None) -> None:
-        r"""
-        Save the index to a folder (DESIGN §4) with [`~folder.write_index_folder`]: shards, noise, HNSW graph and
-        FAISS index (when built or loaded), dataset card, and the manifest last, every file atomically. Saving again
-        to the same folder only adds shards for rows added since (old shards stay byte-identical).
-
-        Args:
-            save_directory (`str` or `os.PathLike`): The folder (created if needed).
-            max_shard_rows (`int`, *optional*): Rows per new shard; defaults to about 1 GiB of sketches per shard.
-
-        Raises:
-            [`~folderlock.IndexLockedError`]: Another process is building or saving into `save_directory`.
-        """
-        from .folderlock import folder_lock
-
-        with folder_lock(save_directory, "save"):  # refused while a build (or another save) writes there
-            self._save(Path(save_directory), max_shard_rows=max_shard_rows)
+    # ------------------------------------------------------------------------------------------------ persistence
 
     @classmethod
-    def from_pretrained(
+    def _from_folder(
         cls,
-        repo_id_or_path: str | os.PathLike,
+        folder: Path,
         *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        endpoint: str | None = None,
-        repo_type: str = DEFAULT_REPO_TYPE,
-        force_download: bool = False,
+        origin: HubLocation | None = None,
+        manifest: Manifest | None = None,
         load_hnsw: bool = False,
     ) -> GradientIndex:
-        r"""
-        Load an index from a local folder or a Hub repository (a dataset repo by default; [`~hub.HubLocation.locate`],
-        [`~folder.read_index_folder`]). Shards are verified (size, sha256) before they are memory-mapped; a Hub pull
-        skips the HNSW graph until the first approximate search (or `load_hnsw=True`) and uses the Hub cache.
-
-        Args:
-            repo_id_or_path (`str` or `os.PathLike`): A folder written by [`save_pretrained`], or a repo id.
-            revision (`str`, *optional*): Branch, tag or commit of the repo.
-            token (`str` or `bool`, *optional*): Hub token (defaults to the saved login / `HF_TOKEN`).
-            cache_dir (`str`, *optional*): Hub cache folder.
-            local_files_only (`bool`, *optional*, defaults to `False`): Only use the cache (offline).
-            endpoint (`str`, *optional*): Hub endpoint.
-            repo_type (`str`, *optional*, defaults to `"dataset"`): `"dataset"` or `"model"`.
-            force_download (`bool`, *optional*, defaults to `False`): Download again (repairs a damaged cache).
-            load_hnsw (`bool`, *optional*, defaults to `False`): Fetch and load the HNSW graph now.
-
-        Raises:
-            [`IndexNotFoundError`]: No index at the path or repo. [`IndexCorruptError`]: A file fails its checks.
-            [`HubAuthenticationError`]: The Hub refused the token.
-        """
-        location = HubLocation(
-            os.fspath(repo_id_or_path), repo_type, revision, token, cache_dir, endpoint, local_files_only
-        )
-        folder, origin = location.locate(force_download=force_download, include_hnsw=load_hnsw)
-        index = cls._from_folder(folder, origin=origin)
-        if load_hnsw and index._graph.file is not None:
-            index._graph.get(
-                index._exact_search(), index._graph.file.info.sketch_dim, progress=index._progress_enabled()
-            )
-        return index
-
-    @classmethod
-    def _from_folder(cls, folder: Path, *, origin: HubLocation | None = None) -> GradientIndex:
-        loaded = read_index_folder(folder, origin=origin)
-        manifest = loaded.manifest
-        index = cls(manifest.config, spec=manifest.spec, metadata=manifest.metadata)
+        """Hook of [`~hub_mixin.IndexHubMixin`] and [`~build.IndexBuildMixin`]: the index in `folder`
+        ([`~folder.read_index_folder`]); `load_hnsw` loads (and extends) a saved graph now."""
+        loaded = read_index_folder(folder, origin=origin, manifest=manifest)
+        index = cls(loaded.manifest.config, spec=loaded.manifest.spec, metadata=loaded.manifest.metadata)
         index._blocks, index._ids, index._noise_file = loaded.blocks, loaded.ids, loaded.noise
         if loaded.graph is not None:
             index._graph.use_file(loaded.graph)
@@ -721,51 +407,17 @@ class GradientIndex(ProgressBarMixin):
             index._pre.use_file(loaded.preconditioner)
         index._source_folder = folder
         logger.info(f"Loaded {index!r} from {folder}.")
+        if load_hnsw and index._graph.file is not None:
+            index._graph.get(
+                index._exact_search(), index._graph.file.info.sketch_dim, progress=index._progress_enabled()
+            )
         return index
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        commit_message: str = DEFAULT_COMMIT_MESSAGE,
-        revision: str | None = None,
-        endpoint: str | None = None,
-        repo_type: str = DEFAULT_REPO_TYPE,
-        create_pr: bool = False,
-        max_shard_rows: int | None = None,
-    ) -> Any:
-        r"""
-        Upload the index to a Hub repository (a dataset repo by default, created if needed) in one commit, with a
-        generated dataset card ([`~hub.HubLocation.upload`]).
-
-        Args:
-            repo_id (`str`): The repo, e.g. `"org/my-lora-dmin-index"` (or just a name, in your namespace).
-            private (`bool`, *optional*): Visibility of a newly created repo.
-            token (`str`, *optional*): Hub token with write access.
-            commit_message (`str`, *optional*, defaults to `"Upload DMin gradient index"`): The commit message.
-            revision (`str`, *optional*): Branch to push to (must exist).
-            endpoint (`str`, *optional*): Hub endpoint.
-            repo_type (`str`, *optional*, defaults to `"dataset"`): `"dataset"` or `"model"`.
-            create_pr (`bool`, *optional*, defaults to `False`): Open a pull request instead of committing.
-            max_shard_rows (`int`, *optional*): Rows per shard for rows not saved yet.
-
-        Returns:
-            `huggingface_hub.CommitInfo`: The commit (a `str` with its URL).
-        """
-        location = HubLocation(repo_id, repo_type, revision, token, endpoint=endpoint)
-        return location.upload(
-            lambda folder: self._written(folder, link=True, repo_id=repo_id, max_shard_rows=max_shard_rows),
-            private=private,
-            commit_message=commit_message,
-            create_pr=create_pr,
-        )
-
-    # ------------------------------------------------------------------------------------------------ internals
-
-    def _written(self, folder: Path, *, link: bool, repo_id: str | None = None, max_shard_rows: int | None = None):
-        """Write this index into `folder` ([`~folder.write_index_folder`]: crash-safe, manifest last)."""
+    def _written(
+        self, folder: Path, *, link: bool, repo_id: str | None = None, max_shard_rows: int | None = None
+    ) -> Manifest:
+        """Hook of [`~hub_mixin.IndexHubMixin`]: write this index into `folder` ([`~folder.write_index_folder`]:
+        crash-safe, manifest last). A save (`link=False`) is adopted: the folder's files now back this index."""
         written = write_index_folder(
             folder,
             config=self._config,
@@ -783,19 +435,17 @@ class GradientIndex(ProgressBarMixin):
             max_shard_rows=max_shard_rows,
         )
         logger.info(f"Saved {len(self)} rows in {len(written.manifest.shards)} shards to {folder}.")
-        return written
-
-    def _save(self, folder: Path, *, max_shard_rows: int | None = None) -> Manifest:
-        """Save into `folder` and adopt what was written: the folder's files now back this index."""
-        written = self._written(folder, link=False, max_shard_rows=max_shard_rows)
-        self._blocks = written.blocks
-        self._exact = None
-        if self._noise is not None and self._noise_file is None:
-            self._noise_file = written.noise
-        self._graph.saved(written.graph)
-        self._ivf.saved(written.faiss)
-        self._pre.saved(written.preconditioner)
+        if not link:
+            self._blocks = written.blocks
+            self._exact = None
+            if self._noise is not None and self._noise_file is None:
+                self._noise_file = written.noise
+            self._graph.saved(written.graph)
+            self._ivf.saved(written.faiss)
+            self._pre.saved(written.preconditioner)
         return written.manifest
+
+    # ------------------------------------------------------------------------------------------------ internals
 
     def _exact_search(self) -> ExactSearch:
         if self._exact is None:

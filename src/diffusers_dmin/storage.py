@@ -6,6 +6,8 @@ Building blocks that [`GradientIndex`] and the index builders share:
   storage dtype, "ids" `(n,)` int64) atomically and return their [`ShardInfo`] (name, row count, sha256, size).
 - [`write_noise`] writes `noise.safetensors`; [`write_manifest`] writes `dmin_index.json`. A writer writes all binary
   files first and the manifest last, so a folder whose manifest parses always lists complete, checksummed files.
+- [`shard_name`] is the one shard naming scheme (numbered for saves, named after the first id for builds) and
+  [`default_shard_rows`] the one shard-size policy (saves and builds); each says why its two cases differ.
 - [`read_manifest`] parses and validates the manifest; [`open_shard`] checks a shard's size, sha256 and safetensors
   header against the manifest before it memory-maps the data (no copy; no pickle, no `torch.load`).
 
@@ -43,8 +45,11 @@ import torch
 from .calibration import RecallCalibration
 from .config import DTYPES, DMinConfig, SketchSpec
 from .constants import (
+    BUILD_MAX_SHARD_BYTES,
+    BUILD_MAX_SHARD_ROWS,
     BUILD_SHARD_STEM_TEMPLATE,
     DEFAULT_MAX_SHARD_BYTES,
+    DUPLICATE_SUFFIX_TEMPLATE,
     FAISS_CODECS,
     FORMAT_VERSION,
     IDS_KEY,
@@ -53,6 +58,7 @@ from .constants import (
     MAX_FAISS_NLIST,
     NOISE_KEY,
     NOISE_NAME,
+    SAVED_SHARD_PATTERN,
     SHARD_NAME_TEMPLATE,
     SHARD_SUFFIX,
     SHARDS_DIR,
@@ -75,6 +81,8 @@ __all__ = [
     "Manifest",
     "ShardData",
     "shard_name",
+    "saved_shard_number",
+    "default_shard_rows",
     "describe_shard",
     "write_shard",
     "write_shards",
@@ -111,6 +119,7 @@ _MAX_HEADER_BYTES = 100 * 2**20
 MAX_MANIFEST_BYTES = 64 * 2**20
 _SAFETENSORS_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int64": 8}
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_SAVED_SHARD = re.compile(SAVED_SHARD_PATTERN)
 _HASH_CHUNK = 2**22
 
 
@@ -1016,16 +1025,40 @@ def _storage_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- shards
 
 
-def shard_name(index: int) -> str:
-    """The canonical name of the `index`-th shard: `shards/sketches-{index:05d}.safetensors`."""
-    return SHARD_NAME_TEMPLATE.format(index)
+def shard_name(number: int | None = None, *, first_id: int | None = None, duplicate: int = 0) -> str:
+    r"""
+    The name of a shard file, relative to the index folder: the one naming scheme, in two forms because the two
+    writers need different things. Readers accept any `shards/*.safetensors` name a manifest lists, so indices written
+    by other (older) writers load too.
 
+    - `shard_name(number)`, `shards/sketches-{number:05d}.safetensors`: what saves write ([`write_shards`]). A save
+      writes all its new shards at once, numbered after the highest number in the folder, so a new name never
+      replaces a file that is there ([`saved_shard_number`] reads the number back).
+    - `shard_name(first_id=i)`, `shards/sketches-from-{i:012d}.safetensors`: what builds write. A build's shard is one
+      unit of work, named after the sample id of its first row: every process of a multi-process build and every
+      resume computes the same name for the same unit without coordination (a running number would depend on which
+      units were written before, by whom). `duplicate=n` appends `-n` when a foreign file already has the name.
 
-def build_shard_name(first_id: int, duplicate: int = 0) -> str:
-    """The name of a build's shard whose first row has the id `first_id`: `shards/sketches-from-<id:012d>.safetensors`
-    (with `-<duplicate>` before the suffix when that name is taken)."""
+    Examples:
+    ```py
+    >>> shard_name(3)
+    'shards/sketches-00003.safetensors'
+    >>> shard_name(first_id=12), shard_name(first_id=12, duplicate=1)
+    ('shards/sketches-from-000000000012.safetensors', 'shards/sketches-from-000000000012-1.safetensors')
+    ```
+    """
+    if (number is None) == (first_id is None):
+        raise ValueError("Pass exactly one of `number` (a save's shard) and `first_id` (a build's shard).")
+    if first_id is None:
+        return SHARD_NAME_TEMPLATE.format(int(number))
     stem = BUILD_SHARD_STEM_TEMPLATE.format(int(first_id))
-    return f"{stem}{f'-{duplicate}' if duplicate else ''}{SHARD_SUFFIX}"
+    return stem + (DUPLICATE_SUFFIX_TEMPLATE.format(duplicate) if duplicate else "") + SHARD_SUFFIX
+
+
+def saved_shard_number(name: str) -> int | None:
+    """The number of a shard named by `shard_name(number)` (with or without its folder), else None."""
+    match = _SAVED_SHARD.fullmatch(name.rsplit("/", 1)[-1])
+    return None if match is None else int(match.group(1))
 
 
 def write_shard(folder: str | os.PathLike, name: str, sketches: Any, ids: Any, dtype: str = "float16") -> ShardInfo:
@@ -1115,22 +1148,29 @@ def write_shards(
     return infos
 
 
-def default_shard_rows(
-    row_shape: Sequence[int],
-    dtype: str,
-    *,
-    max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    max_rows: int | None = None,
-    multiple_of: int = 1,
-) -> int:
-    """The one shard-size rule: as many rows as fit in `max_bytes` of stored sketches (at most `max_rows`), rounded
-    down to a multiple of `multiple_of` (a build's batch size), and at least `multiple_of` rows. Saves use the
-    defaults; builds pass `BUILD_MAX_SHARD_BYTES`, `BUILD_MAX_SHARD_ROWS` and their batch size."""
+def default_shard_rows(row_shape: Sequence[int], dtype: str, *, batch_size: int | None = None) -> int:
+    r"""
+    The one shard-size policy: how many rows a shard holds when the caller does not say (`max_shard_rows`).
+
+    - A save or push (`batch_size=None`): as many rows as fit in 1 GiB of stored sketches (`DEFAULT_MAX_SHARD_BYTES`):
+      few, large files, so a Hub commit holds few files and exact search reads long runs of rows.
+    - A build (`batch_size` given): a shard is also the build's unit of work, the rows one process computes and writes
+      as one file, and so what a resume restarts from: a crash loses at most the unit in flight (beyond its flushed
+      partial rows), and a multi-process build balances whole units. So builds cap a shard at 256 MiB
+      (`BUILD_MAX_SHARD_BYTES`) and 1,024 rows (`BUILD_MAX_SHARD_ROWS`), rounded down to a multiple of the batch size
+      (at least one batch), so that every unit is whole batches and a resumed unit computes the same batches an
+      uninterrupted build does.
+
+    Args:
+        row_shape (`Sequence[int]`): The shape of one row, `(T, K)`.
+        dtype (`str`): The storage dtype.
+        batch_size (`int`, *optional*): A build's batch size; `None` for a save.
+    """
     row_bytes = int(np.prod(row_shape)) * _SAFETENSORS_ITEMSIZE[dtype]
-    rows = max(1, max_bytes // max(1, row_bytes))
-    if max_rows is not None:
-        rows = min(max_rows, rows)
-    return max(multiple_of, rows // multiple_of * multiple_of)
+    if batch_size is None:
+        return max(1, DEFAULT_MAX_SHARD_BYTES // max(1, row_bytes))
+    rows = min(BUILD_MAX_SHARD_ROWS, max(1, BUILD_MAX_SHARD_BYTES // max(1, row_bytes)))
+    return max(batch_size, rows // batch_size * batch_size)
 
 
 def _parse_header(path: Path, what: str) -> tuple[dict[str, Any], int, int]:
