@@ -62,7 +62,7 @@ def digits():
 
 
 def _build(pipe, dataset, folder, **kwargs):
-    options = dict(prompt_column=None, id_column="id", batch_size=4, shard_rows=8, progress=False)
+    options = dict(prompt_column=None, id_column="id", batch_size=4, max_shard_rows=8, progress=False)
     options.update(kwargs)
     config = options.pop("config", CONFIG)
     return GradientIndex.build(pipe, dataset, config, folder, **options)
@@ -84,7 +84,7 @@ def _files(folder):
 def test_build_equals_sketcher_and_from_sketches_on_a_conditional_lora_pipeline(sd_lora, tmp_path):
     rows = load_digits(16, split="train[:10]")
     index = GradientIndex.build(
-        sd_lora, rows, CONFIG, tmp_path / "idx", batch_size=4, shard_rows=4, progress=False, dataset_id="digits"
+        sd_lora, rows, CONFIG, tmp_path / "idx", batch_size=4, max_shard_rows=4, progress=False, dataset_id="digits"
     )
     sketcher = GradientSketcher.from_pipeline(sd_lora, CONFIG)
     pixels = torch.cat([prepare_images(image, (16, 16), 3) for image in rows["image"]])
@@ -137,8 +137,8 @@ def test_imagefolder_with_mixed_sizes_and_modes_and_loader_workers(ddpm, tmp_pat
     dataset = datasets.load_dataset(
         "imagefolder", data_dir=str(tmp_path / "images"), split="train", cache_dir=str(tmp_path / "cache")
     )
-    single = _build(ddpm, dataset, tmp_path / "a", id_column=None, batch_size=2, shard_rows=2)
-    workers = _build(ddpm, dataset, tmp_path / "b", id_column=None, batch_size=2, shard_rows=2, num_workers=2)
+    single = _build(ddpm, dataset, tmp_path / "a", id_column=None, batch_size=2, max_shard_rows=2)
+    workers = _build(ddpm, dataset, tmp_path / "b", id_column=None, batch_size=2, max_shard_rows=2, num_workers=2)
     assert len(single) == 4
     np.testing.assert_array_equal(single.get_sketches(single.ids), workers.get_sketches(workers.ids))
 
@@ -212,7 +212,7 @@ def test_killed_between_a_skip_record_and_its_shard_resumes_with_every_record(dd
     images = [rng.random((16, 16)).astype(np.float32).tolist() for _ in range(12)]
     images[1] = images[4] = None  # unreadable rows; the resumed build cuts its units differently
     dataset = datasets.Dataset.from_dict({"image": images, "id": list(range(12))})
-    options = dict(batch_size=2, shard_rows=4, on_error="skip", config=CONFIG.replace(sketch_dim=64))
+    options = dict(batch_size=2, max_shard_rows=4, on_error="skip", config=CONFIG.replace(sketch_dim=64))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")

@@ -65,7 +65,7 @@ def test_build_info_search_push_pull(artifacts, tmp_path, capsys, fake_hub):
     index_dir = tmp_path / "index"
     build = [
         "build", artifacts / "pipe", "--lora-weights", artifacts / "lora", "--dataset", artifacts / "data",
-        "--id-column", "id", "--num-timesteps", "2", "--sketch-dim", "64", "--batch-size", "4", "--shard-rows", "4",
+        "--id-column", "id", "--num-timesteps", "2", "--sketch-dim", "64", "--batch-size", "4", "--max-shard-rows", "4",
         "--output-dir", index_dir, "--hnsw", "-q",
     ]  # fmt: skip
     code, out, err = _run(capsys, *build)

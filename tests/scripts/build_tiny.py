@@ -97,7 +97,7 @@ def _build(args: argparse.Namespace) -> dict:
         prompt_column="text" if args.pipeline == "sd-lora" else None,
         id_column="id",
         batch_size=args.batch_size,
-        shard_rows=args.shard_rows,
+        max_shard_rows=args.shard_rows,
         resume=not args.overwrite,
         progress=False,
     )
