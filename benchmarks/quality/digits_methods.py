@@ -12,18 +12,27 @@
   reproduce `generate_ddpm`'s samples).
 
 Usage:
-    python -m benchmarks.quality.digits_methods --threads 1 --cache-dir /work/cache/digits
+    python -m benchmarks.quality.digits_methods --threads 1
     python -m benchmarks.quality.digits_methods --quick --threads 1   # 400-step recipe, 8 subsets, 32 queries
+
+Retrained models and method scores are cached in `--cache-dir` (default: `digits_context.default_cache_dir()`,
+`~/.cache/diffusers_dmin/benchmarks/digits`), so a rerun reuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .attribution import NOT_AVAILABLE, AttributionTask, parse_dmin_configs, registry
+from .attribution import NOT_AVAILABLE, AttributionTask, Method, MethodResult, parse_dmin_configs, registry
 from .common import (
     base_parser,
     command_line,
@@ -36,8 +45,11 @@ from .common import (
     write_json,
     write_markdown,
 )
-from .digits_context import DigitsContext, recipe_for
+from .digits_context import DigitsContext, default_cache_dir, recipe_for
 from .metrics import lds, subset_predictions, summary, top_k
+
+
+SCORE_CACHE_FORMAT = "dmin-q12-method-scores/1"
 
 
 @torch.no_grad()
@@ -61,18 +73,96 @@ def ddim_trajectory(pipe, num: int, seed: int, steps: int = 25, keep: int = 10):
     return images, torch.stack([inputs[i] for i in chosen], 1), [int(scheduler.timesteps[i]) for i in chosen]
 
 
-def method_scores(
-    ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_path=None, dmin_configs=None
-) -> dict:
-    """name -> (MethodResult, wall seconds); kept in `cache_path` (pickle) so later phases reuse them."""
-    import pickle
+def _method_file(cache_dir: Path, method: Method) -> Path:
+    """One method's cached result: `<cache_dir>/<slug>-<hash of name and kwargs>.{npz,json}` (stem returned)."""
+    ident = json.dumps({"name": method.name, "kwargs": method.kwargs}, sort_keys=True, default=str)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", method.name).strip("_").lower() or "method"
+    return cache_dir / f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
+
+def save_method_result(stem: Path, name: str, result: MethodResult, wall: float) -> None:
+    """The scores as plain arrays (`np.savez`, no pickle) and the rest as a JSON sidecar, each written atomically;
+    the JSON is written last, so a reader that finds it finds the whole result."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    labels = list(result.scores)
+    arrays = {f"s{i}": np.asarray(result.scores[label], dtype=np.float64) for i, label in enumerate(labels)}
+    meta = {
+        "format": SCORE_CACHE_FORMAT,
+        "name": name,
+        "labels": labels,
+        "train_seconds": float(result.train_seconds),
+        "query_seconds": float(result.query_seconds),
+        "bytes_per_sample": float(result.bytes_per_sample),
+        "notes": str(result.notes),
+        "wall_seconds": float(wall),
+    }
+    for suffix, write in (
+        (".npz", lambda f: np.savez(f, **arrays)),
+        (".json", lambda f: f.write(json.dumps(meta, indent=1).encode())),
+    ):
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem.name}.", suffix=".tmp", dir=stem.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, stem.with_suffix(suffix))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_method_result(stem: Path, name: str, shape: tuple[int, int]) -> tuple[MethodResult, float] | None:
+    """A result saved by `save_method_result`, read as untrusted data: JSON and `np.load(allow_pickle=False)` only,
+    every field type-checked and every score array of `shape` and finite dtype; None when absent or invalid."""
+    meta_path, npz_path = stem.with_suffix(".json"), stem.with_suffix(".npz")
+    if not (meta_path.is_file() and npz_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        labels = meta["labels"]
+        numbers = [meta[k] for k in ("train_seconds", "query_seconds", "bytes_per_sample", "wall_seconds")]
+        ok = (
+            meta.get("format") == SCORE_CACHE_FORMAT
+            and meta.get("name") == name
+            and isinstance(labels, list)
+            and labels
+            and all(isinstance(label, str) for label in labels)
+            and len(set(labels)) == len(labels)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
+            and isinstance(meta.get("notes"), str)
+        )
+        if not ok:
+            raise ValueError("unexpected metadata")
+        scores = {}
+        with np.load(npz_path, allow_pickle=False) as data:
+            if sorted(data.files) != sorted(f"s{i}" for i in range(len(labels))):
+                raise ValueError("arrays do not match the labels")
+            for i, label in enumerate(labels):
+                array = data[f"s{i}"]
+                if array.dtype != np.float64 or array.shape != tuple(shape):
+                    raise ValueError(f"array {label!r} is {array.dtype} {array.shape}, expected float64 {shape}")
+                scores[label] = array
+    except (OSError, ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        log(f"ignoring the cached result {stem} of {name}: {error}")
+        return None
+    train_s, query_s, bytes_per_sample, wall = (float(x) for x in numbers)
+    return MethodResult(scores, train_s, query_s, bytes_per_sample, meta["notes"]), wall
+
+
+def method_scores(
+    ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_dir=None, dmin_configs=None
+) -> dict:
+    """name -> (MethodResult, wall seconds); each kept in `cache_dir` (`save_method_result`) so later runs reuse it."""
     out = {}
-    if cache_path is not None and cache_path.exists():
-        out = pickle.loads(cache_path.read_bytes())
     for method in registry(dmin_configs):
-        if (only and method.name not in only) or method.name in out:
+        if only and method.name not in only:
             continue
+        stem = _method_file(cache_dir, method) if cache_dir is not None else None
+        if stem is not None:
+            cached = load_method_result(stem, method.name, (len(queries), ctx.num_train))
+            if cached is not None:
+                out[method.name] = cached
+                log(f"{method.name}: cached in {stem}")
+                continue
         task = AttributionTask(
             pipe=ctx.reference,
             train_images=ctx.images,
@@ -87,8 +177,8 @@ def method_scores(
         result = method.fn(task, **method.kwargs)
         out[method.name] = (result, time.perf_counter() - start)
         log(f"{method.name}: {time.perf_counter() - start:.1f} s")
-        if cache_path is not None:
-            cache_path.write_bytes(pickle.dumps(out))
+        if stem is not None:
+            save_method_result(stem, method.name, result, out[method.name][1])
     return out
 
 
@@ -111,6 +201,7 @@ def run(
     cf_methods=None,
     dmin_configs=None,
     cf_choice_subsets=None,
+    scores_only=False,
 ):
     start_all = time.perf_counter()
     ctx = DigitsContext(recipe_for(quick, seed), cache_dir)
@@ -130,10 +221,12 @@ def run(
         all_q, all_traj = torch.cat([queries, cf_q]), torch.cat([trajectories, cf_traj])
     else:
         all_q, all_traj = queries, trajectories
-    cache_path = None
+    scores_dir = None
     if cache_dir is not None:
-        cache_path = cache_dir / f"q12-scores-{ctx._key(np.zeros(0))}-{num_queries}-{cf_queries}.pkl"
-    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, cache_path, dmin_configs)
+        scores_dir = cache_dir / f"q12-scores-{ctx._key(np.zeros(0))}-{num_queries}-{cf_queries}"
+    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, scores_dir, dmin_configs)
+    if scores_only:
+        return None
 
     # ---- LDS (over the subsets whose retrained models exist, with --available-only)
     masks = ctx.lds_masks(num_subsets)
@@ -299,6 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--cf-choice-subsets", type=int, default=None, help="choose the removal test's damping on the first M subsets"
     )
+    parser.add_argument(
+        "--scores-only",
+        action="store_true",
+        help="compute and cache every method's scores in --cache-dir, then stop (no retrains, no result files)",
+    )
+    parser.set_defaults(cache_dir=default_cache_dir())
     args = parser.parse_args(argv)
     set_threads(args.threads)
     result = run(
@@ -313,7 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.cf_methods,
         parse_dmin_configs(args.dmin_configs),
         args.cf_choice_subsets,
+        args.scores_only,
     )
+    if result is None:
+        return {}
     result["command"] = command_line()
     name = f"methods_digits_{mode_name(args.quick)}_seed{args.seed}"
     write_json(name, result)
