@@ -13,7 +13,9 @@
 
 Usage:
     python -m benchmarks.quality.digits_methods --threads 1
-    python -m benchmarks.quality.digits_methods --quick --threads 1   # 400-step recipe, 8 subsets, 32 queries
+    python -m benchmarks.quality.digits_methods --quick --threads 1   # 400-step recipe, 8 subsets, 32 queries,
+        # removal test on 4 digits (one retrain per method), and only the methods of QUICK_METHODS (Journey-TRAK,
+        # LiSSA and DataInf cost 10-25 minutes each on the digits; name them with --methods to include them)
 
 Retrained models and method scores are cached in `--cache-dir` (default: `digits_context.default_cache_dir()`,
 `~/.cache/diffusers_dmin/benchmarks/digits`), so a rerun reuses them.
@@ -50,6 +52,7 @@ from .metrics import lds, subset_predictions, summary, top_k
 
 
 SCORE_CACHE_FORMAT = "dmin-q12-method-scores/1"
+QUICK_METHODS = ("DMin (default)", "TRAK", "D-TRAK", "pixel cosine", "SSIM", "random")
 
 
 @torch.no_grad()
@@ -207,6 +210,8 @@ def run(
     ctx = DigitsContext(recipe_for(quick, seed), cache_dir)
     num_subsets = 8 if quick else 32
     num_queries = num_queries or (32 if quick else 64)
+    if quick and only is None:
+        only = list(QUICK_METHODS) + [name for name in (dmin_configs or {}) if name != "DMin (default)"]
     n = ctx.num_train
 
     # ---- queries: the LDS digits (seed 1000, as the ablations) and the counterfactual digits (seed 2000 + seed)
@@ -315,6 +320,7 @@ def run(
         "counterfactual": counterfactual,
         "training_stats": dict(ctx.stats),
         "not_available": NOT_AVAILABLE,
+        "not_run": [m.name for m in registry(dmin_configs) if m.name not in scored],
         "seconds": time.perf_counter() - start_all,
     }
 
@@ -350,10 +356,16 @@ def markdown(result: dict, command: str) -> str:
     )
     return (
         f"Digits DDPM ({result['recipe']['steps']} steps): LDS over {result['num_subsets']} random-half retrains "
-        f"(those of `lds_masks({result['subsets_of']})` whose retrained models were cached), "
-        f"{result['num_queries']} generated digits, damping chosen on the even half, reported on the other "
-        f"{result['reported_queries']} (mean ± sem).{cf_text} Total {result['seconds']:.0f} s.\n\n"
-        f"Command: `{command}`\n\n" + markdown_table(header, rows)
+        + (
+            f"(all of `lds_masks({result['subsets_of']})`), "
+            if result["num_subsets"] == result["subsets_of"]
+            else f"(those of `lds_masks({result['subsets_of']})` whose retrained models were cached), "
+        )
+        + f"{result['num_queries']} generated digits, damping chosen on the even half, reported on the other "
+        f"{result['reported_queries']} (mean ± sem).{cf_text} Total {result['seconds']:.0f} s."
+        + (f" Not run here: {', '.join(result['not_run'])}." if result.get("not_run") else "")
+        + f"\n\nCommand: `{command}`\n\n"
+        + markdown_table(header, rows)
     )
 
 
@@ -377,8 +389,8 @@ def plot(result: dict, name: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__)
     parser.add_argument("--num-queries", type=int, default=None)
-    parser.add_argument("--cf-queries", type=int, default=10)
-    parser.add_argument("--cf-group", type=int, default=5)
+    parser.add_argument("--cf-queries", type=int, default=None, help="removal-test digits (default 10; quick 4)")
+    parser.add_argument("--cf-group", type=int, default=None, help="digits per removal retrain (default 5; quick 4)")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument(
         "--dmin-configs", default=None, help='extra DMin rows, JSON: {"row name": {DMinConfig kwargs}, ...}'
@@ -393,12 +405,20 @@ def main(argv: list[str] | None = None) -> dict:
         "--cf-choice-subsets", type=int, default=None, help="choose the removal test's damping on the first M subsets"
     )
     parser.add_argument(
+        "--extra",
+        action="store_true",
+        help="a supplementary run (e.g. removal-test rows for some methods): results go to "
+        "methods_digits_extra_<mode>_seed<seed>, which methods_report adds to the main run's table, marked",
+    )
+    parser.add_argument(
         "--scores-only",
         action="store_true",
         help="compute and cache every method's scores in --cache-dir, then stop (no retrains, no result files)",
     )
     parser.set_defaults(cache_dir=default_cache_dir())
     args = parser.parse_args(argv)
+    args.cf_queries = args.cf_queries if args.cf_queries is not None else (4 if args.quick else 10)
+    args.cf_group = args.cf_group if args.cf_group is not None else (4 if args.quick else 5)
     set_threads(args.threads)
     result = run(
         args.quick,
@@ -417,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     if result is None:
         return {}
     result["command"] = command_line()
-    name = f"methods_digits_{mode_name(args.quick)}_seed{args.seed}"
+    name = f"methods_digits_{'extra_' if args.extra else ''}{mode_name(args.quick)}_seed{args.seed}"
     write_json(name, result)
     write_markdown(name, markdown(result, result["command"]))
     plot(result, name)

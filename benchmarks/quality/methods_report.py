@@ -87,12 +87,22 @@ def sd_table(runs: list[dict]) -> tuple[str, dict]:
     return text, data
 
 
-def digits_table(runs: list[dict]) -> tuple[str, dict]:
+def digits_table(runs: list[dict], extra: list[dict] | None = None) -> tuple[str, dict]:
+    """`runs`: one per training seed (`digits_methods`); `extra`: supplementary runs (`digits_methods --extra`) whose
+    removal-test rows fill in methods the main runs did not remove for (marked †; their LDS is not used)."""
+    extra = extra or []
     names = list(dict.fromkeys(name for r in runs for name in r["methods"]))
     rows, data = [], {}
+    supplemented = []
     for name in names:
         entries = [r["methods"][name] for r in runs if name in r["methods"]]
         cfs = [r["counterfactual"][name] for r in runs if name in r.get("counterfactual", {})]
+        mark = ""
+        if not cfs:
+            cfs = [r["counterfactual"][name] for r in extra if name in r.get("counterfactual", {})]
+            if cfs:
+                mark = " †"
+                supplemented.append(name)
         lds_values = [e["lds"]["mean"] for e in entries]
         data[name] = {
             "lds": lds_values,
@@ -104,7 +114,7 @@ def digits_table(runs: list[dict]) -> tuple[str, dict]:
             [
                 name,
                 _spread(lds_values, [e["lds"]["sem"] for e in entries]),
-                f"{cfs[0]['delta_loss']['mean']:+.5f} ± {cfs[0]['delta_loss']['std']:.5f}" if cfs else "-",
+                f"{cfs[0]['delta_loss']['mean']:+.5f} ± {cfs[0]['delta_loss']['std']:.5f}{mark}" if cfs else "-",
                 cfs[0]["share_positive"] if cfs else None,
                 f"{entries[0]['train_seconds_per_sample']:.4f}",
                 f"{entries[0]['bytes_per_sample']:,.0f}",
@@ -123,6 +133,12 @@ def digits_table(runs: list[dict]) -> tuple[str, dict]:
         if protocol
         else ""
     )
+    if supplemented:
+        extra_commands = sorted({r.get("command", "?") for r in extra})
+        cf += (
+            f" † removal rows of {', '.join(supplemented)} from a supplementary run of the same protocol (same "
+            f"digits, k, groups and damping rule): " + "; ".join(f"`{c}`" for c in extra_commands) + "."
+        )
     text = (
         f"**Digits DDPM** ({first['recipe']['steps']} steps; LDS over {first['num_subsets']} random-half retrains, "
         f"{first['reported_queries']} reported generated digits).{cf} Commands: "
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         text, payload["tiny_sd"] = sd_table(sd_runs)
         sections.append(text)
     if digit_runs:
-        text, payload["digits"] = digits_table(digit_runs)
+        text, payload["digits"] = digits_table(digit_runs, _load(f"methods_digits_extra_{mode}_seed*.json"))
         sections.append(text)
     if not sections:
         raise SystemExit(f"No methods_*_{mode}_seed*.json in {RESULTS_DIR}; run sd_lora_lds / digits_methods first.")
