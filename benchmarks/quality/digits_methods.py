@@ -307,7 +307,7 @@ def run(
             "group": cf_group,
             "k": k,
             "base_loss": base_loss,
-            "damping_chosen_on_subsets": cf_choice_subsets or int(len(masks)),
+            "damping_chosen_on_subsets": min(cf_choice_subsets or len(masks), int(len(masks))),
         }
     return {
         "recipe": ctx.recipe.to_dict(),

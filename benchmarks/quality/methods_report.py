@@ -135,9 +135,17 @@ def digits_table(runs: list[dict], extra: list[dict] | None = None) -> tuple[str
     )
     if supplemented:
         extra_commands = sorted({r.get("command", "?") for r in extra})
+        chosen = []
+        for name in supplemented:
+            run = next(r for r in extra if name in r.get("counterfactual", {}))
+            subsets = run["counterfactual"].get("_protocol", {}).get("damping_chosen_on_subsets", "?")
+            label = run["counterfactual"][name].get("chosen", "-")
+            chosen.append(name if label == "-" else f"{name} {label}, chosen over the first {subsets} subsets")
         cf += (
-            f" † removal rows of {', '.join(supplemented)} from a supplementary run of the same protocol (same "
-            f"digits, k, groups and damping rule): " + "; ".join(f"`{c}`" for c in extra_commands) + "."
+            f" † removal rows from a supplementary run of the same protocol (same digits, k and groups; damping "
+            f"chosen on the tuning digits only: {'; '.join(chosen)}): "
+            + "; ".join(f"`{c}`" for c in extra_commands)
+            + "."
         )
     text = (
         f"**Digits DDPM** ({first['recipe']['steps']} steps; LDS over {first['num_subsets']} random-half retrains, "
