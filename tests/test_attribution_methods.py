@@ -102,3 +102,76 @@ def test_gauss_newton_products_equal_j_transpose_j(ddpm):
     jac = torch.stack(rows)
     expected = (2.0 / out.numel()) * (jac.T @ (jac @ v.T)).T
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+
+
+def _explicit_das_features(ddpm, engine, images, timesteps):
+    """DAS features from the explicit output Jacobian (torch.autograd.functional.jacobian), independently of the
+    engine's loss rows: per timestep, the Jacobian's mean row, L2-normalised; averaged over the timesteps."""
+    from torch.func import functional_call
+
+    names = [name for name, _ in engine.sketcher.parameters]
+    values = tuple(p.detach().clone() for _, p in engine.sketcher.parameters)
+    x0, _ = engine.encode(images, None)
+    feats = torch.zeros(len(images), engine.input_dim, dtype=torch.float64)
+    for i in range(len(images)):
+        for t_value in timesteps:
+            t = torch.tensor([int(t_value)])
+            noisy, _ = engine.objective.noisy_and_target(x0[i : i + 1], engine.noise[0][None], t)
+
+            def output(*params):
+                return functional_call(ddpm.unet, dict(zip(names, params)), (noisy, t)).sample.reshape(-1)
+
+            jac = torch.autograd.functional.jacobian(output, values)  # per tensor: (outputs, *shape)
+            full = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1).double()  # (outputs, D)
+            row = full.mean(0)
+            feats[i] += row / row.norm() / len(timesteps)
+    return feats
+
+
+def test_das_equals_explicit_jacobian_and_primal_formula(ddpm):
+    # ground truth: explicit output Jacobians -> reduced features -> the library sketch -> the primal DAS formula
+    timesteps = attribution.uniform_timesteps(2)
+    train = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    queries = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    engine = attribution.GradientEngine(ddpm, timesteps, sketch_dim=32, seed=0)
+
+    dense = engine.das_features(train, None, timesteps, project=False)
+    explicit = _explicit_das_features(ddpm, engine, train, timesteps)
+    torch.testing.assert_close(dense.double(), explicit, rtol=1e-4, atol=1e-6)
+
+    # residual weights against a direct loop (fresh noise per timestep from the seed, RMS residual, per-sample norm)
+    res_t = [0, 500]
+    weights, rms = engine.das_residual_weights(train, None, res_t, seed=0)
+    x0, _ = engine.encode(train, None)
+    direct = torch.zeros(3, 2, dtype=torch.float64)
+    for j, t_value in enumerate(res_t):
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t_value))
+        t = torch.full((3,), t_value)
+        noisy = engine.objective.scheduler.add_noise(x0, noise, t)
+        with torch.no_grad():
+            pred = ddpm.unet(noisy, t).sample
+        direct[:, j] = (pred - noise).pow(2).mean(dim=(1, 2, 3)).sqrt().double()
+    torch.testing.assert_close(rms, direct, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weights, (direct / direct.norm(dim=1, keepdim=True)).mean(1), rtol=1e-5, atol=1e-7)
+
+    # the whole method against the primal formula on sketches of the explicit features
+    task = attribution.AttributionTask(
+        pipe=ddpm, train_images=train, train_prompts=None, query_images=queries, query_prompts=None, seed=0
+    )
+    out = attribution.method_das(task, num_timesteps=2, residual_timesteps=2, sketch_dim=32, grid=(0.1, 1.0))
+    phi = engine.sketcher.sketch(explicit.float()).double()
+    q = engine.sketcher.sketch(_explicit_das_features(ddpm, engine, queries, timesteps).float()).double()
+    r, _ = engine.das_residual_weights(train, None, attribution.uniform_timesteps(2), seed=0)
+    k = phi.shape[1]
+    scale = float((phi * phi).sum(1).mean())
+    for rel in (0.1, 1.0):
+        a = torch.linalg.inv(phi.T @ phi + rel * scale * torch.eye(k, dtype=torch.float64))  # primal, K x K
+        plain = (q @ a @ phi.T) * r[None, :]
+        leverage = torch.einsum("ik,kl,il->i", phi, a, phi)
+        loo = plain / (1 - leverage)[None, :]
+        for variant, signed in (("plain", plain), ("loo", loo)):
+            for form, value in (("signed", signed), ("squared", signed**2)):
+                np.testing.assert_allclose(
+                    out.scores[f"lambda={rel:g},{variant},{form}"], value.numpy(), rtol=2e-3, atol=1e-9
+                )
+    assert len(out.scores) == 2 * 2 * 2

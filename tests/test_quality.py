@@ -141,3 +141,16 @@ def test_dense_gaussian_jl_preserves_inner_products():
     torch.testing.assert_close(jl(x), y)  # seeded: identical
     assert float(y[0] @ y[1]) == pytest.approx(float(x[0] @ x[1]), abs=4 / 1024**0.5)
     assert float(y[0].norm()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_user_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from benchmarks.quality.common import CACHE_ENV, user_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "root"))
+    assert user_cache_dir("quality12") == tmp_path / "root" / "quality12"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir("quality12") == tmp_path / "xdg" / "diffusers_dmin" / "benchmarks" / "quality12"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache_dir("x") == tmp_path / "home" / ".cache" / "diffusers_dmin" / "benchmarks" / "x"

@@ -33,6 +33,19 @@ def set_threads(threads: int) -> None:
         pass
 
 
+CACHE_ENV = "DMIN_BENCHMARK_CACHE"
+
+
+def user_cache_dir(name: str) -> Path:
+    """A per-user cache folder for an experiment's reusable artefacts: `$DMIN_BENCHMARK_CACHE/<name>` if that variable is
+    set, else `$XDG_CACHE_HOME/diffusers_dmin/benchmarks/<name>` (`~/.cache/...` without XDG_CACHE_HOME)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / name
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "diffusers_dmin" / "benchmarks" / name
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """The flags every experiment takes: --quick, --threads, --seed, --out-tag."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
