@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 
@@ -164,7 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     mode = "quick" if args.quick else "full"
     sections, payload = [], {}
     sd_runs = _load(f"methods_sd_{mode}_seed*.json")
-    digit_runs = _load(f"methods_digits_{mode}_seed*.json")
+    # one main run per training seed: `methods_digits_<mode>_seed<N>.json` exactly (a renamed partial run such as
+    # `..._seed0_das.json` is not another seed)
+    digit_runs = [
+        r
+        for p, r in zip(
+            sorted(RESULTS_DIR.glob(f"methods_digits_{mode}_seed*.json")), _load(f"methods_digits_{mode}_seed*.json")
+        )
+        if re.fullmatch(rf"methods_digits_{mode}_seed\d+\.json", p.name)
+    ]
     if sd_runs:
         text, payload["tiny_sd"] = sd_table(sd_runs)
         sections.append(text)
