@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +34,33 @@ QUICK_RECIPE = DDPMRecipe(steps=400, warmup_steps=20)
 FULL_RECIPE = DDPMRecipe(steps=800, warmup_steps=40)
 
 
+def default_cache_dir() -> Path:
+    """Where the digits runners keep retrained models and method scores unless `--cache-dir` says otherwise:
+    `$XDG_CACHE_HOME/diffusers_dmin/benchmarks/digits` (`~/.cache/...` when XDG_CACHE_HOME is unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "diffusers_dmin" / "benchmarks" / "digits"
+
+
 def recipe_for(quick: bool, seed: int = 0) -> DDPMRecipe:
     base = QUICK_RECIPE if quick else FULL_RECIPE
     return DDPMRecipe(**{**base.to_dict(), "seed": seed})
+
+
+def save_atomic(state_dict: dict, path: Path) -> None:
+    """`torch.save` to a temporary file in `path`'s folder, then `os.replace`: a reader (another process sharing the
+    cache) sees either no file or the whole model, never a partly written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state_dict, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other readers of a shared cache need to read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -87,8 +113,7 @@ class DigitsContext:
             self.stats["trainings"] += 1
             self.stats["train_seconds"] += time.perf_counter() - start
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(pipe.unet.state_dict(), path)
+                save_atomic(pipe.unet.state_dict(), path)
         if len(self._models) > 64:  # keep memory bounded in long runs
             self._models.pop(next(iter(self._models)))
         self._models[key] = pipe

@@ -12,18 +12,29 @@
   reproduce `generate_ddpm`'s samples).
 
 Usage:
-    python -m benchmarks.quality.digits_methods --threads 1 --cache-dir /work/cache/digits
-    python -m benchmarks.quality.digits_methods --quick --threads 1   # 400-step recipe, 8 subsets, 32 queries
+    python -m benchmarks.quality.digits_methods --threads 1
+    python -m benchmarks.quality.digits_methods --quick --threads 1   # 400-step recipe, 8 subsets, 32 queries,
+        # removal test on 4 digits (one retrain per method), and only the methods of QUICK_METHODS (Journey-TRAK,
+        # LiSSA and DataInf cost 10-25 minutes each on the digits; name them with --methods to include them)
+
+Retrained models and method scores are cached in `--cache-dir` (default: `digits_context.default_cache_dir()`,
+`~/.cache/diffusers_dmin/benchmarks/digits`), so a rerun reuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .attribution import NOT_AVAILABLE, AttributionTask, parse_dmin_configs, registry
+from .attribution import NOT_AVAILABLE, AttributionTask, Method, MethodResult, parse_dmin_configs, registry
 from .common import (
     base_parser,
     command_line,
@@ -36,8 +47,12 @@ from .common import (
     write_json,
     write_markdown,
 )
-from .digits_context import DigitsContext, recipe_for
+from .digits_context import DigitsContext, default_cache_dir, recipe_for
 from .metrics import lds, subset_predictions, summary, top_k
+
+
+SCORE_CACHE_FORMAT = "dmin-q12-method-scores/1"
+QUICK_METHODS = ("DMin (default)", "TRAK", "D-TRAK", "pixel cosine", "SSIM", "random")
 
 
 @torch.no_grad()
@@ -61,18 +76,96 @@ def ddim_trajectory(pipe, num: int, seed: int, steps: int = 25, keep: int = 10):
     return images, torch.stack([inputs[i] for i in chosen], 1), [int(scheduler.timesteps[i]) for i in chosen]
 
 
-def method_scores(
-    ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_path=None, dmin_configs=None
-) -> dict:
-    """name -> (MethodResult, wall seconds); kept in `cache_path` (pickle) so later phases reuse them."""
-    import pickle
+def _method_file(cache_dir: Path, method: Method) -> Path:
+    """One method's cached result: `<cache_dir>/<slug>-<hash of name and kwargs>.{npz,json}` (stem returned)."""
+    ident = json.dumps({"name": method.name, "kwargs": method.kwargs}, sort_keys=True, default=str)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", method.name).strip("_").lower() or "method"
+    return cache_dir / f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
+
+def save_method_result(stem: Path, name: str, result: MethodResult, wall: float) -> None:
+    """The scores as plain arrays (`np.savez`, no pickle) and the rest as a JSON sidecar, each written atomically;
+    the JSON is written last, so a reader that finds it finds the whole result."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    labels = list(result.scores)
+    arrays = {f"s{i}": np.asarray(result.scores[label], dtype=np.float64) for i, label in enumerate(labels)}
+    meta = {
+        "format": SCORE_CACHE_FORMAT,
+        "name": name,
+        "labels": labels,
+        "train_seconds": float(result.train_seconds),
+        "query_seconds": float(result.query_seconds),
+        "bytes_per_sample": float(result.bytes_per_sample),
+        "notes": str(result.notes),
+        "wall_seconds": float(wall),
+    }
+    for suffix, write in (
+        (".npz", lambda f: np.savez(f, **arrays)),
+        (".json", lambda f: f.write(json.dumps(meta, indent=1).encode())),
+    ):
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem.name}.", suffix=".tmp", dir=stem.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, stem.with_suffix(suffix))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_method_result(stem: Path, name: str, shape: tuple[int, int]) -> tuple[MethodResult, float] | None:
+    """A result saved by `save_method_result`, read as untrusted data: JSON and `np.load(allow_pickle=False)` only,
+    every field type-checked and every score array of `shape` and finite dtype; None when absent or invalid."""
+    meta_path, npz_path = stem.with_suffix(".json"), stem.with_suffix(".npz")
+    if not (meta_path.is_file() and npz_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        labels = meta["labels"]
+        numbers = [meta[k] for k in ("train_seconds", "query_seconds", "bytes_per_sample", "wall_seconds")]
+        ok = (
+            meta.get("format") == SCORE_CACHE_FORMAT
+            and meta.get("name") == name
+            and isinstance(labels, list)
+            and labels
+            and all(isinstance(label, str) for label in labels)
+            and len(set(labels)) == len(labels)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
+            and isinstance(meta.get("notes"), str)
+        )
+        if not ok:
+            raise ValueError("unexpected metadata")
+        scores = {}
+        with np.load(npz_path, allow_pickle=False) as data:
+            if sorted(data.files) != sorted(f"s{i}" for i in range(len(labels))):
+                raise ValueError("arrays do not match the labels")
+            for i, label in enumerate(labels):
+                array = data[f"s{i}"]
+                if array.dtype != np.float64 or array.shape != tuple(shape):
+                    raise ValueError(f"array {label!r} is {array.dtype} {array.shape}, expected float64 {shape}")
+                scores[label] = array
+    except (OSError, ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        log(f"ignoring the cached result {stem} of {name}: {error}")
+        return None
+    train_s, query_s, bytes_per_sample, wall = (float(x) for x in numbers)
+    return MethodResult(scores, train_s, query_s, bytes_per_sample, meta["notes"]), wall
+
+
+def method_scores(
+    ctx: DigitsContext, queries, trajectories, traj_t, seed: int, only=None, cache_dir=None, dmin_configs=None
+) -> dict:
+    """name -> (MethodResult, wall seconds); each kept in `cache_dir` (`save_method_result`) so later runs reuse it."""
     out = {}
-    if cache_path is not None and cache_path.exists():
-        out = pickle.loads(cache_path.read_bytes())
     for method in registry(dmin_configs):
-        if (only and method.name not in only) or method.name in out:
+        if only and method.name not in only:
             continue
+        stem = _method_file(cache_dir, method) if cache_dir is not None else None
+        if stem is not None:
+            cached = load_method_result(stem, method.name, (len(queries), ctx.num_train))
+            if cached is not None:
+                out[method.name] = cached
+                log(f"{method.name}: cached in {stem}")
+                continue
         task = AttributionTask(
             pipe=ctx.reference,
             train_images=ctx.images,
@@ -87,8 +180,8 @@ def method_scores(
         result = method.fn(task, **method.kwargs)
         out[method.name] = (result, time.perf_counter() - start)
         log(f"{method.name}: {time.perf_counter() - start:.1f} s")
-        if cache_path is not None:
-            cache_path.write_bytes(pickle.dumps(out))
+        if stem is not None:
+            save_method_result(stem, method.name, result, out[method.name][1])
     return out
 
 
@@ -111,11 +204,14 @@ def run(
     cf_methods=None,
     dmin_configs=None,
     cf_choice_subsets=None,
+    scores_only=False,
 ):
     start_all = time.perf_counter()
     ctx = DigitsContext(recipe_for(quick, seed), cache_dir)
     num_subsets = 8 if quick else 32
     num_queries = num_queries or (32 if quick else 64)
+    if quick and only is None:
+        only = list(QUICK_METHODS) + [name for name in (dmin_configs or {}) if name != "DMin (default)"]
     n = ctx.num_train
 
     # ---- queries: the LDS digits (seed 1000, as the ablations) and the counterfactual digits (seed 2000 + seed)
@@ -130,10 +226,12 @@ def run(
         all_q, all_traj = torch.cat([queries, cf_q]), torch.cat([trajectories, cf_traj])
     else:
         all_q, all_traj = queries, trajectories
-    cache_path = None
+    scores_dir = None
     if cache_dir is not None:
-        cache_path = cache_dir / f"q12-scores-{ctx._key(np.zeros(0))}-{num_queries}-{cf_queries}.pkl"
-    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, cache_path, dmin_configs)
+        scores_dir = cache_dir / f"q12-scores-{ctx._key(np.zeros(0))}-{num_queries}-{cf_queries}"
+    scored = method_scores(ctx, all_q, all_traj, traj_t, seed, only, scores_dir, dmin_configs)
+    if scores_only:
+        return None
 
     # ---- LDS (over the subsets whose retrained models exist, with --available-only)
     masks = ctx.lds_masks(num_subsets)
@@ -209,7 +307,7 @@ def run(
             "group": cf_group,
             "k": k,
             "base_loss": base_loss,
-            "damping_chosen_on_subsets": cf_choice_subsets or int(len(masks)),
+            "damping_chosen_on_subsets": min(cf_choice_subsets or len(masks), int(len(masks))),
         }
     return {
         "recipe": ctx.recipe.to_dict(),
@@ -222,6 +320,7 @@ def run(
         "counterfactual": counterfactual,
         "training_stats": dict(ctx.stats),
         "not_available": NOT_AVAILABLE,
+        "not_run": [m.name for m in registry(dmin_configs) if m.name not in scored],
         "seconds": time.perf_counter() - start_all,
     }
 
@@ -257,10 +356,16 @@ def markdown(result: dict, command: str) -> str:
     )
     return (
         f"Digits DDPM ({result['recipe']['steps']} steps): LDS over {result['num_subsets']} random-half retrains "
-        f"(those of `lds_masks({result['subsets_of']})` whose retrained models were cached), "
-        f"{result['num_queries']} generated digits, damping chosen on the even half, reported on the other "
-        f"{result['reported_queries']} (mean ± sem).{cf_text} Total {result['seconds']:.0f} s.\n\n"
-        f"Command: `{command}`\n\n" + markdown_table(header, rows)
+        + (
+            f"(all of `lds_masks({result['subsets_of']})`), "
+            if result["num_subsets"] == result["subsets_of"]
+            else f"(those of `lds_masks({result['subsets_of']})` whose retrained models were cached), "
+        )
+        + f"{result['num_queries']} generated digits, damping chosen on the even half, reported on the other "
+        f"{result['reported_queries']} (mean ± sem).{cf_text} Total {result['seconds']:.0f} s."
+        + (f" Not run here: {', '.join(result['not_run'])}." if result.get("not_run") else "")
+        + f"\n\nCommand: `{command}`\n\n"
+        + markdown_table(header, rows)
     )
 
 
@@ -284,8 +389,8 @@ def plot(result: dict, name: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = base_parser(__doc__)
     parser.add_argument("--num-queries", type=int, default=None)
-    parser.add_argument("--cf-queries", type=int, default=10)
-    parser.add_argument("--cf-group", type=int, default=5)
+    parser.add_argument("--cf-queries", type=int, default=None, help="removal-test digits (default 10; quick 4)")
+    parser.add_argument("--cf-group", type=int, default=None, help="digits per removal retrain (default 5; quick 4)")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument(
         "--dmin-configs", default=None, help='extra DMin rows, JSON: {"row name": {DMinConfig kwargs}, ...}'
@@ -299,7 +404,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--cf-choice-subsets", type=int, default=None, help="choose the removal test's damping on the first M subsets"
     )
+    parser.add_argument(
+        "--extra",
+        action="store_true",
+        help="a supplementary run (e.g. removal-test rows for some methods): results go to "
+        "methods_digits_extra_<mode>_seed<seed>, which methods_report adds to the main run's table, marked",
+    )
+    parser.add_argument(
+        "--scores-only",
+        action="store_true",
+        help="compute and cache every method's scores in --cache-dir, then stop (no retrains, no result files)",
+    )
+    parser.set_defaults(cache_dir=default_cache_dir())
     args = parser.parse_args(argv)
+    args.cf_queries = args.cf_queries if args.cf_queries is not None else (4 if args.quick else 10)
+    args.cf_group = args.cf_group if args.cf_group is not None else (4 if args.quick else 5)
     set_threads(args.threads)
     result = run(
         args.quick,
@@ -313,9 +432,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.cf_methods,
         parse_dmin_configs(args.dmin_configs),
         args.cf_choice_subsets,
+        args.scores_only,
     )
+    if result is None:
+        return {}
     result["command"] = command_line()
-    name = f"methods_digits_{mode_name(args.quick)}_seed{args.seed}"
+    name = f"methods_digits_{'extra_' if args.extra else ''}{mode_name(args.quick)}_seed{args.seed}"
     write_json(name, result)
     write_markdown(name, markdown(result, result["command"]))
     plot(result, name)

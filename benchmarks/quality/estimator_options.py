@@ -18,12 +18,14 @@ Held-out protocol: the queries are split in two halves (digits: even/odd positio
 subset). Everything chosen (the damping alpha, and whether an option becomes the default) is chosen on half A; the
 tables report half B next to it. Spread: mean ± sd over sketch seeds (the config seed: sketch and noise).
 
-Digits ground truth: LDS over 32 random-half retrains (ablations.py's protocol; models cached in --cache-dir) and
+Digits ground truth: LDS over 32 random-half retrains (ablations.py's protocol; models cached in --cache-dir,
+default `~/.cache/diffusers_dmin/benchmarks/digits`; with an explicit --cache-dir the run waits for models trained
+there by another run, unless --train-missing) and
 class detection@10 on SVM-confident queries. Tiny SD: detection@10 (share of the top-10 from the caption's subset)
 on 36 generated queries per subset (the test captions), one generation each.
 
 Usage:
-    python -m benchmarks.quality.estimator_options --threads 1 --cache-dir /work/cache/digits --model digits
+    python -m benchmarks.quality.estimator_options --threads 1 --model digits   # retrains: --cache-dir (default below)
     python -m benchmarks.quality.estimator_options --threads 1 --model sd
 """
 
@@ -189,7 +191,7 @@ def run_digits(args) -> dict:
     train_inputs, query_inputs = {"images": ctx.images}, {"images": queries}
     scores = compute_all_scores(ctx.reference, train_inputs, query_inputs, args, batch=256)
     masks = ctx.lds_masks(32)
-    if args.cache_dir is not None and not args.train_missing:
+    if args.cache_dir_given and not args.train_missing:
         if args.available_subsets:  # the longest prefix of the 32 subsets whose retrains are in the cache
             have = [model_path(ctx, mask).exists() for mask in masks] + [False]
             masks = masks[: have.index(False)]
@@ -488,6 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--summarize", action="store_true", help="only print the table over both models' results")
     args = parser.parse_args(argv)
+    from .digits_context import default_cache_dir
+
+    args.cache_dir_given = args.cache_dir is not None  # only a named cache is one another run may be filling
+    args.cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     if args.summarize:
         digits = json.loads((RESULTS / "ablations_estimator_digits.json").read_text())
         sd = json.loads((RESULTS / "ablations_estimator_sd.json").read_text())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 
@@ -87,12 +88,22 @@ def sd_table(runs: list[dict]) -> tuple[str, dict]:
     return text, data
 
 
-def digits_table(runs: list[dict]) -> tuple[str, dict]:
+def digits_table(runs: list[dict], extra: list[dict] | None = None) -> tuple[str, dict]:
+    """`runs`: one per training seed (`digits_methods`); `extra`: supplementary runs (`digits_methods --extra`) whose
+    removal-test rows fill in methods the main runs did not remove for (marked †; their LDS is not used)."""
+    extra = extra or []
     names = list(dict.fromkeys(name for r in runs for name in r["methods"]))
     rows, data = [], {}
+    supplemented = []
     for name in names:
         entries = [r["methods"][name] for r in runs if name in r["methods"]]
         cfs = [r["counterfactual"][name] for r in runs if name in r.get("counterfactual", {})]
+        mark = ""
+        if not cfs:
+            cfs = [r["counterfactual"][name] for r in extra if name in r.get("counterfactual", {})]
+            if cfs:
+                mark = " †"
+                supplemented.append(name)
         lds_values = [e["lds"]["mean"] for e in entries]
         data[name] = {
             "lds": lds_values,
@@ -104,7 +115,7 @@ def digits_table(runs: list[dict]) -> tuple[str, dict]:
             [
                 name,
                 _spread(lds_values, [e["lds"]["sem"] for e in entries]),
-                f"{cfs[0]['delta_loss']['mean']:+.5f} ± {cfs[0]['delta_loss']['std']:.5f}" if cfs else "-",
+                f"{cfs[0]['delta_loss']['mean']:+.5f} ± {cfs[0]['delta_loss']['std']:.5f}{mark}" if cfs else "-",
                 cfs[0]["share_positive"] if cfs else None,
                 f"{entries[0]['train_seconds_per_sample']:.4f}",
                 f"{entries[0]['bytes_per_sample']:,.0f}",
@@ -123,6 +134,20 @@ def digits_table(runs: list[dict]) -> tuple[str, dict]:
         if protocol
         else ""
     )
+    if supplemented:
+        extra_commands = sorted({r.get("command", "?") for r in extra})
+        chosen = []
+        for name in supplemented:
+            run = next(r for r in extra if name in r.get("counterfactual", {}))
+            subsets = run["counterfactual"].get("_protocol", {}).get("damping_chosen_on_subsets", "?")
+            label = run["counterfactual"][name].get("chosen", "-")
+            chosen.append(name if label == "-" else f"{name} {label}, chosen over the first {subsets} subsets")
+        cf += (
+            f" † removal rows from a supplementary run of the same protocol (same digits, k and groups; damping "
+            f"chosen on the tuning digits only: {'; '.join(chosen)}): "
+            + "; ".join(f"`{c}`" for c in extra_commands)
+            + "."
+        )
     text = (
         f"**Digits DDPM** ({first['recipe']['steps']} steps; LDS over {first['num_subsets']} random-half retrains, "
         f"{first['reported_queries']} reported generated digits).{cf} Commands: "
@@ -140,12 +165,20 @@ def main(argv: list[str] | None = None) -> None:
     mode = "quick" if args.quick else "full"
     sections, payload = [], {}
     sd_runs = _load(f"methods_sd_{mode}_seed*.json")
-    digit_runs = _load(f"methods_digits_{mode}_seed*.json")
+    # one main run per training seed: `methods_digits_<mode>_seed<N>.json` exactly (a renamed partial run such as
+    # `..._seed0_das.json` is not another seed)
+    digit_runs = [
+        r
+        for p, r in zip(
+            sorted(RESULTS_DIR.glob(f"methods_digits_{mode}_seed*.json")), _load(f"methods_digits_{mode}_seed*.json")
+        )
+        if re.fullmatch(rf"methods_digits_{mode}_seed\d+\.json", p.name)
+    ]
     if sd_runs:
         text, payload["tiny_sd"] = sd_table(sd_runs)
         sections.append(text)
     if digit_runs:
-        text, payload["digits"] = digits_table(digit_runs)
+        text, payload["digits"] = digits_table(digit_runs, _load(f"methods_digits_extra_{mode}_seed*.json"))
         sections.append(text)
     if not sections:
         raise SystemExit(f"No methods_*_{mode}_seed*.json in {RESULTS_DIR}; run sd_lora_lds / digits_methods first.")
