@@ -77,7 +77,8 @@ def sd_table(runs: list[dict]) -> tuple[str, dict]:
             ]
         )
     for name, why in runs[0].get("not_available", {}).items():
-        rows.append([name, "n/a", "n/a", None, None, "-", why])
+        if name not in data:  # an older run's "not implemented" row, once another run measured the method
+            rows.append([name, "n/a", "n/a", None, None, "-", why])
     header = ["method", "LDS generated", "LDS validation", "det top-5", "det top-10", "train s/sample", "bytes/sample"]
     commands = sorted({r.get("command", "?") for r in runs})
     text = (
@@ -122,7 +123,8 @@ def digits_table(runs: list[dict], extra: list[dict] | None = None) -> tuple[str
             ]
         )
     for name, why in runs[0].get("not_available", {}).items():
-        rows.append([name, "n/a", "-", None, "-", why])
+        if name not in data:
+            rows.append([name, "n/a", "-", None, "-", why])
     header = ["method", "LDS (generated digits)", "counterfactual Δloss (mean ± std over digits)", "Δ>0 share"]
     header += ["train s/sample", "bytes/sample"]
     commands = sorted({r.get("command", "?") for r in runs})
@@ -135,17 +137,17 @@ def digits_table(runs: list[dict], extra: list[dict] | None = None) -> tuple[str
         else ""
     )
     if supplemented:
-        extra_commands = sorted({r.get("command", "?") for r in extra})
-        chosen = []
+        chosen, used = [], []
         for name in supplemented:
             run = next(r for r in extra if name in r.get("counterfactual", {}))
+            used.append(run)
             subsets = run["counterfactual"].get("_protocol", {}).get("damping_chosen_on_subsets", "?")
             label = run["counterfactual"][name].get("chosen", "-")
             chosen.append(name if label == "-" else f"{name} {label}, chosen over the first {subsets} subsets")
         cf += (
             f" † removal rows from a supplementary run of the same protocol (same digits, k and groups; damping "
             f"chosen on the tuning digits only: {'; '.join(chosen)}): "
-            + "; ".join(f"`{c}`" for c in extra_commands)
+            + "; ".join(f"`{c}`" for c in sorted({r.get("command", "?") for r in used}))  # the runs rows came from
             + "."
         )
     text = (
