@@ -306,20 +306,24 @@ def damped_kernel_scores(train: torch.Tensor, queries: torch.Tensor, grid=DAMPIN
     TRAK's scores phi_q^T (Phi^T Phi + lambda I)^-1 phi_i for every lambda in `grid` (relative to trace(Phi Phi^T)/N),
     computed in the dual: Phi (Phi^T Phi + lambda I)^-1 = (Phi Phi^T + lambda I)^-1 Phi, so the solve is N x N.
     """
+    return {
+        f"lambda={rel:g}": (cross @ inverse).numpy() for rel, _, cross, inverse in _dual_kernels(train, queries, grid)
+    }
+
+
+def _dual_kernels(train: torch.Tensor, queries: torch.Tensor, grid):
+    """For each relative damping in `grid`: `(rel, lam, cross, inverse)` with `cross = Q Phi^T` and
+    `inverse = (Phi Phi^T + lam I)^-1` (float64; one eigendecomposition of the N x N Gram matrix for all of them), so
+    that `cross @ inverse = Q (Phi^T Phi + lam I)^-1 Phi^T` (push-through identity)."""
     phi = train.double()
-    q = queries.double()
     gram = phi @ phi.T  # (N, N)
-    cross = q @ phi.T  # (Q, N)
+    cross = queries.double() @ phi.T  # (Q, N)
     scale = float(torch.diagonal(gram).mean())
     eigvals, eigvecs = torch.linalg.eigh(gram)
     eigvals = eigvals.clamp_min(0)
-    out = {}
     for rel in grid:
         lam = rel * scale
-        # q^T (Phi^T Phi + lam)^-1 Phi^T = q^T Phi^T (Phi Phi^T + lam)^-1  (push-through identity)
-        weights = eigvecs @ torch.diag(1.0 / (eigvals + lam)) @ eigvecs.T
-        out[f"lambda={rel:g}"] = (cross @ weights).numpy()
-    return out
+        yield rel, lam, cross, eigvecs @ torch.diag(1.0 / (eigvals + lam)) @ eigvecs.T
 
 
 def datainf_scores(
@@ -367,18 +371,9 @@ def das_scores(
     and "squared" = s_qi^2 (the paper's squared norm of the predicted output change, for one reduced output).
     Dual form: Phi A = (G + lambda)^-1 Phi with G = Phi Phi^T, and 1 - h_i = lambda [(G + lambda)^-1]_ii.
     """
-    phi = train.double()
-    q = queries.double()
     r = weights.double()
-    gram = phi @ phi.T
-    cross = q @ phi.T
-    scale = float(torch.diagonal(gram).mean())
-    eigvals, eigvecs = torch.linalg.eigh(gram)
-    eigvals = eigvals.clamp_min(0)
     out = {}
-    for rel in grid:
-        lam = rel * scale
-        inverse = eigvecs @ torch.diag(1.0 / (eigvals + lam)) @ eigvecs.T  # (G + lam I)^-1
+    for rel, lam, cross, inverse in _dual_kernels(train, queries, grid):
         base = cross @ inverse * r[None, :]
         one_minus_h = lam * torch.diagonal(inverse)
         for variant in DAS_VARIANTS:
